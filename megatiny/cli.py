@@ -1,0 +1,63 @@
+"""The one `megatiny` command. Each subcommand lives in its own module, which provides
+`add_arguments(parser)` and `main(args) -> int`; this file only wires them together."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help). Modules are imported lazily so `megatiny data ...` does not
+# pay for what it does not use.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "data": (
+        "megatiny.data.cli",
+        "corpus pipeline: filter-lang, dedup, decontam, tokenizer, tokenize",
+    ),
+    "train": ("megatiny.train", "pretrain a GPT under torchrun"),
+    "generate": ("megatiny.generate", "sample text from a checkpoint"),
+    "convert": ("megatiny.hf", "convert checkpoints to / from Hugging Face transformers"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    """Subcommands whose module exists in this checkout."""
+    out = {}
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = (module, help_text)
+    return out
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatiny",
+        description="megatiny: Megatron-style model-parallel LLM training, small enough to read.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None
+    if argv:
+        first = next((a for a in argv if not a.startswith("-")), None)
+        wanted = first if first in SUBCOMMANDS else None
+    for name, (module, help_text) in _available().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if wanted is None or wanted == name:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    return int(args._main(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
