@@ -1,0 +1,187 @@
+"""ParallelContext: this rank's process groups and coordinates, created once and passed explicitly.
+
+    ctx = ParallelContext.from_env(tp=2, pp=2)       # under torchrun: also starts the default group
+    ctx = ParallelContext.initialize(tp=2)           # when torch.distributed is already initialized
+    layer = ColumnParallelLinear(64, 256, ctx.tp_group)
+    ...
+    ctx.destroy()
+
+The layout comes from the pure `build_grid` (tp fastest, then cp, dp, pp). There is no module-level
+state: two contexts may coexist, and code that needs a group receives the context or the group.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatiny.parallel.grid import DIMS, Grid, build_grid
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _new_groups(all_ranks: list[list[int]], rank: int):
+    """Create one process group per rank list (on every rank, same order); return mine and its ranks.
+
+    torch.distributed requires every rank to call `new_group` for every group, in the same order,
+    even for groups it is not a member of.
+    """
+    mine, my_ranks = None, None
+    for ranks in all_ranks:
+        group = dist.new_group(ranks=ranks)
+        if rank in ranks:
+            mine, my_ranks = group, list(ranks)
+    assert mine is not None, f"rank {rank} is in none of {all_ranks}"
+    return mine, my_ranks
+
+
+class ParallelContext:
+    """The process groups of one rank for a tp x cp x dp x pp layout.
+
+    Attributes (for each dim in tp, cp, dp, pp): `{dim}_size`, `{dim}_rank` (coordinate),
+    `{dim}_group` (a ProcessGroup, real even when of size 1), `{dim}_ranks` (global ranks of the
+    group, ordered by coordinate). Also `mp_group`/`mp_ranks` (the model replica: all ranks with my dp
+    coordinate, for e.g. the gradient-norm all-reduce), `dp_cp_group`/`dp_cp_ranks` (ranks holding the
+    same parameter shard: gradients are averaged over it), `embedding_group`/`embedding_ranks` (first
+    and last pipeline stage of my pipeline, for tied embeddings), `rank`, `world_size`, `local_rank`,
+    `device`, `backend`, `grid`, `is_first_stage`, `is_last_stage`.
+    """
+
+    def __init__(self, grid: Grid, rank: int, local_rank: int, owns_default_group: bool = False):
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialized: call torch.distributed.init_process_group() "
+                "first, or use ParallelContext.from_env() under torchrun"
+            )
+        if dist.get_world_size() != grid.world_size:
+            raise ValueError(
+                f"grid is for world_size={grid.world_size} but the process group has "
+                f"{dist.get_world_size()} ranks"
+            )
+        self.grid = grid
+        self.rank = rank
+        self.world_size = grid.world_size
+        self.local_rank = local_rank
+        self.backend = dist.get_backend()
+        if self.backend == "nccl" and torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self._owns_default_group = owns_default_group
+        self._groups = []
+        coords = grid.coords(rank)
+        for dim in DIMS:
+            group, ranks = _new_groups(grid.groups[dim], rank)
+            setattr(self, f"{dim}_size", grid.sizes[dim])
+            setattr(self, f"{dim}_rank", coords[dim])
+            setattr(self, f"{dim}_group", group)
+            setattr(self, f"{dim}_ranks", ranks)
+            self._groups.append(group)
+        self.mp_group, self.mp_ranks = _new_groups(grid.model_parallel_groups, rank)
+        dp_cp = sorted(
+            {tuple(sorted(_dp_cp_ranks(grid, r))) for r in range(grid.world_size)},
+        )
+        self.dp_cp_group, self.dp_cp_ranks = _new_groups([list(g) for g in dp_cp], rank)
+        emb = [sorted({g[0], g[-1]}) for g in grid.groups["pp"]]
+        self.embedding_group, self.embedding_ranks = _new_groups(emb, rank)
+        self._groups += [self.mp_group, self.dp_cp_group, self.embedding_group]
+        self.is_first_stage = self.pp_rank == 0
+        self.is_last_stage = self.pp_rank == self.pp_size - 1
+
+    # Attribute declarations for readers and type checkers (set in __init__ via setattr).
+    tp_size: int
+    tp_rank: int
+    tp_ranks: list[int]
+    cp_size: int
+    cp_rank: int
+    cp_ranks: list[int]
+    dp_size: int
+    dp_rank: int
+    dp_ranks: list[int]
+    pp_size: int
+    pp_rank: int
+    pp_ranks: list[int]
+
+    @classmethod
+    def initialize(cls, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None):
+        """Build the context inside an already-initialized default process group."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ParallelContext.initialize() needs an initialized default process group: call "
+                "torch.distributed.init_process_group() first, or use ParallelContext.from_env() "
+                "under torchrun"
+            )
+        grid = build_grid(dist.get_world_size(), tp=tp, pp=pp, cp=cp, dp=dp)
+        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        return cls(grid, dist.get_rank(), local_rank)
+
+    @classmethod
+    def from_env(
+        cls,
+        tp: int = 1,
+        pp: int = 1,
+        cp: int = 1,
+        dp: int | None = None,
+        backend: str | None = None,
+        timeout_s: float = 1800,
+    ):
+        """Initialize the default group from torchrun's environment, then build the context.
+
+        Reads RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/MASTER_PORT via env://). The backend
+        defaults to nccl when CUDA is available, else gloo. The grid is validated before any
+        process group is created, so a bad layout fails fast on every rank.
+        """
+        missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"ParallelContext.from_env() must run under torchrun (missing environment "
+                f"variables {missing}); launch with e.g. `torchrun --nproc-per-node 2 ...`, or "
+                "call torch.distributed.init_process_group() yourself and use "
+                "ParallelContext.initialize()"
+            )
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        grid = build_grid(world_size, tp=tp, pp=pp, cp=cp, dp=dp)
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        owns = False
+        if not dist.is_initialized():
+            if backend == "nccl":
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(
+                backend=backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            owns = True
+        return cls(grid, rank, local_rank, owns_default_group=owns)
+
+    def destroy(self) -> None:
+        """Destroy this context's groups (and the default group if `from_env` created it)."""
+        if not dist.is_initialized():
+            return
+        for group in self._groups:
+            dist.destroy_process_group(group)
+        self._groups = []
+        if self._owns_default_group:
+            dist.destroy_process_group()
+
+    def __repr__(self) -> str:
+        return (
+            f"ParallelContext(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
+            f"cp={self.cp_rank}/{self.cp_size}, dp={self.dp_rank}/{self.dp_size}, "
+            f"pp={self.pp_rank}/{self.pp_size}, device={self.device})"
+        )
+
+
+def _dp_cp_ranks(grid: Grid, rank: int) -> list[int]:
+    c = grid.coords(rank)
+    return [
+        grid.rank_of(tp=c["tp"], cp=cp, dp=dp, pp=c["pp"])
+        for dp in range(grid.dp)
+        for cp in range(grid.cp)
+    ]

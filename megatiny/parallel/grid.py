@@ -1,0 +1,118 @@
+"""The process grid: a pure function from (world_size, tp, cp, dp, pp) to rank groups.
+
+Ranks are laid out in Megatron's order, tensor-parallel fastest, then context, data and pipeline:
+
+    rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+
+so the ranks of one TP group are consecutive (they talk the most and should share a node), and the
+pipeline stages are the slowest-varying coordinate. A group of dimension `d` is the set of ranks
+that agree on every coordinate except `d`. Nothing here touches torch.distributed, so the layout is
+tested exhaustively without processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DIMS = ("tp", "cp", "dp", "pp")  # fastest-varying first
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The rank layout of a `world_size`-rank job; see the module docstring for the order."""
+
+    world_size: int
+    tp: int
+    cp: int
+    dp: int
+    pp: int
+    groups: dict[str, list[list[int]]] = field(repr=False)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "pp": self.pp}
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's coordinate along every dimension: dict(tp=, cp=, dp=, pp=)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank} is outside the grid of world_size={self.world_size}")
+        out = {}
+        for dim in DIMS:
+            size = self.sizes[dim]
+            out[dim] = rank % size
+            rank //= size
+        return out
+
+    def rank_of(self, tp: int = 0, cp: int = 0, dp: int = 0, pp: int = 0) -> int:
+        """The global rank at the given coordinates (inverse of `coords`)."""
+        rank = 0
+        for dim, coord in reversed(list(zip(DIMS, (tp, cp, dp, pp)))):
+            size = self.sizes[dim]
+            if not 0 <= coord < size:
+                raise ValueError(f"{dim}={coord} is outside [0, {size})")
+            rank = rank * size + coord
+        return rank
+
+    def group_of(self, dim: str, rank: int) -> list[int]:
+        """The ranks of `rank`'s group along `dim` (sorted, `rank` included)."""
+        for ranks in self.groups[dim]:
+            if rank in ranks:
+                return ranks
+        raise ValueError(f"rank={rank} is outside the grid of world_size={self.world_size}")
+
+    def model_parallel_group_of(self, rank: int) -> list[int]:
+        """All ranks of `rank`'s model replica: every rank sharing its dp coordinate."""
+        dp = self.coords(rank)["dp"]
+        return [r for r in range(self.world_size) if self.coords(r)["dp"] == dp]
+
+    @property
+    def model_parallel_groups(self) -> list[list[int]]:
+        """One group per data-parallel replica (tp * cp * pp ranks each), ordered by dp rank."""
+        return [self.model_parallel_group_of(self.rank_of(dp=d)) for d in range(self.dp)]
+
+
+def build_grid(
+    world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None
+) -> Grid:
+    """Lay out `world_size` ranks as tp x cp x dp x pp (tp fastest). `dp=None` infers it.
+
+    Raises ValueError, naming the fix, when a size is not a positive integer or the sizes do not
+    multiply to `world_size`.
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive integer")
+    for name, value in (("tp", tp), ("pp", pp), ("cp", cp)) + (
+        (("dp", dp),) if dp is not None else ()
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    model = tp * pp * cp
+    if dp is None:
+        if world_size % model:
+            raise ValueError(
+                f"world_size={world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {model}; "
+                f"choose tp*pp*cp in {_divisors(world_size)} or launch a multiple of {model} ranks"
+            )
+        dp = world_size // model
+    elif model * dp != world_size:
+        raise ValueError(
+            f"tp*pp*cp*dp = {tp}*{pp}*{cp}*{dp} = {model * dp} does not equal "
+            f"world_size={world_size}; pass dp=None to infer it"
+            + (f" (dp={world_size // model})" if world_size % model == 0 else "")
+            + f" or launch {model * dp} ranks"
+        )
+    sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
+    strides, stride = {}, 1
+    for dim in DIMS:
+        strides[dim] = stride
+        stride *= sizes[dim]
+    groups: dict[str, list[list[int]]] = {}
+    for dim in DIMS:
+        # The group's first member is a rank whose `dim` coordinate is 0; members step by the stride.
+        starts = [r for r in range(world_size) if (r // strides[dim]) % sizes[dim] == 0]
+        groups[dim] = [[s + i * strides[dim] for i in range(sizes[dim])] for s in starts]
+    return Grid(world_size=world_size, tp=tp, cp=cp, dp=dp, pp=pp, groups=groups)
