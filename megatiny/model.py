@@ -1,0 +1,424 @@
+"""GPT: one decoder-only transformer, written once for a single device (in the spirit of nanoGPT).
+
+    x_0 = E[ids] (+ P[pos])                         token (+ learned position) embedding
+    x_l = x_{l-1} + Attn(Norm(x_{l-1}))             pre-norm causal self-attention
+    x_l = x_l + MLP(Norm(x_l))                      GELU 4h, or SwiGLU: (silu(x W_g) * x W_u) W_d
+    logits = Norm_f(x_L) W_head^T                   W_head = E when embeddings are tied
+
+Two families are presets of `ModelConfig`: GPT-2 (learned positions, LayerNorm, GELU, tied head)
+and Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention with n_kv_heads < n_heads).
+
+Weight layouts are chosen for tensor parallelism (megatiny/parallel/parallelize.py):
+- `attn.qkv` is one fused linear whose output is [q | k | v], each head-major (head 0's head_dim
+  features, then head 1's, ...). Splitting each segment evenly over tp splits by heads.
+- SwiGLU's `mlp.fc` is fused [gate | up]; split as two segments it stays [gate_r | up_r] per rank.
+
+`parallelize(model, ctx)` swaps the linears/embedding for their parallel versions, sets the
+attention modules' local head counts, and sets `tp_group` / `sequence_parallel` on the model so the
+head computes a vocab-parallel loss; everything else here is unchanged. Without it the
+`tp_group` branches are never taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megatiny.config import ModelConfig
+
+
+def _use_kernels(enabled: bool, x: torch.Tensor) -> bool:
+    """The Triton kernels run on CUDA tensors, or anywhere under the Triton interpreter."""
+    return enabled and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+class LayerNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * w (+ b), over the last dim.
+
+    `weight_transform`, when set (parallelize does under sequence parallelism), wraps the weights
+    on use: copy_to_tp is the identity forward and all-reduces their gradient over TP backward,
+    since each rank saw only its sequence shard."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, fused: bool = False):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.weight_transform = None
+
+    def forward(self, x):
+        w, b = self.weight, self.bias
+        if self.weight_transform is not None:
+            w = self.weight_transform(w)
+            b = None if b is None else self.weight_transform(b)
+        if _use_kernels(self.fused, x):
+            from megatiny.kernels.layernorm import layer_norm
+
+            return layer_norm(x, w, b, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 (as HF Llama). See LayerNorm for
+    `weight_transform`."""
+
+    def __init__(self, dim: int, eps: float, fused: bool = False):
+        super().__init__()
+        self.eps, self.fused = eps, fused
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight_transform = None
+
+    def forward(self, x):
+        w = self.weight if self.weight_transform is None else self.weight_transform(self.weight)
+        if _use_kernels(self.fused, x):
+            from megatiny.kernels.layernorm import rms_norm
+
+            return rms_norm(x, w, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps, config.fused_kernels)
+    return LayerNorm(config.d_model, config.norm_eps, config.bias, config.fused_kernels)
+
+
+# --- rotary positions ------------------------------------------------------------------------
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
+    """cos/sin [b|1, 1, s, head_dim] for positions p: angle_{p,i} = p / theta^(2i/d), the two
+    halves of the head duplicated (rotate-half layout, as HF Llama)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float()
+        / head_dim
+    )
+    angles = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, rotate_half([a, b]) = [-b, a] over the head dim."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-b, a], dim=-1) * sin
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def attention_core(q, k, v, *, causal_offset=0, dropout_p=0.0, fused=False):
+    """softmax(q k^T / sqrt(d) + causal mask) v for q [b, n, s, d] and k, v [b, g, t, d], g | n
+    (kv head j serves query heads j*n/g .. (j+1)*n/g - 1). Query i sits at absolute position
+    causal_offset + i and sees keys 0 .. causal_offset + i (t = causal_offset + s).
+
+    The one place the attention math lives: plain SDPA by default; with `fused` on CUDA (or
+    TRITON_INTERPRET=1) and no KV cache, megatiny.kernels' fused scaled causal softmax."""
+    n, g = q.shape[1], k.shape[1]
+    if g != n:
+        k = k.repeat_interleave(n // g, dim=1)
+        v = v.repeat_interleave(n // g, dim=1)
+    s, t = q.shape[2], k.shape[2]
+    if fused and causal_offset == 0 and _use_kernels(True, q):
+        from megatiny.kernels.softmax import scaled_causal_softmax
+
+        probs = scaled_causal_softmax(q @ k.transpose(-2, -1), 1.0 / math.sqrt(q.shape[-1]))
+        return F.dropout(probs, dropout_p) @ v
+    if causal_offset == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    mask = None
+    if s > 1:
+        key_pos = torch.arange(t, device=q.device)
+        mask = key_pos[None, :] <= (causal_offset + torch.arange(s, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class KVCache:
+    """Keys/values per layer, [b, kv_heads (local under TP), t, head_dim], grown by concatenation.
+    `length` is the number of positions already cached (the next token's position)."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k, v):
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """Fused QKV projection, (rotary,) attention core, output projection.
+
+    `n_heads` / `n_kv_heads` are the heads this module computes: all of them on one device, the
+    rank's share (n/tp, g/tp) after parallelize. `sharded_rng` is a context-manager factory for the
+    dropout on sharded heads (parallelize sets it so TP ranks draw different masks)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.d_model, config.q_dim + 2 * config.kv_dim, bias=config.bias)
+        self.proj = nn.Linear(config.q_dim, config.d_model, bias=config.bias)
+        self.dropout_p = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.fused = config.fused_kernels
+        self.selective_recompute = config.recompute == "selective"
+        self.sharded_rng = contextlib.nullcontext
+
+    def forward(self, x, rope=None, kv_cache: KVCache | None = None, offset: int = 0):
+        qkv = self.qkv(x)  # [b, s, (n + 2g) d]; under SP the input was gathered to the full s
+        b, s, _ = qkv.shape
+        d, n, g = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = qkv.split([n * d, g * d, g * d], dim=-1)
+        q = q.view(b, s, n, d).transpose(1, 2)
+        k = k.view(b, s, g, d).transpose(1, 2)
+        v = v.view(b, s, g, d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, k, v)
+        p = self.dropout_p if self.training else 0.0
+
+        def core(q, k, v):
+            with self.sharded_rng():
+                return attention_core(q, k, v, causal_offset=offset, dropout_p=p, fused=self.fused)
+
+        if self.selective_recompute and torch.is_grad_enabled():
+            y = checkpoint(core, q, k, v, use_reentrant=False)
+        else:
+            y = core(q, k, v)
+        y = y.transpose(1, 2).reshape(b, s, n * d)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GELU: proj(gelu(fc x)); SwiGLU: fc is fused [gate | up], proj(silu(gate) * up)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.activation == "swiglu"
+        n_in = 2 * config.ffn_hidden if self.swiglu else config.ffn_hidden
+        self.fc = nn.Linear(config.d_model, n_in, bias=config.bias)
+        self.proj = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None, offset=0):
+        x = x + self.attn(self.norm1(x), rope, kv_cache, offset)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """The model. `forward(input_ids)` -> logits [b, s, V]; `forward(input_ids, labels=labels)`
+    -> mean cross-entropy over positions with labels != -100 (times `loss_mask` when given).
+
+    Labels are already shifted by the data pipeline (Megatron convention): labels[:, i] is the
+    token that follows input_ids[:, i], so no shift happens here.
+
+    Attributes: `config`, `embed` (token embedding), `pos_embed` (learned positions or None),
+    `blocks`, `norm_f`, `lm_head` (None when tied). Pipeline stages call `embed_tokens`,
+    `run_blocks`, `head_logits` / `head_loss` directly.
+
+    Initialisation is deterministic per parameter: `init_seed` is drawn from torch's global RNG
+    at construction, and each parameter's full tensor is generated by `initial_value(name, shape)`
+    from a generator seeded with (init_seed, name). So the same torch.manual_seed gives the same
+    weights whatever the construction order, device (meta included) or tensor-parallel size.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        # Drawn before any submodule exists: their default inits consume the global RNG on a
+        # real device but not on meta.
+        self.init_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = (
+            nn.Embedding(config.max_seq_len, config.d_model)
+            if config.position == "learned"
+            else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm_f = make_norm(config)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
+        # Set by parallelize(); None / False on a single device.
+        self.tp_group = None
+        self.sequence_parallel = False
+        self.sharded_rng = contextlib.nullcontext  # dropout on sequence shards under SP
+        if not self.embed.weight.is_meta:
+            self.init_weights()
+
+    # -- initialisation ------------------------------------------------------------------------
+
+    def initial_value(self, name: str, shape, dtype=torch.float32) -> torch.Tensor:
+        """The initial full tensor of parameter `name` (CPU): norms 1, biases 0, residual output
+        projections N(0, std / sqrt(2L)) (GPT-2 / Megatron scaled init), the rest N(0, std)."""
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias":
+            return torch.zeros(shape, dtype=dtype)
+        if "norm" in name:
+            return torch.ones(shape, dtype=dtype)
+        std = self.config.init_std
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+            std = std / math.sqrt(2 * self.config.n_layers)
+        g = torch.Generator().manual_seed((self.init_seed ^ zlib.crc32(name.encode())) % 2**63)
+        return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, p.shape, p.dtype))
+
+    # -- the three stages ----------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids: torch.Tensor, offset: int) -> None:
+        V, s = self.config.vocab_size, input_ids.shape[-1]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if offset + s > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {offset + s} tokens is longer than max_seq_len="
+                f"{self.config.max_seq_len}; truncate the input or build the model with a "
+                f"larger max_seq_len"
+            )
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= V:
+                bad = hi if hi >= V else lo
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, {V}); the tokenizer and the "
+                    f"model disagree: set vocab_size >= {hi + 1} or re-tokenize"
+                )
+
+    def _positions(self, input_ids, position_ids, offset):
+        if position_ids is None:
+            s = input_ids.shape[-1]
+            position_ids = torch.arange(offset, offset + s, device=input_ids.device)[None]
+        return position_ids
+
+    def embed_tokens(self, input_ids, position_ids=None, offset: int = 0):
+        """[b, s] token ids -> hidden states [b, s, h] ([b, s/tp, h] under sequence parallelism)."""
+        self._check_inputs(input_ids, offset)
+        h = self.embed(input_ids)
+        if self.pos_embed is not None:
+            pos = self.pos_embed(self._positions(input_ids, position_ids, offset))
+            if self.sequence_parallel:
+                from megatiny.parallel.comm import scatter_to_sp
+
+                pos = scatter_to_sp(pos, self.tp_group, dim=1)
+            h = h + pos
+        with self.sharded_rng():
+            return self.drop(h)
+
+    def run_blocks(self, h, position_ids=None, kv_cache: KVCache | None = None, offset: int = 0):
+        """The decoder blocks. `position_ids` are the full-sequence positions (needed for RoPE);
+        by default offset .. offset + s - 1."""
+        rope = None
+        if self.config.position == "rope":
+            if position_ids is None:
+                s = h.shape[1] * (self._tp_size() if self.sequence_parallel else 1)
+                position_ids = torch.arange(offset, offset + s, device=h.device)[None]
+            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        full = self.config.recompute == "full" and torch.is_grad_enabled() and kv_cache is None
+        for block in self.blocks:
+            with self.sharded_rng():
+                if full:
+                    h = checkpoint(block, h, rope, use_reentrant=False)
+                else:
+                    h = block(h, rope, kv_cache, offset)
+        return h
+
+    def _tp_size(self) -> int:
+        return 1 if self.tp_group is None else torch.distributed.get_world_size(self.tp_group)
+
+    def _logits_local(self, h):
+        """norm_f + head: full logits on one device, this rank's vocab slice under TP."""
+        h = self.norm_f(h)
+        if self.lm_head is not None:
+            return self.lm_head(h)  # a ColumnParallelLinear under TP: handles SP/copy itself
+        if self.tp_group is not None:
+            from megatiny.parallel.comm import copy_to_tp, gather_from_sp
+
+            if self.sequence_parallel:
+                h = gather_from_sp(h, self.tp_group, dim=1)
+            else:
+                h = copy_to_tp(h, self.tp_group)
+        return F.linear(h, self.embed.weight)
+
+    def head_logits(self, h):
+        """Hidden states -> full logits [b, s, V] (gathered over TP on every rank)."""
+        logits = self._logits_local(h)
+        if self.tp_group is not None:
+            from megatiny.parallel.comm import gather_from_tp
+
+            logits = gather_from_tp(logits, self.tp_group)[..., : self.config.vocab_size]
+        return logits
+
+    def head_loss(self, h, labels, loss_mask=None):
+        """Mean per-token cross-entropy over labels != -100 (weighted by loss_mask). Under TP the
+        vocab-parallel cross-entropy is used, never gathering the logits."""
+        logits = self._logits_local(h)
+        if self.tp_group is not None:
+            from megatiny.parallel.layers import vocab_parallel_cross_entropy
+
+            per_token = vocab_parallel_cross_entropy(
+                logits, labels, self.tp_group, vocab_size=self.config.vocab_size
+            )
+        elif _use_kernels(self.config.fused_kernels, logits):
+            from megatiny.kernels.cross_entropy import cross_entropy
+
+            per_token = cross_entropy(logits.flatten(0, -2), labels.flatten()).view_as(labels)
+        else:
+            per_token = F.cross_entropy(
+                logits.flatten(0, -2).float(), labels.flatten(), reduction="none"
+            ).view_as(labels)
+        mask = (labels != -100).to(per_token.dtype)
+        if loss_mask is not None:
+            mask = mask * loss_mask.to(per_token.dtype)
+        return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def forward(self, input_ids, labels=None, position_ids=None, loss_mask=None, kv_cache=None):
+        offset = 0 if kv_cache is None else kv_cache.length
+        h = self.embed_tokens(input_ids, position_ids, offset)
+        h = self.run_blocks(h, position_ids, kv_cache, offset)
+        if labels is None:
+            return self.head_logits(h)
+        return self.head_loss(h, labels, loss_mask)
