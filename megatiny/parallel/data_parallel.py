@@ -1,0 +1,285 @@
+"""Data parallelism: bucketed gradient reduction overlapped with the backward pass.
+
+    ddp = DistributedDataParallel(model, ctx, bucket_mb=25)
+    for i, micro_batch in enumerate(micro_batches):
+        with ddp.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+            (model(**micro_batch) / len(micro_batches)).backward()
+    ddp.finish_grad_sync()           # wait for the last buckets; p.grad is now the dp average
+    optimizer.step(); ddp.zero_grad()
+
+Math. With D data-parallel replicas holding the same parameters and replica d seeing the loss
+L_d on its share of the global batch, the global-batch loss is L = (1/D) sum_d L_d, hence
+
+    dL/dw = (1/D) sum_d dL_d/dw          (all-reduce SUM of grads pre-scaled by 1/D)
+
+Buckets. Trainable parameters are laid out, in *reverse* registration order (roughly the order in
+which backward produces their gradients), in one flat gradient buffer cut into buckets of about
+`bucket_mb` MiB. Each `p.grad` becomes a view into that buffer, so autograd accumulates straight
+into it. A post-accumulate-grad hook marks a parameter ready; when every parameter of a bucket is
+ready, the bucket's collective is launched with `async_op=True` and runs on the communication
+backend while autograd keeps computing the gradients of earlier layers. `finish_grad_sync` waits
+for the work handles (and launches, in bucket order, any bucket whose parameters got no gradient).
+
+Gradient accumulation: inside `no_sync()` the hooks do nothing and gradients simply accumulate in
+`p.grad`; the backward of the last micro-batch (outside `no_sync`) launches the reduction.
+
+ZeRO-1 (`shard=True`, used by `megatiny.parallel.zero.ZeroOptimizer`): each bucket is padded to a
+multiple of D and reduce-scattered instead of all-reduced; rank d receives the averaged gradient of
+the d-th 1/D slice of every bucket in `shard_grad`. The flat *parameter* buffer with the same layout
+(parameters become views into it) lets the optimizer all-gather updated slices in place.
+
+The wrapper is not an nn.Module: the model keeps its own parameter names (checkpoints stay
+layout-free) and is called as before; `ddp(...)` forwards to it for convenience.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def resolve_dp_group(ctx):
+    """The gradient-averaging group of `ctx`: a ParallelContext (dp x cp), a group, or None=WORLD."""
+    if ctx is None or isinstance(ctx, dist.ProcessGroup):
+        return ctx
+    return getattr(ctx, "dp_cp_group", None) or ctx.dp_group
+
+
+class Bucket:
+    """A contiguous range [start, end) of the flat buffers and the parameters that live in it."""
+
+    def __init__(self, index: int, params: list[nn.Parameter], start: int, end: int):
+        self.index = index
+        self.params = params
+        self.start, self.end = start, end
+        self.pending: set[int] = {id(p) for p in params}
+        self.handle = None
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    def reset(self) -> None:
+        self.pending = {id(p) for p in self.params}
+        self.handle = None
+
+
+class DistributedDataParallel:
+    """Average gradients of `module` over the data-parallel group, overlapped with backward.
+
+    Args:
+        module: the (possibly TP-sharded or pipeline-stage) model. Every DP rank must hold the
+            same parameters in the same order.
+        ctx: a ParallelContext (its dp x cp group is used), a ProcessGroup, or None (WORLD).
+        bucket_mb: target bucket size in MiB; smaller buckets start communicating earlier.
+        shard: reduce-scatter into `shard_grad` (for ZeRO-1) instead of all-reduce.
+        record_events: keep `events`, a list of ("ready", param_name) / ("launch", bucket_index)
+            in the order they happened (used to prove overlap).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        ctx=None,
+        bucket_mb: float = 25.0,
+        shard: bool = False,
+        record_events: bool = False,
+    ):
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb={bucket_mb} must be > 0 (e.g. 25)")
+        self.module = module
+        self.group = resolve_dp_group(ctx)
+        self.dp_size = dist.get_world_size(self.group)
+        self.dp_rank = dist.get_rank(self.group)
+        self.shard = shard
+        self.sync_enabled = True
+        self.events: list[tuple[str, object]] | None = [] if record_events else None
+
+        named, seen = [], set()
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                named.append((name, p))
+        if not named:
+            raise ValueError("DistributedDataParallel: the module has no trainable parameters")
+        dtypes = {p.dtype for _, p in named}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"DistributedDataParallel needs one parameter dtype, got {sorted(map(str, dtypes))}"
+                "; keep fp32 master parameters and use autocast for low precision"
+            )
+        self.dtype = named[0][1].dtype
+        self.device = named[0][1].device
+        self.names = {id(p): n for n, p in named}
+        self.params = [p for _, p in named]
+        self.buckets, self.offsets = self._layout(list(reversed(self.params)), bucket_mb)
+        total = self.buckets[-1].end
+        self.grad_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.shard_grad = None
+        self.param_buffer = None
+        if shard:
+            self.shard_grad = torch.zeros(
+                total // self.dp_size, dtype=self.dtype, device=self.device
+            )
+            self._flatten_params()
+        for p in self.params:
+            p.grad = self._grad_view(p)
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # ----------------------------------------------------------------------------- layout
+    def _layout(self, ordered: list[nn.Parameter], bucket_mb: float):
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        cap = max(1, int(bucket_mb * 2**20 / elem))
+        align = self.dp_size if self.shard else 1
+        buckets, offsets, current, start, pos = [], {}, [], 0, 0
+        for i, p in enumerate(ordered):
+            offsets[id(p)] = pos
+            pos += p.numel()
+            current.append(p)
+            if pos - start >= cap or i == len(ordered) - 1:
+                end = start + -(-(pos - start) // align) * align  # pad: D equal slices
+                buckets.append(Bucket(len(buckets), current, start, end))
+                current, start, pos = [], end, end
+        return buckets, offsets
+
+    def _grad_view(self, p: nn.Parameter) -> torch.Tensor:
+        off = self.offsets[id(p)]
+        return self.grad_buffer[off : off + p.numel()].view_as(p)
+
+    def _flatten_params(self) -> None:
+        """Make every parameter a view into one flat buffer laid out like the gradients."""
+        self.param_buffer = torch.zeros_like(self.grad_buffer)
+        for p in self.params:
+            off = self.offsets[id(p)]
+            view = self.param_buffer[off : off + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+
+    def shard_range(self, bucket: Bucket) -> tuple[int, int]:
+        """[lo, hi) of the flat buffers owned by this rank within `bucket` (ZeRO-1)."""
+        size = bucket.numel // self.dp_size
+        lo = bucket.start + self.dp_rank * size
+        return lo, lo + size
+
+    def shard_offset(self, bucket: Bucket) -> int:
+        """Where this rank's slice of `bucket` starts in `shard_grad`."""
+        return bucket.start // self.dp_size
+
+    # ------------------------------------------------------------------------ hooks & comm
+    def _absorb(self, p: nn.Parameter) -> None:
+        # optimizer.zero_grad(set_to_none=True) drops our view; copy the fresh grad back in.
+        view = self._grad_view(p)
+        if p.grad is None:
+            view.zero_()
+        elif p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+        p.grad = view
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self.sync_enabled:
+            return
+        bucket = self.bucket_of[id(p)]
+        if id(p) not in bucket.pending:
+            raise RuntimeError(
+                f"gradient of {self.names[id(p)]!r} became ready twice with grad sync enabled; "
+                "run every micro-batch but the last inside ddp.no_sync()"
+            )
+        self._absorb(p)
+        bucket.pending.discard(id(p))
+        if self.events is not None:
+            self.events.append(("ready", self.names[id(p)]))
+        if not bucket.pending:
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.events is not None:
+            self.events.append(("launch", bucket.index))
+        flat = self.grad_buffer[bucket.start : bucket.end]
+        if self.dp_size == 1:
+            if self.shard:
+                self.shard_grad[self.shard_offset(bucket) :][: bucket.numel].copy_(flat)
+            bucket.handle = _DONE
+            return
+        flat.div_(self.dp_size)
+        if self.shard:
+            off = self.shard_offset(bucket)
+            out = self.shard_grad[off : off + bucket.numel // self.dp_size]
+            bucket.handle = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(flat, group=self.group, async_op=True)
+
+    def finish_grad_sync(self) -> None:
+        """Wait until every bucket is reduced; call once per step before the optimizer."""
+        for bucket in self.buckets:
+            if bucket.handle is None:  # some parameters got no gradient in this step
+                for p in bucket.params:
+                    if id(p) in bucket.pending:
+                        self._absorb(p)
+                bucket.pending.clear()
+                self._launch(bucket)
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.reset()
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (no communication) inside this block."""
+        previous, self.sync_enabled = self.sync_enabled, False
+        try:
+            yield
+        finally:
+            self.sync_enabled = previous
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Turn reduction on (last micro-batch) or off (earlier micro-batches)."""
+        self.sync_enabled = enabled
+
+    def zero_grad(self) -> None:
+        """Zero the gradient buffer (and ZeRO's shard) and re-point every p.grad into it."""
+        self.grad_buffer.zero_()
+        if self.shard_grad is not None:
+            self.shard_grad.zero_()
+        for p in self.params:
+            p.grad = self._grad_view(p)
+        for bucket in self.buckets:
+            bucket.reset()
+
+    @torch.no_grad()
+    def broadcast_params(self, src_dp_rank: int = 0) -> None:
+        """Copy dp-rank `src_dp_rank`'s parameters to every replica (start from identical weights)."""
+        if self.dp_size == 1:
+            return
+        src = (
+            dist.get_global_rank(self.group, src_dp_rank) if self.group is not None else src_dp_rank
+        )
+        for p in self.params:
+            dist.broadcast(p.data, src=src, group=self.group)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def parameters(self):
+        return iter(self.params)
+
+
+class _Done:
+    """A finished work handle (dp_size == 1: nothing to communicate)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+_DONE = _Done()
+
+
+def no_sync_unless(
+    ddp: DistributedDataParallel | None, sync: bool
+) -> contextlib.AbstractContextManager:
+    """`ddp.no_sync()` when `sync` is False (and ddp is given), else a null context."""
+    if ddp is None or sync:
+        return contextlib.nullcontext()
+    return ddp.no_sync()

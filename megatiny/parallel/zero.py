@@ -1,0 +1,256 @@
+"""ZeRO-1: the optimizer state sharded over the data-parallel group.
+
+    ddp = DistributedDataParallel(model, ctx, bucket_mb=25, shard=True)
+    opt = ZeroOptimizer(ddp, param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95))
+    ... backward over the micro-batches ...
+    ddp.finish_grad_sync()            # reduce-scatter done: shard_grad holds my averaged slice
+    norm = opt.clip_grad_norm(1.0, ctx)
+    opt.step()                        # AdamW on my slice, then all-gather the updated parameters
+    opt.zero_grad()
+
+With D data-parallel ranks, every bucket of the flat buffers of `ddp` is cut into D equal slices;
+rank d owns slice d of every bucket. Per step:
+
+    g_d  = reduce_scatter(g / D)[d]        (done by ddp during backward, overlapped)
+    w_d  = AdamW(w_d, g_d; m_d, v_d)       (fp32 master slice, optimizer state only for the slice)
+    w    = all_gather(w_d)                 (into the flat parameter buffer the model's params view)
+
+AdamW is element-wise, so stepping D disjoint slices equals stepping the whole vector — except
+for anything that needs a global reduction: gradient clipping uses the norm of the *full*
+gradient, sum_d ||g_d||^2 all-reduced over dp (then over the model-parallel group, counting
+TP-replicated parameters once). The optimizer state per rank drops from 8 bytes/param (AdamW fp32
+m and v) to 8/D bytes/param, plus a 4/D bytes/param fp32 master copy of the slice.
+
+Each parameter's part of my slice is its own tensor in the inner optimizer, placed in the param
+group of the original parameter (so weight decay rules still apply per parameter). Those tensors
+are views into one flat fp32 `master` buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatiny.parallel.data_parallel import DistributedDataParallel
+
+
+class ZeroOptimizer:
+    """A ZeRO-1 distributed optimizer on top of a `DistributedDataParallel(..., shard=True)`.
+
+    Args:
+        ddp: the gradient synchronizer (must be built with shard=True).
+        param_groups: torch-style groups over the model's parameters (default: one group).
+        optimizer_cls: the element-wise optimizer run on the slice (AdamW by default).
+        **optimizer_kwargs: its hyper-parameters (lr, betas, eps, weight_decay, ...).
+    """
+
+    def __init__(
+        self,
+        ddp: DistributedDataParallel,
+        param_groups=None,
+        optimizer_cls=torch.optim.AdamW,
+        **optimizer_kwargs,
+    ):
+        if not ddp.shard:
+            raise ValueError(
+                "ZeroOptimizer needs DistributedDataParallel(model, ctx, shard=True) so gradients "
+                "are reduce-scattered into per-rank slices"
+            )
+        self.ddp = ddp
+        groups = param_groups if param_groups is not None else [{"params": ddp.params}]
+        groups = [dict(g) for g in groups]
+        group_of = {}
+        for gi, g in enumerate(groups):
+            g["params"] = list(g["params"])
+            for p in g["params"]:
+                if id(p) not in ddp.offsets:
+                    raise ValueError("param_groups hold a parameter the DDP wrapper does not know")
+                group_of[id(p)] = gi
+        missing = [ddp.names[id(p)] for p in ddp.params if id(p) not in group_of]
+        if missing:
+            raise ValueError(f"parameters {missing[:4]} are in no param group")
+
+        self.master = torch.zeros(ddp.shard_grad.numel(), dtype=torch.float32, device=ddp.device)
+        # (piece, owner param, [lo, hi) in the flat buffers, offset in master / shard_grad)
+        self.pieces: list[tuple[nn.Parameter, nn.Parameter, int, int, int]] = []
+        inner_groups = [{**g, "params": []} for g in groups]
+        for bucket in ddp.buckets:
+            lo, hi = ddp.shard_range(bucket)
+            soff = ddp.shard_offset(bucket)
+            for p in bucket.params:
+                a = ddp.offsets[id(p)]
+                s, e = max(a, lo), min(a + p.numel(), hi)
+                if s >= e:
+                    continue
+                m = self.master[soff + s - lo : soff + e - lo]
+                m.copy_(p.detach().reshape(-1)[s - a : e - a])
+                piece = nn.Parameter(m)  # shares storage with `master`
+                self.pieces.append((piece, p, s, e, soff + s - lo))
+                inner_groups[group_of[id(p)]]["params"].append(piece)
+        self.optimizer = optimizer_cls(inner_groups, **optimizer_kwargs)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def _attach_grads(self) -> None:
+        shard_grad = self.ddp.shard_grad
+        for piece, _, s, e, off in self.pieces:
+            piece.grad = shard_grad[off : off + (e - s)].to(torch.float32)
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float, ctx=None, skip_parameter_ids=None) -> torch.Tensor:
+        """Clip my slice by the global gradient norm; return the pre-clip norm (same on all ranks).
+
+            ||g||^2 = sum over dp slices (sum over model-parallel ranks, TP replicas counted once)
+
+        `skip_parameter_ids`: parameters owned by another stage (the last stage's copy of a tied
+        embedding). Call after `ddp.finish_grad_sync()`.
+        """
+        self._attach_grads()
+        skip = skip_parameter_ids or set()
+        tp_size = getattr(ctx, "tp_size", 1)
+        tp_rank = getattr(ctx, "tp_rank", 0)
+        sharded = set()
+        if tp_size > 1:
+            from megatiny.optim import tp_sharded_parameter_ids
+
+            sharded = tp_sharded_parameter_ids(self.ddp.module)
+        total = torch.zeros((), dtype=torch.float32, device=self.master.device)
+        for piece, p, *_ in self.pieces:
+            if id(p) in skip or not (id(p) in sharded or tp_rank == 0):
+                continue
+            total += piece.grad.pow(2).sum()
+        if self.ddp.dp_size > 1:
+            dist.all_reduce(total, group=self.ddp.group)
+        if ctx is not None and getattr(ctx, "mp_group", None) is not None:
+            if getattr(ctx, "cp_rank", 0) != 0:  # the dp x cp all-reduce already counted cp
+                total.zero_()
+            dist.all_reduce(total, group=ctx.mp_group)
+        norm = total.sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for piece, *_ in self.pieces:
+                piece.grad.mul_(coef)
+        return norm
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Step the inner optimizer on my slice, then all-gather the parameters of every bucket."""
+        if not any(piece.grad is not None for piece, *_ in self.pieces):
+            self._attach_grads()
+        self.optimizer.step()
+        ddp = self.ddp
+        handles, staged = [], []
+        for bucket in ddp.buckets:
+            soff = ddp.shard_offset(bucket)
+            mine = self.master[soff : soff + bucket.numel // ddp.dp_size]
+            out = ddp.param_buffer[bucket.start : bucket.end]
+            if ddp.dp_size == 1:
+                out.copy_(mine)
+                continue
+            if out.dtype != mine.dtype:
+                tmp = torch.empty(bucket.numel, dtype=mine.dtype, device=mine.device)
+                staged.append((out, tmp))
+                out = tmp
+            handles.append(dist.all_gather_single(out, mine, group=ddp.group, async_op=True))
+        for h in handles:
+            h.wait()
+        for out, tmp in staged:
+            out.copy_(tmp)
+        for piece, *_ in self.pieces:
+            piece.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.ddp.zero_grad()
+        for piece, *_ in self.pieces:
+            piece.grad = None
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by this rank: model params/grads, fp32 master slice, optimizer state.
+
+        `optimizer_state_bytes_unsharded` is what the same optimizer would hold without ZeRO.
+        """
+        ddp = self.ddp
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for st in self.optimizer.state.values()
+            for t in st.values()
+            if torch.is_tensor(t) and t.numel() > 1
+        )
+        mine = sum(piece.numel() for piece, *_ in self.pieces)
+        full = sum(p.numel() for p in ddp.params)
+        per_element = state_bytes / mine if mine else 0.0
+        return {
+            "param_bytes": ddp.param_buffer.numel() * ddp.param_buffer.element_size(),
+            "grad_bytes": (ddp.grad_buffer.numel() + ddp.shard_grad.numel())
+            * ddp.grad_buffer.element_size(),
+            "master_param_bytes": self.master.numel() * self.master.element_size(),
+            "optimizer_state_bytes": int(state_bytes),
+            "optimizer_state_bytes_unsharded": int(round(per_element * full)),
+            "dp_size": ddp.dp_size,
+        }
+
+    def state_dict(self) -> dict:
+        """This rank's slice of the optimizer state (a ZeRO checkpoint is saved per dp rank)."""
+        return {"optimizer": self.optimizer.state_dict(), "dp_size": self.ddp.dp_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("dp_size") != self.ddp.dp_size:
+            raise ValueError(
+                f"ZeRO state was saved with dp={state.get('dp_size')} but this run has "
+                f"dp={self.ddp.dp_size}; use full_state_dict()/load_full_state_dict() to reshard"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Layout-free optimizer state: {param name: {state key: full tensor}} (all-gathered).
+
+        Collective over the dp group. Scalars (e.g. AdamW's `step`) are taken from the first slice.
+        """
+        ddp = self.ddp
+        keys = sorted(
+            {k for st in self.optimizer.state.values() for k, t in st.items() if t.numel() > 1}
+        )
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key in keys:
+            flat_shard = torch.zeros_like(self.master)
+            for piece, _, s, e, off in self.pieces:
+                flat_shard[off : off + (e - s)] = self.optimizer.state[piece][key]
+            flat = torch.zeros(ddp.grad_buffer.numel(), dtype=flat_shard.dtype)
+            for bucket in ddp.buckets:
+                soff = ddp.shard_offset(bucket)
+                n = bucket.numel // ddp.dp_size
+                dist.all_gather_single(
+                    flat[bucket.start : bucket.end], flat_shard[soff : soff + n], group=ddp.group
+                )
+            for p in ddp.params:
+                off = ddp.offsets[id(p)]
+                out.setdefault(ddp.names[id(p)], {})[key] = flat[off : off + p.numel()].view_as(p)
+        scalars = {}
+        for piece, *_ in self.pieces[:1]:
+            scalars = {k: t for k, t in self.optimizer.state[piece].items() if t.numel() <= 1}
+        for name in out:
+            out[name].update({k: t.clone() for k, t in scalars.items()})
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of `full_state_dict`, for any dp size: take my slice of each full tensor."""
+        ddp = self.ddp
+        for piece, p, s, e, _ in self.pieces:
+            name = ddp.names[id(p)]
+            a = ddp.offsets[id(p)]
+            st = {}
+            for key, t in full[name].items():
+                if t.numel() > 1:
+                    st[key] = t.reshape(-1)[s - a : e - a].clone().to(piece.device)
+                else:
+                    st[key] = t.clone()
+            self.optimizer.state[piece] = st

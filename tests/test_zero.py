@@ -1,0 +1,124 @@
+"""ZeRO-1 (sharded AdamW state, reduce-scatter / all-gather) equals plain AdamW on the full batch."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatiny.parallel.data_parallel import DistributedDataParallel, no_sync_unless
+from megatiny.parallel.zero import ZeroOptimizer
+from tests.dist import run_ranks
+from tests.test_data_parallel import ACCUM, GLOBAL_BATCH, make_data, make_model
+
+MAX_NORM = 0.05  # small enough that clipping is active in every step
+
+
+def groups(model):
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def reference(model, data):
+    opt = torch.optim.AdamW(groups(model), lr=1e-2)
+    losses, norms = [], []
+    for x, y in data:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        norms.append(nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
+        losses.append(loss.item())
+        opt.step()
+    state = {n: opt.state[p] for n, p in model.named_parameters()}
+    return losses, norms, [p.detach().clone() for p in model.parameters()], state
+
+
+def _zero_worker(bucket_mb):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, data = make_model(), make_data()
+    ref = reference(copy.deepcopy(model), data)
+    ddp = DistributedDataParallel(model, None, bucket_mb=bucket_mb, shard=True)
+    opt = ZeroOptimizer(ddp, groups(model), lr=1e-2)
+    per_rank = GLOBAL_BATCH // world
+    losses, norms = [], []
+    for x, y in data:
+        xs, ys = (
+            x[rank * per_rank : (rank + 1) * per_rank],
+            y[rank * per_rank : (rank + 1) * per_rank],
+        )
+        local = torch.zeros(())
+        for i, (xm, ym) in enumerate(zip(xs.chunk(ACCUM), ys.chunk(ACCUM))):
+            with no_sync_unless(ddp, i == ACCUM - 1):
+                loss = nn.functional.mse_loss(model(xm), ym) / ACCUM
+                loss.backward()
+            local += loss.detach()
+        ddp.finish_grad_sync()
+        norms.append(opt.clip_grad_norm(MAX_NORM).item())
+        opt.step()
+        opt.zero_grad()
+        dist.all_reduce(local)
+        losses.append(local.item() / world)
+    full_state = opt.full_state_dict()
+    return dict(
+        ref=ref,
+        losses=losses,
+        norms=norms,
+        params=[p.detach().clone() for p in model.parameters()],
+        full_state=full_state,
+        memory=opt.memory_report(),
+    )
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero1_matches_full_batch_adamw_with_global_clipping(world):
+    out = run_ranks(_zero_worker, world, args=(0.0005,), timeout=120)
+    for r in out:
+        ref_losses, ref_norms, ref_params, ref_state = r["ref"]
+        assert r["losses"] == pytest.approx(ref_losses, rel=1e-5)
+        assert r["norms"] == pytest.approx(ref_norms, rel=1e-5)
+        assert min(ref_norms) > MAX_NORM  # clipping really happened
+        for a, b in zip(r["params"], ref_params):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # The gathered (layout-free) optimizer state equals plain AdamW's.
+        for name, st in ref_state.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(
+                    r["full_state"][name][key], st[key], rtol=1e-5, atol=1e-8
+                )
+        mem = r["memory"]
+        # AdamW keeps two fp32 tensors per element: 8 bytes/param unsharded, about 8/D sharded.
+        n_params = sum(p.numel() for p in make_model().parameters())
+        assert mem["optimizer_state_bytes_unsharded"] == 8 * n_params
+        assert mem["optimizer_state_bytes"] <= 8 * n_params / world + 8 * 4 * world
+        assert mem["optimizer_state_bytes"] < mem["optimizer_state_bytes_unsharded"]
+
+
+def _reshard_worker(full_state):
+    model = make_model()
+    ddp = DistributedDataParallel(model, None, bucket_mb=0.0003, shard=True)
+    opt = ZeroOptimizer(ddp, groups(model), lr=1e-2)
+    opt.load_full_state_dict(full_state)
+    return opt.full_state_dict()
+
+
+def test_full_state_round_trips_across_dp_sizes():
+    full = run_ranks(_zero_worker, 2, args=(0.0005,))[0]["full_state"]
+    again = run_ranks(_reshard_worker, 4, args=(full,))[1]
+    for name in full:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(again[name][key], full[name][key])
+
+
+def _no_shard_worker():
+    ddp = DistributedDataParallel(make_model(), None)
+    try:
+        ZeroOptimizer(ddp, lr=1e-3)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_zero_needs_a_sharded_ddp():
+    assert "shard=True" in run_ranks(_no_shard_worker, 2)[0]
