@@ -2,13 +2,20 @@
 what is wrong and what to change.
 
 `ModelConfig` describes one GPT (see megatiny/model.py); the GPT-2 and Llama families are presets.
+`Config` is a whole training run (model, parallel, train, data sections), loaded from YAML with
+dotted `section.key=value` overrides (`Config.from_yaml(path, overrides)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from dataclasses import dataclass
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
 
 
 def _divisors(n: int) -> list[int]:
@@ -196,3 +203,389 @@ class ModelConfig:
         mlp = self.ffn_hidden / h * gated
         logits = self.vocab_size / (2 * L * h)
         return 12.0 * L * h * h * (attention + mlp + logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training configuration: parallel layout, optimizer/loop, data; YAML + dotted overrides.
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says what to change."""
+
+
+@dataclass
+class ParallelConfig:
+    """The model-parallel layout. dp=None means world_size // (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int | None = None
+    sequence_parallel: bool = False
+    virtual_pipeline_size: int | None = None
+    zero1: bool = False
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.dp is not None and self.dp < 1:
+            raise ConfigError(f"parallel.dp={self.dp} must be >= 1 (or null to derive it)")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tp > 1 (it shards the sequence "
+                "over the TP group); set parallel.tp=2 or parallel.sequence_parallel=false"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """dp implied by world_size, with a clear error when the layout does not fit."""
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*"
+                f"{self.cp} = {model_parallel}; launch a multiple of {model_parallel} ranks "
+                f"(e.g. torchrun --nproc-per-node {model_parallel}) or change parallel.tp/pp/cp"
+            )
+        dp = world_size // model_parallel
+        if self.dp is not None and self.dp != dp:
+            raise ConfigError(
+                f"parallel.dp={self.dp} but world size {world_size} / (tp*pp*cp = "
+                f"{model_parallel}) gives dp={dp}; launch {self.dp * model_parallel} ranks or "
+                "set parallel.dp=null"
+            )
+        return dp
+
+
+@dataclass
+class TrainConfig:
+    """The training loop. global_batch_size=None means micro_batch_size * dp (no accumulation)."""
+
+    steps: int = 100
+    seed: int = 1234
+    micro_batch_size: int = 4
+    global_batch_size: int | None = None
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 10
+    lr_decay_steps: int | None = None  # default: steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    run_dir: str = "runs/default"
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 disables periodic evaluation (a final one still runs)
+    eval_iters: int = 10
+    save_interval: int = 0  # 0: save only at the end
+    keep_checkpoints: int = 3
+    resume: str = "none"  # none | auto (run_dir's latest) | path to a checkpoint directory
+    nan_policy: str = "stop"  # stop: save a checkpoint and exit with an error | skip the step
+    peak_tflops: float | None = None  # per device, for MFU; default from the GPU model name
+    tensorboard: bool = True
+    progress_bar: bool = True
+    backend: str | None = None  # default: nccl with CUDA, else gloo
+
+    def __post_init__(self):
+        positive = ("steps", "micro_batch_size", "log_interval", "eval_iters", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_interval", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be >= 1")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(
+                f"need 0 <= train.min_lr <= train.lr and lr > 0 (got {self.min_lr}, {self.lr})"
+            )
+        choices = {"precision": ("auto", "fp32", "bf16"), "nan_policy": ("stop", "skip")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r}; choose one of {allowed}")
+
+    def global_batch_size_for(self, dp: int) -> int:
+        return self.global_batch_size or self.micro_batch_size * dp
+
+    def accumulation_steps(self, dp: int) -> int:
+        """global = micro x accumulation x dp; the global batch must split evenly."""
+        per_step = self.micro_batch_size * dp
+        global_batch = self.global_batch_size or per_step
+        if global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={global_batch} is not divisible by micro_batch_size * "
+                f"dp = {self.micro_batch_size} * {dp} = {per_step}; use a multiple of {per_step}"
+            )
+        return global_batch // per_step
+
+
+@dataclass
+class DataConfig:
+    """Training data: an indexed-dataset prefix (PREFIX.bin/.idx) or a weighted list
+    ["0.7", "a", "0.3", "b"]; the Megatron train/valid/test split; the sample length."""
+
+    path: str | list | None = None
+    tokenizer: str | None = None
+    split: str = "969,30,1"
+    seq_length: int = 256
+    cache_dir: str | None = None
+
+    def prefixes(self) -> list[str]:
+        if self.path is None:
+            return []
+        if isinstance(self.path, str):
+            return [self.path]
+        items = [str(x) for x in self.path]
+        if len(items) % 2 == 0 and all(_is_number(w) for w in items[0::2]):
+            return items[1::2]
+        return items
+
+    def check_exists(self) -> None:
+        """Every prefix must have its .bin and .idx; say which one is missing and how to make it."""
+        if self.path is None:
+            raise ConfigError(
+                "data.path is not set; pass data.path=PREFIX (files PREFIX.bin and PREFIX.idx, "
+                "made by `megatiny data tokenize`)"
+            )
+        for prefix in self.prefixes():
+            missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.exists(prefix + ext)]
+            if missing:
+                raise ConfigError(
+                    f"data prefix {prefix!r} not found: missing {', '.join(missing)}. Create it "
+                    "with `megatiny data tokenize --output-prefix PREFIX ...` (or "
+                    "`launch/prepare_demo_data.sh .demo` for the demo corpus) and set data.path"
+                )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class Config:
+    """A whole training run: `model`, `parallel`, `train`, `data` sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    SECTIONS = ("model", "parallel", "train", "data")
+
+    def validate(self, world_size: int) -> int:
+        """Check the combination of sections for `world_size` ranks (pure: no process groups).
+
+        Returns dp. Raises ConfigError naming the key to change.
+        """
+        from megatiny.parallel.grid import build_grid
+
+        p, m, t, d = self.parallel, self.model, self.train, self.data
+        dp = p.data_parallel_size(world_size)
+        try:
+            build_grid(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        heads = [("model.n_heads", m.n_heads)]
+        if getattr(m, "n_kv_heads", None):
+            heads.append(("model.n_kv_heads", m.n_kv_heads))
+        for name, value in heads:
+            if value % p.tp:
+                ok = [k for k in range(1, value + 1) if value % k == 0]
+                raise ConfigError(
+                    f"{name}={value} is not divisible by parallel.tp={p.tp}; choose tp in {ok}"
+                )
+        if m.ffn_hidden % p.tp:
+            raise ConfigError(
+                f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={p.tp}"
+            )
+        if d.seq_length > m.max_seq_len:
+            raise ConfigError(
+                f"data.seq_length={d.seq_length} exceeds model.max_seq_len={m.max_seq_len}; "
+                "lower data.seq_length or raise model.max_seq_len"
+            )
+        if p.sequence_parallel and d.seq_length % p.tp:
+            raise ConfigError(
+                f"data.seq_length={d.seq_length} is not divisible by parallel.tp={p.tp} "
+                "(needed by sequence_parallel)"
+            )
+        t.accumulation_steps(dp)
+        return dp
+
+    # ---- dict / YAML round trip --------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {name: asdict(getattr(self, name)) for name in self.SECTIONS}
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, overrides: list[str] | tuple = ()) -> Config:
+        """Build from nested dicts (YAML), then apply `section.key=value` overrides."""
+        raw = dict(raw or {})
+        merged: dict[str, dict] = {}
+        for section, values in raw.items():
+            if section not in cls.SECTIONS:
+                raise ConfigError(_unknown(section, cls.SECTIONS, "config section"))
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+            merged[section] = dict(values)
+        for item in overrides:
+            key, value = _parse_override(item)
+            section, name = key.split(".", 1)
+            merged.setdefault(section, {})[name] = value
+        if merged.get("model", {}).get("vocab_size") == "auto":
+            # Megatron-style: the vocabulary comes from the tokenizer the data was made with.
+            merged["model"]["vocab_size"] = _tokenizer_vocab_size(merged.get("data", {}))
+        sections = {}
+        for section in cls.SECTIONS:
+            section_cls = {
+                "model": ModelConfig,
+                "parallel": ParallelConfig,
+                "train": TrainConfig,
+                "data": DataConfig,
+            }[section]
+            values = merged.get(section, {})
+            known = {f.name: f for f in fields(section_cls)}
+            kwargs = {}
+            for name, value in values.items():
+                if name not in known:
+                    full = [f"{section}.{k}" for k in known]
+                    raise ConfigError(_unknown(f"{section}.{name}", full, "config key"))
+                kwargs[name] = _coerce(value, section_cls, name, f"{section}.{name}")
+            try:
+                sections[section] = section_cls(**kwargs)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"invalid {section} config: {e}") from None
+        return cls(**sections)
+
+    @classmethod
+    def from_yaml(cls, path: str | None, overrides: list[str] | tuple = ()) -> Config:
+        raw = {}
+        if path is not None:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file {path!r} not found (see launch/configs/*.yaml)")
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        return cls.from_dict(raw, overrides)
+
+    def save_yaml(self, path: str) -> None:
+        """Write the resolved config atomically (temp file, fsync, rename)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _tokenizer_vocab_size(data: dict) -> int:
+    path = data.get("tokenizer")
+    if not path:
+        raise ConfigError("model.vocab_size=auto needs data.tokenizer (a tokenizer dir or .json)")
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"data.tokenizer {path!r} not found (needed by model.vocab_size=auto); train one with "
+            "`megatiny data train-tokenizer` or run `launch/prepare_demo_data.sh .demo`"
+        )
+    from megatiny.data.tokenizer import load_tokenizer
+
+    return int(load_tokenizer(path).vocab_size)
+
+
+def _unknown(key: str, known, what: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+    return f"unknown {what} {key!r}{hint}"
+
+
+def _parse_override(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise ConfigError(
+            f"override {item!r} must look like section.key=value (e.g. train.steps=20)"
+        )
+    key, text = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if "." not in key:
+        raise ConfigError(
+            f"override key {key!r} needs a section: one of {', '.join(Config.SECTIONS)} "
+            f"(e.g. train.{key}={text})"
+        )
+    if key.split(".", 1)[0] not in Config.SECTIONS:
+        raise ConfigError(_unknown(key.split(".", 1)[0], Config.SECTIONS, "config section"))
+    return key, yaml.safe_load(text) if text.strip() else ""
+
+
+def _coerce(value, section_cls, name: str, key: str):
+    """Convert a YAML/CLI value to the annotated type of `section_cls.name` (int, float, bool,
+    str, list, or None for optional fields); raise ConfigError saying what was expected."""
+    hint = typing.get_type_hints(section_cls)[name]
+    args = typing.get_args(hint) or (hint,)
+    nullable_text = isinstance(value, str) and value.lower() in ("none", "null") and str not in args
+    if value is None or nullable_text:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    for target in args:
+        if target is type(None):
+            continue
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            continue
+        if target is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                try:
+                    return int(value.replace("_", ""))
+                except ValueError:
+                    try:
+                        f = float(value)
+                        if f.is_integer():
+                            return int(f)
+                    except ValueError:
+                        pass
+            continue
+        if target is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    continue
+            continue
+        if target is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return str(value)
+            continue
+        if target is list or typing.get_origin(target) is list:
+            if isinstance(value, list | tuple):
+                return list(value)
+            continue
+        return value  # an annotation we do not coerce (e.g. a nested type): pass through
+    expected = " or ".join(getattr(a, "__name__", str(a)) for a in args)
+    raise ConfigError(f"{key}={value!r} is not a valid {expected}")
+
+
+def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:
+    """`Config.from_yaml(path, overrides)`: the entry point of `megatiny train`."""
+    return Config.from_yaml(path, overrides)
