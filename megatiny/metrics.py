@@ -97,7 +97,7 @@ def format_line(step: int, total: int, m: dict) -> str:
     if m.get("grad_norm") is not None:
         parts.append(f"grad_norm {m['grad_norm']:.3f}")
     parts.append(f"tok/s {m['tokens_per_second']:,.0f}")
-    parts.append(f"TFLOP/s/dev {m['tflops_per_device']:.2f}")
+    parts.append(f"TFLOP/s/dev {m['tflops_per_device']:.3g}")
     if m.get("mfu") is not None:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     parts.append(f"mem {m['peak_memory_gib']:.2f} GiB")

@@ -1,0 +1,403 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): layout-free, atomic, resumable.
+
+Layout on disk (`run_dir/checkpoints/`):
+
+    step_<N>/            DCP files (.metadata + __*.distcp) and meta.json
+    latest               text file with the name of the newest complete step directory
+
+Layout-free: every tensor is stored under the parameter name of the *single-device* GPT with its
+full shape. A tensor-parallel shard is saved as a ShardedTensor whose pieces carry their offsets
+in the full tensor (a fused QKV shard is three pieces: q_i, k_i, v_i), and the vocab padding added
+by tensor parallelism is not saved. So a checkpoint written at tp=2 loads at tp=1 (and into the
+plain GPT of `load_model_for_inference`). Replicated tensors are written once (DCP deduplicates).
+
+State: model weights; AdamW moments per parameter name (same sharding as the parameter); the
+scheduler, step, consumed samples and config in meta.json (plain JSON, no pickles); the CPU (and
+CUDA) RNG state of every rank under its own key.
+
+Atomic: DCP writes into `.tmp_step_<N>`, rank 0 adds meta.json (fsync), renames the directory to
+`step_<N>`, then rewrites `latest` (temp file + os.replace), then deletes all but the newest K.
+A crash at any point leaves `latest` naming a complete checkpoint.
+
+Untrusted files: tensors are read with torch.load(weights_only=True) (DCP's reader), no pickled
+objects are requested, and DCP's `.metadata` pickle is read with an unpickler that only admits
+the checkpoint metadata classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+LATEST = "latest"
+META = "meta.json"
+# The fields that define parameter shapes; a checkpoint must agree on all of them to load.
+SHAPE_FIELDS = (
+    "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "norm",
+    "activation", "position", "tie_embeddings", "bias",
+)  # fmt: skip
+
+warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# ---- layout-free state dicts ----------------------------------------------------------------
+
+
+def _shard_pieces(module: nn.Module, name: str, tensor: torch.Tensor, vocab_size: int):
+    """How this rank's `tensor` maps into the full tensor: (dim, full_size_along_dim, pieces) with
+    pieces = [(local_start, length, full_start)], or None when the tensor is replicated."""
+    from megatiny.parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
+
+    leaf = name.rpartition(".")[2]
+    if isinstance(module, VocabParallelEmbedding) and leaf == "weight":
+        real = max(0, min(module.vocab_end, module.num_embeddings) - module.vocab_start)
+        return 0, module.num_embeddings, [(0, real, module.vocab_start)] if real else []
+    if isinstance(module, ColumnParallelLinear) and module.tp > 1:
+        pieces, local, full = [], 0, 0
+        for seg, seg_local in zip(module.splits, module.local_splits):
+            pieces.append((local, seg_local, full + module.tp_rank * seg_local))
+            local, full = local + seg_local, full + seg
+        if len(module.splits) == 1 and full > vocab_size and name.startswith("lm_head."):
+            # An untied LM head padded like the vocab: keep only the real vocabulary rows.
+            start = module.tp_rank * module.local_splits[0]
+            real = max(0, min(start + module.local_splits[0], vocab_size) - start)
+            return 0, vocab_size, [(0, real, start)] if real else []
+        return 0, full, pieces
+    if isinstance(module, RowParallelLinear) and leaf == "weight" and module.tp > 1:
+        n = tensor.shape[1]
+        return 1, n * module.tp, [(0, n, module.tp_rank * n)]
+    return None
+
+
+def _sharded(tensor: torch.Tensor, dim: int, full: int, pieces, group, group_rank: int):
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+    shape = list(tensor.shape)
+    shape[dim] = full
+    shards = []
+    for local_start, length, full_start in pieces:
+        offsets = [0] * tensor.dim()
+        offsets[dim] = full_start
+        sizes = list(tensor.shape)
+        sizes[dim] = length
+        placement = f"rank:{group_rank}/{tensor.device}"
+        local = tensor.narrow(dim, local_start, length)
+        shards.append(Shard(local, ShardMetadata(offsets, sizes, placement)))
+    return init_from_local_shards(shards, *shape, process_group=group)
+
+
+def model_state(model: nn.Module, ctx=None) -> dict[str, object]:
+    """{single-device name: tensor or ShardedTensor}; values share storage with the parameters,
+    so `dcp.load` into this dict loads the model in place. Tied weights appear once."""
+    modules = dict(model.named_modules())
+    vocab = model.config.vocab_size
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        spec = _shard_pieces(modules[name.rpartition(".")[0]], name, p, vocab) if ctx else None
+        t = p.detach()
+        if spec is None:
+            out[name] = t
+        else:
+            dim, full, pieces = spec
+            out[name] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.tp_rank)
+    return out
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx=None) -> dict:
+    """AdamW moments keyed `<param name>.<exp_avg|exp_avg_sq>` with the parameter's sharding, plus
+    the per-parameter step count. Creates zero state for parameters that have none yet, so the
+    same dict is a valid target for loading."""
+    modules = dict(model.named_modules())
+    vocab = model.config.vocab_size
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        spec = _shard_pieces(modules[name.rpartition(".")[0]], name, p, vocab) if ctx else None
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state[key]
+            if spec is None:
+                out[f"{name}.{key}"] = t
+            else:
+                dim, full, pieces = spec
+                out[f"{name}.{key}"] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.tp_rank)
+        out[f"{name}.step"] = state["step"]
+    return out
+
+
+def _rng_state(rank: int) -> dict[str, torch.Tensor]:
+    state = {f"rank{rank}.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state[f"rank{rank}.cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+# ---- safe reading -----------------------------------------------------------------------------
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP metadata is made of; anything else in `.metadata` is refused."""
+
+    _MODULES = ("torch.distributed.checkpoint", "torch.distributed._shard")
+    _TORCH = {"Size", "device"}
+    _BUILTINS = {
+        "set",
+        "frozenset",
+        "dict",
+        "list",
+        "tuple",
+        "slice",
+        "int",
+        "float",
+        "str",
+        "bytes",
+    }
+
+    def find_class(self, module, name):
+        if module.startswith(self._MODULES) or module in ("collections", "enum", "pathlib"):
+            return super().find_class(module, name)
+        if module == "torch" and (
+            name in self._TORCH or isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        if module == "builtins" and name in self._BUILTINS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which is not allowed"
+        )
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _dcp_load(state: dict, path: str, distributed: bool) -> None:
+    reader = SafeFileSystemReader(path)
+    available = set(reader.read_metadata().state_dict_metadata)
+    missing = sorted(k for k in state if k not in available)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {len(missing)} tensors this model needs (e.g. {missing[:3]}); "
+            "it was written by a different model or version: start a fresh run_dir or pass the "
+            "matching config"
+        )
+    dcp.load(state, storage_reader=reader, no_dist=not distributed)
+
+
+# ---- save / load ------------------------------------------------------------------------------
+
+
+def resolve(path: str) -> str | None:
+    """A step directory from: a step dir, a checkpoints dir or a run dir (via `latest`)."""
+    if os.path.exists(os.path.join(path, META)):
+        return path
+    for base in (path, os.path.join(path, "checkpoints")):
+        marker = os.path.join(base, LATEST)
+        if os.path.exists(marker):
+            with open(marker, encoding="utf-8") as f:
+                name = f.read().strip()
+            step_dir = os.path.join(base, name)
+            if not os.path.exists(os.path.join(step_dir, META)):
+                raise CheckpointError(f"{marker} names {name!r}, which is missing or incomplete")
+            return step_dir
+    return None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()
+
+
+def save_checkpoint(
+    checkpoint_dir: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler=None,
+    ctx=None,
+    extra: dict | None = None,
+    keep: int = 3,
+) -> str:
+    """Collectively save step `step`; returns the step directory. `extra` (JSON) goes into
+    meta.json: consumed samples, the resolved config, ..."""
+    distributed = ctx is not None and dist.is_initialized()
+    rank = ctx.rank if distributed else 0
+    name = f"step_{step}"
+    final = os.path.join(checkpoint_dir, name)
+    tmp = os.path.join(checkpoint_dir, f".tmp_{name}")
+    if rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
+        os.makedirs(tmp)
+    _barrier(distributed)
+    state = {"model": model_state(model, ctx), "rng": _rng_state(rank)}
+    if optimizer is not None:
+        state["optim"] = optimizer_state(model, optimizer, ctx)
+    dcp.save(_flatten(state), checkpoint_id=tmp, no_dist=not distributed)
+    _barrier(distributed)
+    if rank == 0:
+        meta = {
+            "step": step,
+            "model": model.config.to_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "world_size": ctx.world_size if distributed else 1,
+            **(extra or {}),
+        }
+        _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(checkpoint_dir)
+        _write_atomic(os.path.join(checkpoint_dir, LATEST), name + "\n")
+        _prune(checkpoint_dir, keep)
+    _barrier(distributed)
+    return final
+
+
+def _flatten(state: dict) -> dict:
+    return {f"{section}/{k}": v for section, values in state.items() for k, v in values.items()}
+
+
+def _prune(checkpoint_dir: str, keep: int) -> None:
+    steps = sorted(
+        (int(d.split("_", 1)[1]), d)
+        for d in os.listdir(checkpoint_dir)
+        if d.startswith("step_") and d.split("_", 1)[1].isdigit()
+    )
+    for _, d in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(os.path.join(checkpoint_dir, d), ignore_errors=True)
+
+
+def read_meta(step_dir: str) -> dict:
+    with open(os.path.join(step_dir, META), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_same_shape(saved: dict, model_config, path: str) -> None:
+    """Refuse a checkpoint whose parameter shapes differ, naming every differing field."""
+    current = model_config.to_dict()
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs this run {current[k]!r}"
+        for k in SHAPE_FIELDS
+        if saved.get(k) != current[k]
+    ]
+    if saved.get("position") == "learned" and saved.get("max_seq_len") != current["max_seq_len"]:
+        diffs.append(
+            f"max_seq_len: checkpoint {saved.get('max_seq_len')} vs this run {current['max_seq_len']}"
+        )
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was saved from a different model shape ({'; '.join(diffs)}). "
+            "Use the model section of the checkpoint's config.yaml, or a fresh train.run_dir "
+            "(or train.resume=none) to start over"
+        )
+
+
+def load_checkpoint(
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    ctx=None,
+    restore_rng: bool = True,
+) -> dict:
+    """Collectively load `path` (step, checkpoints or run dir) into the given objects in place;
+    returns meta.json. RNG states are restored when the checkpoint has this rank's."""
+    step_dir = resolve(path)
+    if step_dir is None:
+        raise CheckpointError(f"no checkpoint at {path} (no {META}, no {LATEST} marker)")
+    meta = read_meta(step_dir)
+    check_same_shape(meta["model"], model.config, step_dir)
+    distributed = ctx is not None and dist.is_initialized()
+    rank = ctx.rank if distributed else 0
+    state = {"model": model_state(model, ctx)}
+    if optimizer is not None:
+        state["optim"] = optimizer_state(model, optimizer, ctx)
+    flat = _flatten(state)
+    rng = _rng_state(rank)
+    available = set(SafeFileSystemReader(step_dir).read_metadata().state_dict_metadata)
+    rng_keys = {f"rng/{k}": v.clone() for k, v in rng.items() if f"rng/{k}" in available}
+    if restore_rng:
+        flat.update(rng_keys)
+    _dcp_load(flat, step_dir, distributed)
+    if restore_rng and f"rng/rank{rank}.cpu" in flat:
+        torch.set_rng_state(flat[f"rng/rank{rank}.cpu"])
+        if f"rng/rank{rank}.cuda" in flat:
+            torch.cuda.set_rng_state(flat[f"rng/rank{rank}.cuda"])
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    meta["path"] = step_dir
+    return meta
+
+
+def load_model_for_inference(path: str, device: str | torch.device = "cpu"):
+    """(GPT, ModelConfig) from a run dir, checkpoints dir or step dir, on one device, in eval mode.
+    Works for a checkpoint written at any tensor-parallel size."""
+    from megatiny.config import ModelConfig
+    from megatiny.model import GPT
+
+    step_dir = resolve(path)
+    if step_dir is None:
+        raise CheckpointError(
+            f"no checkpoint at {path}: expected a run directory with checkpoints/{LATEST}, a "
+            f"checkpoints directory, or a step_<N> directory with {META}"
+        )
+    config = ModelConfig.from_dict(read_meta(step_dir)["model"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    state = {f"model/{k}": v for k, v in model_state(model).items()}
+    _dcp_load(state, step_dir, distributed=False)
+    return model.eval(), config

@@ -1,0 +1,449 @@
+"""`megatiny train`: pretraining under torchrun.
+
+    torchrun --nproc-per-node 2 -m megatiny train --config launch/configs/tiny-cpu.yaml train.steps=50
+
+One optimizer step (`train_step`):
+
+    micro_batches = the dp rank's share of the global batch, split into `accumulation` pieces
+    loss          = schedule(model, micro_batches)     forward + backward of every micro-batch,
+                                                       each backward scaled by 1/accumulation
+    grads         averaged over the dp (x cp) group
+    grad_norm     = the global norm over TP / PP shards, replicated parameters counted once
+    clip, AdamW step, lr schedule step
+
+so global batch = micro_batch_size x accumulation x dp and the update equals that of one device
+seeing the whole global batch. `schedule` is a function; the default runs the micro-batches one
+after the other on a single pipeline stage (pipeline schedules plug in with the same signature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatiny.config import Config, ConfigError
+
+EXAMPLE = """example:
+  torchrun --standalone --nproc-per-node 2 -m megatiny train \\
+      --config launch/configs/tiny-cpu.yaml train.steps=100 train.run_dir=runs/try1
+  megatiny train --config launch/configs/tiny-cpu.yaml parallel.tp=1 --resume auto"""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---- micro-batches and the schedule -----------------------------------------------------------
+
+
+def micro_batch_indices(consumed: int, micro: int, dp_rank: int, dp_size: int, index: int):
+    """Global sample indices of micro-batch `index` of the step that starts at sample `consumed`.
+
+    Megatron's pretraining sampler order: the step's samples are consumed in slabs of
+    micro x dp consecutive indices; dp rank d takes the d-th micro-sized slice of each slab.
+    """
+    start = consumed + index * micro * dp_size + dp_rank * micro
+    return range(start, start + micro)
+
+
+def collate(dataset, indices, device) -> dict[str, torch.Tensor]:
+    samples = [dataset[i % len(dataset)] for i in indices]
+    batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in ("input_ids", "labels")}
+    batch["loss_mask"] = torch.stack([s["loss_mask"] for s in samples]).float().to(device)
+    return batch
+
+
+def compute_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy of one micro-batch (labels already shifted)."""
+    return model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+
+
+def forward_backward_no_pipelining(model, micro_batches, *, loss_fn=compute_loss, grad_sync=None,
+                                   autocast=contextlib.nullcontext) -> torch.Tensor:  # fmt: skip
+    """Forward + backward each micro-batch in turn; gradients accumulate in `.grad`.
+
+    Returns the mean micro-batch loss (detached). `grad_sync(is_last)` returns a context that
+    suppresses (False) or allows (True) the DP gradient reduction during that backward.
+    """
+    n = len(micro_batches)
+    total = torch.zeros(())
+    for i, batch in enumerate(micro_batches):
+        sync = grad_sync(i == n - 1) if grad_sync is not None else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                loss = loss_fn(model, batch)
+            (loss / n).backward()
+        total = total + loss.detach().float().cpu()
+    return total / n
+
+
+def allreduce_gradients(model, group) -> None:
+    """Average gradients over `group` (plain, non-overlapped fallback when no DDP wrapper)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+@dataclass
+class Trainer:
+    """Everything one rank needs to run steps; built by `build_trainer`."""
+
+    cfg: Config
+    ctx: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_data: object
+    valid_data: object
+    accumulation: int
+    schedule: object = forward_backward_no_pipelining
+    loss_fn: object = compute_loss
+    ddp: object = None
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    losses: list = field(default_factory=list)
+
+    @property
+    def autocast(self):
+        precision = self.cfg.train.precision
+        device = self.ctx.device
+        use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        if not use_bf16:
+            return contextlib.nullcontext
+        # fp32 master weights: parameters and optimizer state stay fp32, matmuls run in bf16.
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        micro = self.cfg.train.micro_batch_size
+        return [
+            collate(
+                self.train_data,
+                micro_batch_indices(
+                    self.consumed_samples, micro, self.ctx.dp_rank, self.ctx.dp_size, i
+                ),
+                self.ctx.device,
+            )
+            for i in range(self.accumulation)
+        ]
+
+    def _all_reduce_mean(self, value: torch.Tensor, group) -> torch.Tensor:
+        value = value.to(self.ctx.device)
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(value, group=group)
+            value = value / dist.get_world_size(group)
+        return value.cpu()
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns loss, grad_norm, lr, skipped."""
+        ctx, tc = self.ctx, self.cfg.train
+        self.optimizer.zero_grad(set_to_none=self.ddp is None)
+        if self.ddp is not None:
+            self.ddp.zero_grad()
+        grad_sync = None
+        if self.ddp is not None:
+            grad_sync = lambda last: contextlib.nullcontext() if last else self.ddp.no_sync()  # noqa: E731
+        loss = self.schedule(
+            self.model, self.micro_batches(), loss_fn=self.loss_fn, grad_sync=grad_sync,
+            autocast=self.autocast,
+        )  # fmt: skip
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()
+        else:
+            allreduce_gradients(self.model, getattr(ctx, "dp_cp_group", ctx.dp_group))
+        if ctx.pp_size > 1:  # the loss lives on the last stage
+            loss = loss.to(ctx.device)
+            dist.broadcast(loss, src=ctx.pp_ranks[-1], group=ctx.pp_group)
+        loss = self._all_reduce_mean(loss, ctx.dp_group)
+        if hasattr(self.optimizer, "clip_grad_norm"):
+            grad_norm = self.optimizer.clip_grad_norm(tc.grad_clip, ctx)
+        else:
+            from megatiny.optim import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(self.model, tc.grad_clip, ctx)
+        lr = self.scheduler.lr
+        finite = torch.tensor(
+            float(math.isfinite(loss.item()) and math.isfinite(float(grad_norm))),
+            device=ctx.device,
+        )
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same branch
+        skipped = finite.item() < 1
+        if skipped:
+            if tc.nan_policy == "stop":
+                raise NonFiniteLoss(f"loss {loss.item()} / grad norm {float(grad_norm)}")
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.consumed_samples += tc.global_batch_size_for(ctx.dp_size)
+        self.losses.append(loss.item())
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss over `eval_iters` micro-batches per dp rank (a fixed set of
+        samples, so successive evaluations are comparable), and its perplexity exp(loss)."""
+        tc, ctx = self.cfg.train, self.ctx
+        self.model.eval()
+        total = torch.zeros(())
+        try:
+            for i in range(tc.eval_iters):
+                idx = micro_batch_indices(0, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, i)
+                with self.autocast():
+                    total += (
+                        self.loss_fn(self.model, collate(self.valid_data, idx, ctx.device))
+                        .float()
+                        .cpu()
+                    )
+        finally:
+            self.model.train()
+        loss = self._all_reduce_mean(total / tc.eval_iters, ctx.dp_group).item()
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+
+def build_model(cfg: Config, ctx) -> torch.nn.Module:
+    """The single-device GPT from the run seed (identical on every rank), then its TP shard."""
+    from megatiny.model import GPT
+
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    if ctx.tp_size > 1:
+        from megatiny.parallel.parallelize import parallelize
+
+        model = parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
+    return model.to(ctx.device)
+
+
+def build_data(cfg: Config, ctx, dp: int):
+    """(train, valid) datasets. Rank 0 builds (and caches) the sample indices first, so the other
+    ranks only read the cache."""
+    tc, dc = cfg.train, cfg.data
+    num_samples = {
+        "train": tc.steps * tc.global_batch_size_for(dp),
+        "valid": tc.eval_iters * tc.micro_batch_size * dp,
+        "test": tc.micro_batch_size * dp,
+    }
+
+    def build():
+        if isinstance(dc.path, str):
+            from megatiny.data.gpt_dataset import GPTDataset
+
+            kw = dict(
+                split=dc.split, seq_length=dc.seq_length, seed=tc.seed, cache_dir=dc.cache_dir
+            )
+            return tuple(
+                GPTDataset(dc.path, num_samples=num_samples[name], split_name=name, **kw)
+                for name in ("train", "valid")
+            )
+        from megatiny.data.gpt_dataset import build_datasets
+
+        train, valid, _ = build_datasets([str(x) for x in dc.path], dc.split, dc.seq_length,
+                                         num_samples, tc.seed)  # fmt: skip
+        return train, valid
+
+    try:
+        if ctx.rank == 0:
+            datasets = build()
+        dist.barrier()
+        if ctx.rank != 0:
+            datasets = build()
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    return datasets
+
+
+def build_trainer(cfg: Config, ctx) -> Trainer:
+    from megatiny.optim import build_optimizer, build_scheduler
+
+    dp = ctx.dp_size
+    model = build_model(cfg, ctx)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    train_data, valid_data = build_data(cfg, ctx, dp)
+    # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp rank.
+    torch.manual_seed(cfg.train.seed + 1 + 100 * ctx.pp_rank + 10_000 * ctx.dp_rank)
+    return Trainer(
+        cfg, ctx, model, optimizer, scheduler, train_data, valid_data,
+        accumulation=cfg.train.accumulation_steps(dp),
+    )  # fmt: skip
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
+    """Run (or resume) the configured training on this rank; returns a summary dict with the
+    per-step `losses`, the last `eval`, `run_dir`, `checkpoint` (last saved) and `step`."""
+    from megatiny.checkpoint import load_checkpoint, resolve, save_checkpoint
+    from megatiny.metrics import (
+        MetricsWriter,
+        Throughput,
+        format_line,
+        peak_memory_gib,
+        peak_tflops,
+        progress_bar,
+    )
+
+    tc = cfg.train
+    trainer = trainer or build_trainer(cfg, ctx)
+    rank0 = ctx.rank == 0
+    run_dir = tc.run_dir
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if rank0:
+        cfg.save_yaml(os.path.join(run_dir, "config.yaml"))
+    resume_from = None
+    if tc.resume == "auto":
+        resume_from = resolve(run_dir) if os.path.isdir(ckpt_dir) else None
+    elif tc.resume not in ("none", ""):
+        resume_from = tc.resume
+    if resume_from is not None:
+        meta = load_checkpoint(
+            resume_from, trainer.model, trainer.optimizer, trainer.scheduler, ctx
+        )
+        trainer.step, trainer.consumed_samples = meta["step"], meta["consumed_samples"]
+        trainer.skipped_steps = meta.get("skipped_steps", 0)
+        if rank0:
+            print(f"resumed from {meta['path']} at step {trainer.step}", flush=True)
+
+    def save() -> str:
+        extra = {
+            "consumed_samples": trainer.consumed_samples,
+            "skipped_steps": trainer.skipped_steps,
+            "config": cfg.to_dict(),
+        }
+        return save_checkpoint(ckpt_dir, trainer.step, trainer.model, trainer.optimizer,
+                               trainer.scheduler, ctx, extra, keep=tc.keep_checkpoints)  # fmt: skip
+
+    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=tc.tensorboard)
+    tokens_per_step = tc.global_batch_size_for(ctx.dp_size) * cfg.data.seq_length
+    meter = Throughput(
+        tokens_per_step, cfg.model.flops_per_token(cfg.data.seq_length), ctx.world_size,
+        peak_tflops(ctx.device, tc.peak_tflops),
+    )  # fmt: skip
+    bar = progress_bar(tc.steps, trainer.step, enabled=rank0 and tc.progress_bar)
+    say = bar.write if bar is not None else (lambda m: print(m, flush=True))
+    last_checkpoint, last_eval = None, None
+    try:
+        while trainer.step < tc.steps:
+            try:
+                out = trainer.train_step()
+            except NonFiniteLoss as e:
+                last_checkpoint = save()
+                raise NonFiniteLoss(
+                    f"non-finite {e} at step {trainer.step + 1}; saved checkpoint {last_checkpoint}"
+                    ". Lower train.lr, check the data, or set train.nan_policy=skip"
+                ) from None
+            meter.add_step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}")
+            step = trainer.step
+            if step % tc.log_interval == 0 or step == tc.steps:
+                m = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                     **meter.measure(), "peak_memory_gib": peak_memory_gib(ctx.device),
+                     "consumed_samples": trainer.consumed_samples,
+                     "skipped_steps": trainer.skipped_steps}  # fmt: skip
+                if rank0:
+                    say(format_line(step, tc.steps, m))
+                writer.write(step, m)
+            if (tc.eval_interval and step % tc.eval_interval == 0) or step == tc.steps:
+                last_eval = trainer.evaluate()
+                writer.write(step, last_eval, prefix="valid")
+                if rank0:
+                    say(f"step {step}: validation loss {last_eval['loss']:.4f} | "
+                        f"perplexity {last_eval['perplexity']:.2f}")  # fmt: skip
+                meter.reset()  # evaluation time is not training throughput
+            if (tc.save_interval and step % tc.save_interval == 0) or step == tc.steps:
+                last_checkpoint = save()
+                meter.reset()
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+    return {"losses": trainer.losses, "eval": last_eval, "run_dir": run_dir, "step": trainer.step,
+            "checkpoint": last_checkpoint, "skipped_steps": trainer.skipped_steps}  # fmt: skip
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLE
+    parser.add_argument("--config", help="YAML config (see launch/configs/)")
+    parser.add_argument(
+        "--resume", default=None,
+        help="auto: continue from run_dir's latest checkpoint (fresh start when none); none; "
+        "or a checkpoint directory",
+    )  # fmt: skip
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override any config key, e.g. train.steps=20 parallel.tp=2")  # fmt: skip
+
+
+def _ensure_env() -> None:
+    """Single-process runs without torchrun get a one-rank environment."""
+    if "RANK" in os.environ:
+        return
+    from socket import socket
+
+    with socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+
+
+def main(args) -> int:
+    from megatiny.checkpoint import CheckpointError
+
+    try:
+        cfg = Config.from_yaml(args.config, args.overrides)
+        if args.resume is not None:
+            cfg.train.resume = args.resume
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world_size)  # before any process group exists
+        cfg.data.check_exists()
+    except (ConfigError, ValueError) as e:
+        print(f"megatiny train: config error: {e}", file=sys.stderr)
+        return 2
+    _ensure_env()
+    from megatiny.parallel.context import ParallelContext
+
+    p = cfg.parallel
+    ctx = ParallelContext.from_env(tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp, backend=cfg.train.backend)
+    t0 = time.time()
+    try:
+        summary = train(cfg, ctx)
+    except (NonFiniteLoss, CheckpointError, ConfigError) as e:
+        print(f"megatiny train: rank {ctx.rank}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.destroy()
+    if ctx.rank == 0:
+        ev = summary["eval"] or {}
+        print(f"done: {summary['step']} steps in {time.time() - t0:.0f}s; validation loss "
+              f"{ev.get('loss', float('nan')):.4f}, perplexity {ev.get('perplexity', float('nan')):.2f}")  # fmt: skip
+        print(f"run dir:    {summary['run_dir']}")
+        print(f"metrics:    {os.path.join(summary['run_dir'], 'metrics.jsonl')} (+ tensorboard/)")
+        print(f"checkpoint: {summary['checkpoint']}")
+    return 0

@@ -1,0 +1,266 @@
+"""The training loop: layouts give the same losses, accumulation, clipping, recompute, NaN
+handling, bad input, metrics files, and one end-to-end torchrun run of `megatiny train`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatiny.config import Config, ModelConfig
+from megatiny.data.indexed import IndexedDatasetWriter
+from tests.dist import run_ranks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 96
+
+
+def make_corpus(directory, num_docs=120, seed=0) -> str:
+    """A learnable corpus: documents from a sparse random Markov chain over VOCAB tokens."""
+    rng = np.random.default_rng(seed)
+    nxt = rng.integers(0, VOCAB, size=(VOCAB, 3))
+    prefix = os.path.join(str(directory), "corpus")
+    with IndexedDatasetWriter(prefix, dtype=np.uint16, vocab_size=VOCAB) as w:
+        for _ in range(num_docs):
+            tok = [int(rng.integers(VOCAB))]
+            for _ in range(int(rng.integers(20, 90))):
+                tok.append(int(nxt[tok[-1], rng.integers(3)]))
+            w.add_document(np.array(tok, dtype=np.uint16))
+    return prefix
+
+
+def tiny_config(prefix, run_dir, *overrides, **model) -> Config:
+    model_cfg = dict(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_layers=2, n_heads=4)
+    model_cfg.update(model)
+    return Config.from_dict(
+        {"model": model_cfg},
+        [
+            f"data.path={prefix}",
+            "data.seq_length=16",
+            "data.split=90,10,0",
+            f"train.run_dir={run_dir}",
+            "train.steps=5",
+            "train.micro_batch_size=2",
+            "train.lr=1e-2",
+            "train.warmup_steps=2",
+            "train.log_interval=1",
+            "train.eval_interval=0",
+            "train.eval_iters=2",
+            "train.progress_bar=false",
+            "train.tensorboard=false",
+            *overrides,
+        ],
+    )
+
+
+def _train_on_ranks(cfg):
+    from megatiny.parallel import ParallelContext
+    from megatiny.train import train
+
+    p = cfg.parallel
+    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, cp=p.cp)
+    try:
+        return train(cfg, ctx)
+    finally:
+        ctx.destroy()
+
+
+def run_training(cfg, world_size=1, timeout=240):
+    return run_ranks(_train_on_ranks, world_size, args=(cfg,), timeout=timeout)
+
+
+def test_single_rank_run_writes_metrics_config_and_checkpoint(tmp_path):
+    prefix = make_corpus(tmp_path)
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(prefix, run_dir, "train.tensorboard=true", "train.eval_interval=3")
+    (out,) = run_training(cfg)
+    assert len(out["losses"]) == 5 and all(np.isfinite(out["losses"]))
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    train_records = [r for r in records if "split" not in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_second", "mfu", "peak_memory_gib"):
+        assert key in train_records[0]
+    assert [r["loss"] for r in train_records] == pytest.approx(out["losses"])
+    valid = [r for r in records if r.get("split") == "valid"]
+    assert [r["step"] for r in valid] == [3, 5] and valid[-1]["perplexity"] == pytest.approx(
+        np.exp(valid[-1]["loss"])
+    )
+    assert Config.from_yaml(str(run_dir / "config.yaml")) == cfg
+    assert os.listdir(run_dir / "tensorboard")
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_5"
+
+
+def test_loss_falls(tmp_path):
+    prefix = make_corpus(tmp_path)
+    cfg = tiny_config(prefix, tmp_path / "run", "train.steps=40", "train.micro_batch_size=8",
+                      "train.log_interval=100")  # fmt: skip
+    (out,) = run_training(cfg)
+    assert np.mean(out["losses"][-5:]) < out["losses"][0] - 1.0
+    assert out["eval"]["loss"] < out["losses"][0] - 1.0
+
+
+@pytest.mark.slow
+def test_tp2_matches_tp1(tmp_path):
+    """Acceptance: tp=1 and tp=2 runs of 5 steps on the same data give the same losses."""
+    prefix = make_corpus(tmp_path)
+    ref = run_training(tiny_config(prefix, tmp_path / "a"))[0]["losses"]
+    for extra in (["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]):
+        outs = run_training(tiny_config(prefix, tmp_path / "b", *extra), world_size=2)
+        for out in outs:
+            np.testing.assert_allclose(out["losses"], ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_global_batch_is_micro_x_accumulation_x_dp(tmp_path):
+    """micro 4 x accum 1 x dp 1 == micro 2 x accum 2 x dp 1 == micro 2 x accum 1 x dp 2."""
+    prefix = make_corpus(tmp_path)
+    common = ("train.global_batch_size=4", "train.steps=3")
+    ref = run_training(tiny_config(prefix, tmp_path / "a", *common, "train.micro_batch_size=4"))
+    acc = run_training(tiny_config(prefix, tmp_path / "b", *common, "train.micro_batch_size=2"))
+    dp2 = run_training(tiny_config(prefix, tmp_path / "c", *common, "train.micro_batch_size=2"), 2)
+    np.testing.assert_allclose(acc[0]["losses"], ref[0]["losses"], rtol=1e-5)
+    for out in dp2:
+        np.testing.assert_allclose(out["losses"], ref[0]["losses"], rtol=1e-5)
+
+
+def _clip_on_ranks(model_kw, max_norm):
+    from megatiny.model import GPT
+    from megatiny.optim import clip_grad_norm_
+    from megatiny.parallel import ParallelContext
+    from megatiny.parallel.parallelize import parallelize
+
+    ctx = ParallelContext.initialize(tp=dist.get_world_size())
+    try:
+        torch.manual_seed(3)
+        model = GPT(ModelConfig(**model_kw))
+        if ctx.tp_size > 1:
+            parallelize(model, ctx)
+        g = torch.Generator().manual_seed(5)
+        ids = torch.randint(0, model_kw["vocab_size"], (2, 16), generator=g)
+        labels = torch.randint(0, model_kw["vocab_size"], (2, 16), generator=g)
+        model(ids, labels=labels).backward()
+        norm = clip_grad_norm_(model, max_norm, ctx)
+        return float(norm), {n: p.grad.clone() for n, p in model.named_parameters()}
+    finally:
+        ctx.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [True, False])
+def test_clip_grad_norm_equals_single_device(tie):
+    """The global norm over TP shards (replicated params once) equals torch's clip_grad_norm_
+    on the single-device model, and clipped gradients agree."""
+    from megatiny.model import GPT
+
+    kw = dict(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_layers=2, n_heads=4,
+              tie_embeddings=tie)  # fmt: skip
+    torch.manual_seed(3)
+    ref = GPT(ModelConfig(**kw))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=g)
+    labels = torch.randint(0, VOCAB, (2, 16), generator=g)
+    ref(ids, labels=labels).backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1))
+    outs = run_ranks(_clip_on_ranks, 2, args=(kw, 0.1))
+    for norm, grads in outs:
+        assert norm == pytest.approx(ref_norm, rel=1e-5)
+        # replicated parameters carry the full clipped gradient on every rank
+        for name in ("norm_f.weight", "blocks.0.norm1.weight"):
+            if name in grads:
+                torch.testing.assert_close(grads[name], dict(ref.named_parameters())[name].grad)
+    assert ref_norm > 0.1  # the clip actually scaled
+
+
+def test_recompute_modes_give_identical_gradients():
+    from megatiny.model import GPT
+
+    grads = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_layers=2,
+                                n_heads=4, recompute=mode, dropout=0.1))  # fmt: skip
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, VOCAB, (2, 16), generator=g)
+        torch.manual_seed(7)  # same dropout masks; recompute must replay them
+        model(ids, labels=ids).backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    for mode in ("selective", "full"):
+        for name, grad in grads["none"].items():
+            torch.testing.assert_close(grads[mode][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def _nan_run(cfg, bad_step):
+    import megatiny.train as T
+    from megatiny.parallel import ParallelContext
+
+    ctx = ParallelContext.initialize()
+    trainer = T.build_trainer(cfg, ctx)
+
+    def loss_fn(model, batch):
+        loss = T.compute_loss(model, batch)
+        return loss * float("nan") if trainer.step + 1 == bad_step else loss
+
+    trainer.loss_fn = loss_fn
+    try:
+        return T.train(cfg, ctx, trainer)
+    except T.NonFiniteLoss as e:
+        return str(e)
+    finally:
+        ctx.destroy()
+
+
+def test_nan_loss_stops_with_checkpoint_or_skips(tmp_path):
+    prefix = make_corpus(tmp_path)
+    (msg,) = run_ranks(_nan_run, 1, args=(tiny_config(prefix, tmp_path / "a"), 3))
+    assert "at step 3" in msg and "saved checkpoint" in msg and "nan_policy=skip" in msg
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == "step_2"
+    cfg = tiny_config(prefix, tmp_path / "b", "train.nan_policy=skip")
+    (out,) = run_ranks(_nan_run, 1, args=(cfg, 3))
+    assert out["skipped_steps"] == 1 and out["step"] == 5
+    assert np.isnan(out["losses"][2]) and np.isfinite(out["losses"][3:]).all()
+
+
+def test_bad_input_is_reported_before_any_process_group(tmp_path, capsys, monkeypatch):
+    from megatiny.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = os.path.join(REPO, "launch", "configs", "tiny-cpu.yaml")
+    missing = str(tmp_path / "nothing")
+    argv = ["train", "--config", cfg, "model.vocab_size=64", f"data.path={missing}"]
+    assert main(argv + [f"data.tokenizer={missing}"]) == 2
+    assert "nothing.bin" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(argv) == 2
+    assert "world size 3 is not divisible by tp*pp*cp" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(argv + ["train.stepz=3"]) == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_torchrun_end_to_end(tmp_path):
+    """`torchrun --nproc-per-node 2 -m megatiny train` at tp=2: exits 0, logs, checkpoints."""
+    prefix = make_corpus(tmp_path)
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "megatiny", "train", "--config", os.path.join(REPO, "launch/configs/tiny-cpu.yaml"),
+        f"model.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2", "model.max_seq_len=32",
+        f"data.path={prefix}", "data.tokenizer=null", "data.seq_length=16", "data.split=90,10,0",
+        f"train.run_dir={run_dir}", "train.steps=6", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.log_interval=2", "train.eval_interval=3",
+        "train.save_interval=3",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "validation loss" in proc.stdout and "checkpoint:" in proc.stdout
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in records if "split" not in r] == [2, 4, 6]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_3", "step_6"]
