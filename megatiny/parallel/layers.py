@@ -44,6 +44,14 @@ def _check_seq(x: torch.Tensor, tp: int, layer: str) -> None:
         )
 
 
+def _min_max(ids: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor with one host sync; (0, 0) when empty."""
+    if ids.numel() == 0:
+        return 0, 0
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    return lo, hi
+
+
 def _init_weight_(weight: torch.Tensor, fan_in: int) -> None:
     # nn.Linear's default init, with the fan-in of the full (unsharded) layer.
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -296,10 +304,11 @@ class VocabParallelEmbedding(nn.Module):
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+        lo, hi = _min_max(ids)
+        if lo < 0 or hi >= self.num_embeddings:
             raise ValueError(
-                f"token ids must be in [0, {self.num_embeddings}), got min {int(ids.min())} "
-                f"max {int(ids.max())}; check the tokenizer's vocab_size against the model's"
+                f"token ids must be in [0, {self.num_embeddings}), got min {lo} max {hi}; "
+                "check the tokenizer's vocab_size against the model's"
             )
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
@@ -392,9 +401,9 @@ def vocab_parallel_cross_entropy(
             f"vocab_size={vocab_size} must be in (0, {total}] (tp * logits_shard.shape[-1])"
         )
     valid = target[target != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= limit):
+    lo, hi = _min_max(valid)
+    if lo < 0 or hi >= limit:
         raise ValueError(
-            f"targets must be in [0, {limit}) or ignore_index={ignore_index}, got min "
-            f"{int(valid.min())} max {int(valid.max())}"
+            f"targets must be in [0, {limit}) or ignore_index={ignore_index}, got min {lo} max {hi}"
         )
     return _VocabParallelCrossEntropy.apply(logits_shard, target, group, ignore_index, vocab_size)
