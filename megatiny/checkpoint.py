@@ -46,6 +46,7 @@ SHAPE_FIELDS = (
 )  # fmt: skip
 
 warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 
 class CheckpointError(RuntimeError):
@@ -182,9 +183,12 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module.startswith(self._MODULES) or module in ("collections", "enum", "pathlib"):
             return super().find_class(module, name)
+        kinds = (torch.dtype, torch.layout, torch.memory_format)
         if module == "torch" and (
-            name in self._TORCH or isinstance(getattr(torch, name, None), torch.dtype)
+            name in self._TORCH or isinstance(getattr(torch, name, None), kinds)
         ):
+            return super().find_class(module, name)
+        if (module, name) == ("torch.serialization", "_get_layout"):  # name -> torch.layout
             return super().find_class(module, name)
         if module == "builtins" and name in self._BUILTINS:
             return super().find_class(module, name)
