@@ -23,7 +23,7 @@ from megatiny.parallel.grid import DIMS, Grid, build_grid
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _new_groups(all_ranks: list[list[int]], rank: int):
+def _new_groups(all_ranks: list[list[int]], rank: int, members_only: bool = False):
     """Create one process group per rank list (on every rank, same order); return mine and its ranks.
 
     torch.distributed requires every rank to call `new_group` for every group, in the same order,
@@ -34,7 +34,7 @@ def _new_groups(all_ranks: list[list[int]], rank: int):
         group = dist.new_group(ranks=ranks)
         if rank in ranks:
             mine, my_ranks = group, list(ranks)
-    assert mine is not None, f"rank {rank} is in none of {all_ranks}"
+    assert mine is not None or members_only, f"rank {rank} is in none of {all_ranks}"
     return mine, my_ranks
 
 
@@ -86,8 +86,11 @@ class ParallelContext:
         )
         self.dp_cp_group, self.dp_cp_ranks = _new_groups([list(g) for g in dp_cp], rank)
         emb = [sorted({g[0], g[-1]}) for g in grid.groups["pp"]]
-        self.embedding_group, self.embedding_ranks = _new_groups(emb, rank)
-        self._groups += [self.mp_group, self.dp_cp_group, self.embedding_group]
+        # Middle pipeline stages (pp > 2) are in no embedding group: theirs is None.
+        self.embedding_group, self.embedding_ranks = _new_groups(emb, rank, members_only=True)
+        self._groups += [self.mp_group, self.dp_cp_group]
+        if self.embedding_group is not None:
+            self._groups.append(self.embedding_group)
         self.is_first_stage = self.pp_rank == 0
         self.is_last_stage = self.pp_rank == self.pp_size - 1
 
