@@ -76,6 +76,8 @@ class DistributedDataParallel:
         ctx: a ParallelContext (its dp x cp group is used), a ProcessGroup, or None (WORLD).
         bucket_mb: target bucket size in MiB; smaller buckets start communicating earlier.
         shard: reduce-scatter into `shard_grad` (for ZeRO-1) instead of all-reduce.
+        isolate: parameters that get a bucket of their own (a tied embedding under ZeRO-1, so
+            the first and last pipeline stage own the same slice of it).
         record_events: keep `events`, a list of ("ready", param_name) / ("launch", bucket_index)
             in the order they happened (used to prove overlap).
     """
@@ -87,6 +89,7 @@ class DistributedDataParallel:
         bucket_mb: float = 25.0,
         shard: bool = False,
         record_events: bool = False,
+        isolate=(),
     ):
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb={bucket_mb} must be > 0 (e.g. 25)")
@@ -115,6 +118,7 @@ class DistributedDataParallel:
         self.device = named[0][1].device
         self.names = {id(p): n for n, p in named}
         self.params = [p for _, p in named]
+        self._isolated = {id(p) for p in isolate}
         self.buckets, self.offsets = self._layout(list(reversed(self.params)), bucket_mb)
         total = self.buckets[-1].end
         self.grad_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
@@ -136,14 +140,23 @@ class DistributedDataParallel:
         cap = max(1, int(bucket_mb * 2**20 / elem))
         align = self.dp_size if self.shard else 1
         buckets, offsets, current, start, pos = [], {}, [], 0, 0
-        for i, p in enumerate(ordered):
+
+        def close():
+            nonlocal current, start, pos
+            end = start + -(-(pos - start) // align) * align  # pad: D equal slices
+            buckets.append(Bucket(len(buckets), current, start, end))
+            current, start, pos = [], end, end
+
+        for p in ordered:
+            if id(p) in self._isolated and current:
+                close()
             offsets[id(p)] = pos
             pos += p.numel()
             current.append(p)
-            if pos - start >= cap or i == len(ordered) - 1:
-                end = start + -(-(pos - start) // align) * align  # pad: D equal slices
-                buckets.append(Bucket(len(buckets), current, start, end))
-                current, start, pos = [], end, end
+            if pos - start >= cap or id(p) in self._isolated:
+                close()
+        if current:
+            close()
         return buckets, offsets
 
     def _grad_view(self, p: nn.Parameter) -> torch.Tensor:

@@ -1,0 +1,243 @@
+"""Pipeline parallelism, part 1: split a GPT into stages, and the point-to-point messages.
+
+    model = parallelize(GPT(cfg), ctx)                       # TP/SP first (optional)
+    chunks = build_pipeline_chunks(model, ctx, virtual_pipeline_size=2)
+    schedule = build_schedule(ctx, chunks, micro_batch_size=2, seq_length=64)
+    loss = schedule(micro_batches, ddp)                      # megatiny.parallel.schedules
+
+Split. The n_layers decoder blocks are cut into S = pp * v consecutive pieces ("virtual
+stages"), evenly (n_layers % S == 0) or by an explicit list of S layer counts. Virtual stage s
+lives on pipeline rank s % pp as its model chunk s // pp, so with v > 1 every rank holds v
+non-adjacent pieces (interleaved 1F1B). The first virtual stage also owns the embeddings, the
+last one the final norm, the head and the loss.
+
+A chunk is the single-device GPT object with the modules it does not own set to None and its
+`blocks` holding only its layers *under their global index* ("blocks.5.attn.qkv.weight" on any
+layout), so state-dict keys are layout-free. Chunks share modules with the model they are cut from
+(no copy). Each chunk runs `forward_step(chunk, input_tensor, micro_batch)`.
+
+Tied embeddings (`tie_embeddings=True`, pp > 1): the first stage holds the token embedding for
+the input, the last stage holds a copy for the output projection. They start equal (same init)
+and stay equal because their gradients are summed over `ctx.embedding_group` (the 2-rank group of
+the first and last stage of each pipeline) before the optimizer step: d L / d E = dL/dE_in +
+dL/dE_out, exactly the single-device gradient of the shared weight. See `sync_tied_grads`.
+
+P2P. Stages exchange [micro_batch, seq / (tp if SP), d_model] tensors whose shape is known in
+advance, with `dist.batch_isend_irecv`. `P2P.communicate` posts the activation messages before the
+gradient messages, with distinct tags, so that with pp=2 (where "next" and "prev" are the same
+rank) both sides match them in the same order.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ACTIVATION_TAG, GRADIENT_TAG = 0, 1
+
+
+def validate_pipeline(
+    n_layers: int,
+    pp: int,
+    virtual_pipeline_size: int | None = None,
+    layer_split: list[int] | None = None,
+    num_microbatches: int | None = None,
+) -> list[int]:
+    """Check the pipeline layout (pure: no communication); return layers per virtual stage.
+
+    Raises ValueError saying what to change.
+    """
+    v = virtual_pipeline_size or 1
+    if pp < 1 or v < 1:
+        raise ValueError(f"pp={pp} and virtual_pipeline_size={v} must be >= 1")
+    stages = pp * v
+    if v > 1 and pp == 1:
+        raise ValueError(
+            f"virtual_pipeline_size={v} needs pp > 1 (interleaving splits each pipeline rank's "
+            "layers into chunks); set parallel.pp >= 2 or parallel.virtual_pipeline_size=null"
+        )
+    if layer_split is None:
+        if n_layers % stages:
+            ok = [d for d in range(1, n_layers + 1) if n_layers % d == 0]
+            raise ValueError(
+                f"n_layers={n_layers} is not divisible by pp*virtual_pipeline_size = {pp}*{v} = "
+                f"{stages}; choose pp*v in {ok} or pass an explicit layer split of {stages} "
+                f"counts summing to {n_layers}"
+            )
+        split = [n_layers // stages] * stages
+    else:
+        split = [int(n) for n in layer_split]
+        if len(split) != stages or sum(split) != n_layers or min(split) < 0:
+            raise ValueError(
+                f"layer split {split} must have pp*virtual_pipeline_size = {stages} non-negative "
+                f"entries summing to n_layers={n_layers}"
+            )
+    if num_microbatches is not None:
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
+        if v > 1 and num_microbatches % pp:
+            raise ValueError(
+                f"the interleaved schedule needs num_microbatches to be a multiple of pp={pp} "
+                f"(Megatron's rule), got {num_microbatches}; set global_batch_size / "
+                f"(micro_batch_size * dp) to a multiple of {pp} or virtual_pipeline_size=null"
+            )
+    return split
+
+
+def _shallow_copy(model: nn.Module) -> nn.Module:
+    chunk = copy.copy(model)
+    chunk._modules = dict(model._modules)
+    chunk._parameters = dict(model._parameters)
+    chunk._buffers = dict(model._buffers)
+    return chunk
+
+
+def build_pipeline_chunks(
+    model: nn.Module,
+    ctx,
+    virtual_pipeline_size: int | None = None,
+    layer_split: list[int] | None = None,
+) -> list[nn.Module]:
+    """This pipeline rank's model chunks (v of them), cut from a single-device or TP-sharded GPT.
+
+    Each chunk gets `is_first_chunk` / `is_last_chunk` (first/last virtual stage of the whole
+    pipeline), `virtual_stage` and `layer_range` attributes.
+    """
+    pp, rank = ctx.pp_size, ctx.pp_rank
+    v = virtual_pipeline_size or 1
+    split = validate_pipeline(len(model.blocks), pp, v, layer_split)
+    if pp == 1:
+        model.is_first_chunk = model.is_last_chunk = True
+        model.virtual_stage, model.layer_range = 0, (0, len(model.blocks))
+        return [model]
+    starts = [sum(split[:s]) for s in range(pp * v + 1)]
+    tied = model.lm_head is None
+    chunks = []
+    for c in range(v):
+        s = c * pp + rank
+        lo, hi = starts[s], starts[s + 1]
+        chunk = _shallow_copy(model)
+        blocks = nn.ModuleList()
+        for i in range(lo, hi):
+            blocks.add_module(str(i), model.blocks[i])  # keep the global layer index in names
+        chunk.blocks = blocks
+        chunk.is_first_chunk, chunk.is_last_chunk = s == 0, s == pp * v - 1
+        chunk.virtual_stage, chunk.layer_range = s, (lo, hi)
+        if not chunk.is_first_chunk:
+            chunk.pos_embed = None
+            if not (chunk.is_last_chunk and tied):
+                chunk.embed = None
+        if not chunk.is_last_chunk:
+            chunk.norm_f = None
+            chunk.lm_head = None
+        chunks.append(chunk)
+    return chunks
+
+
+def forward_step(chunk: nn.Module, input_tensor, batch: dict):
+    """Run one model chunk on one micro-batch: hidden states out, or the mean loss on the last."""
+    position_ids = batch.get("position_ids")
+    if chunk.is_first_chunk:
+        h = chunk.embed_tokens(batch["input_ids"], position_ids)
+    else:
+        h = input_tensor
+    h = chunk.run_blocks(h, position_ids)
+    if chunk.is_last_chunk:
+        return chunk.head_loss(h, batch["labels"], batch.get("loss_mask"))
+    return h
+
+
+def tied_embedding_weight(chunks: list[nn.Module], ctx) -> nn.Parameter | None:
+    """The copy of a tied token embedding this rank must sync (None if nothing to sync)."""
+    if ctx.pp_size == 1:
+        return None  # one module holds it: embedding and head already share the Parameter
+    for chunk in chunks:
+        if chunk.config.tie_embeddings and chunk.embed is not None:
+            if chunk.is_first_chunk or chunk.is_last_chunk:
+                return chunk.embed.weight
+    return None
+
+
+def replicated_parameter_ids(chunks: list[nn.Module], ctx) -> set[int]:
+    """ids of parameters another rank also owns (the last stage's tied embedding copy).
+
+    Pass as `skip_parameter_ids` to the gradient-norm computation so the weight counts once.
+    """
+    weight = tied_embedding_weight(chunks, ctx)
+    if weight is not None and ctx.pp_rank == ctx.pp_size - 1:
+        return {id(weight)}
+    return set()
+
+
+@torch.no_grad()
+def sync_tied_grads(chunks: list[nn.Module], ctx, ddp=None) -> None:
+    """Sum the tied embedding's gradient over the first and last pipeline stage.
+
+    Call after `ddp.finish_grad_sync()`. With ZeRO-1 (`ddp.shard`) the weight sits alone in its
+    bucket on both stages, so both hold the same slice of it and the slices are summed.
+    """
+    weight = tied_embedding_weight(chunks, ctx)
+    if weight is None:
+        return
+    if ddp is not None and ddp.shard:
+        bucket = ddp.bucket_of[id(weight)]
+        if len(bucket.params) != 1:
+            raise RuntimeError("the tied embedding must be isolated in its own DDP bucket")
+        off = ddp.shard_offset(bucket)
+        grad = ddp.shard_grad[off : off + bucket.numel // ddp.dp_size]
+    else:
+        grad = weight.grad
+    dist.all_reduce(grad, group=ctx.embedding_group)
+
+
+class P2P:
+    """Batched isend/irecv to the previous / next pipeline rank (ring neighbours).
+
+    The schedule decides who sends and receives what; the ring (rank 0's previous is the last
+    rank) is what the interleaved schedule needs to pass chunk c's output to chunk c+1.
+    """
+
+    def __init__(self, ctx, shape, dtype=torch.float32, device=None):
+        pp, rank = ctx.pp_size, ctx.pp_rank
+        self.rank, self.size = rank, pp
+        self.prev = ctx.pp_ranks[(rank - 1) % pp]
+        self.next = ctx.pp_ranks[(rank + 1) % pp]
+        self.shape, self.dtype = tuple(shape), dtype
+        self.device = device if device is not None else ctx.device
+
+    def _empty(self):
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device, requires_grad=True)
+
+    def _check(self, t: torch.Tensor) -> torch.Tensor:
+        if tuple(t.shape) != self.shape:
+            raise RuntimeError(
+                f"pipeline stage produced shape {tuple(t.shape)} but the schedule was built for "
+                f"{self.shape} ([micro_batch, seq(/tp under SP), d_model])"
+            )
+        return t.detach().to(self.dtype).contiguous()
+
+    def communicate(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        """One exchange: activations forward (to next / from prev), gradients backward.
+
+        Returns (tensor from prev or None, tensor from next or None).
+        """
+        ops, from_prev, from_next = [], None, None
+        if send_next is not None:
+            ops.append(
+                dist.P2POp(dist.isend, self._check(send_next), self.next, tag=ACTIVATION_TAG)
+            )
+        if recv_prev:
+            from_prev = self._empty()
+            ops.append(dist.P2POp(dist.irecv, from_prev.data, self.prev, tag=ACTIVATION_TAG))
+        if send_prev is not None:
+            ops.append(dist.P2POp(dist.isend, self._check(send_prev), self.prev, tag=GRADIENT_TAG))
+        if recv_next:
+            from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            ops.append(dist.P2POp(dist.irecv, from_next, self.next, tag=GRADIENT_TAG))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return from_prev, from_next

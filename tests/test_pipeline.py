@@ -1,0 +1,155 @@
+"""Pipeline stages and schedules: same loss and every gradient as the single-device model."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatiny.config import ModelConfig
+from megatiny.model import GPT
+from megatiny.parallel import ParallelContext
+from megatiny.parallel.pipeline import (
+    build_pipeline_chunks,
+    replicated_parameter_ids,
+    sync_tied_grads,
+    validate_pipeline,
+)
+from megatiny.parallel.schedules import build_schedule
+from tests.dist import run_ranks
+
+VOCAB, SEQ, MICRO = 64, 8, 2
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=VOCAB, max_seq_len=SEQ, d_model=32, n_layers=4, n_heads=4, ffn_hidden=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def micro_batches(m, seed=0, step=0):
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    out = []
+    for _ in range(m):
+        ids = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g)
+        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
+    return out
+
+
+def reference_grads(model, batches):
+    """Single device: loss = mean of micro-batch mean losses; grads by parameter name."""
+    model.zero_grad()
+    loss = sum(model(b["input_ids"], labels=b["labels"]) for b in batches) / len(batches)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _pipe_worker(pp, v, kind, m, tie, split):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tie_embeddings=tie, n_layers=sum(split) if split else 4))
+    batches = micro_batches(m)
+    ref_loss, ref_grads = reference_grads(copy.deepcopy(model), batches)
+    ctx = ParallelContext.initialize(pp=pp)
+    chunks = build_pipeline_chunks(model, ctx, v, layer_split=split)
+    schedule = build_schedule(ctx, chunks, MICRO, SEQ, schedule=kind)
+    loss = schedule(batches)
+    sync_tied_grads(chunks, ctx)
+    grads = {}
+    for chunk in chunks:
+        for n, p in chunk.named_parameters():
+            grads[n] = p.grad.clone()
+    names = [[n for n, _ in c.named_parameters()] for c in chunks]
+    skip = replicated_parameter_ids(chunks, ctx)
+    return dict(
+        loss=loss.item(), ref_loss=ref_loss, grads=grads, ref=ref_grads, names=names, skip=len(skip)
+    )
+
+
+def _check(out, tie):
+    seen = set()
+    for r in out:
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
+        for name, g in r["grads"].items():
+            torch.testing.assert_close(g, r["ref"][name], rtol=1e-5, atol=1e-6)
+            seen.add(name)
+    assert seen == set(out[0]["ref"])  # every parameter lives on some stage
+    if tie:
+        assert [r["skip"] for r in out] == [0] * (len(out) - 1) + [1]
+
+
+@pytest.mark.parametrize(
+    "pp,v,kind,m,tie,split",
+    [
+        (2, 1, "1f1b", 4, True, None),
+        (2, 2, "interleaved", 4, False, None),
+    ],
+)
+def test_schedules_match_single_device(pp, v, kind, m, tie, split):
+    _check(run_ranks(_pipe_worker, pp, args=(pp, v, kind, m, tie, split), timeout=120), tie)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "pp,v,kind,m,tie,split",
+    [
+        (2, 1, "gpipe", 3, False, None),
+        (4, 1, "1f1b", 6, True, None),
+        (4, 1, "1f1b", 2, False, [2, 0, 1, 1]),  # fewer micro-batches than stages; empty stage
+        (4, 1, "gpipe", 5, True, None),
+        (2, 2, "interleaved", 2, True, None),  # m == pp: all forwards are warm-up
+        (2, 2, "interleaved", 6, True, [1, 1, 1, 1]),
+        (4, 2, "interleaved", 8, True, [1, 0, 1, 1, 0, 1, 1, 1]),
+        (2, 3, "interleaved", 4, False, [1, 1, 1, 1, 1, 1]),
+    ],
+)
+def test_schedules_match_single_device_matrix(pp, v, kind, m, tie, split):
+    _check(run_ranks(_pipe_worker, pp, args=(pp, v, kind, m, tie, split), timeout=180), tie)
+
+
+def _names_worker():
+    torch.manual_seed(0)
+    ctx = ParallelContext.initialize(pp=2)
+    chunks = build_pipeline_chunks(GPT(tiny_config()), ctx, 2)
+    return [
+        sorted({n.split(".")[1] for n, _ in c.named_parameters() if n.startswith("blocks")})
+        for c in chunks
+    ]
+
+
+def test_chunks_keep_global_layer_names():
+    # pp=2, v=2, 4 layers: virtual stage s = c * pp + rank holds layer s.
+    assert run_ranks(_names_worker, 2) == [[["0"], ["2"]], [["1"], ["3"]]]
+
+
+def test_bad_layouts_fail_before_any_communication():
+    with pytest.raises(ValueError, match="not divisible by pp\\*virtual_pipeline_size"):
+        validate_pipeline(6, pp=2, virtual_pipeline_size=2)
+    assert validate_pipeline(6, 2, 2, layer_split=[2, 1, 2, 1]) == [2, 1, 2, 1]
+    with pytest.raises(ValueError, match="summing to n_layers=6"):
+        validate_pipeline(6, 2, 2, layer_split=[2, 2, 2, 2])
+    with pytest.raises(ValueError, match="multiple of pp=4"):
+        validate_pipeline(8, 4, 2, num_microbatches=6)
+    with pytest.raises(ValueError, match="needs pp > 1"):
+        validate_pipeline(8, 1, 2)
+    from megatiny.parallel.grid import build_grid
+
+    with pytest.raises(ValueError, match="does not equal world_size=8"):
+        build_grid(8, tp=2, pp=2, dp=3)
+
+
+def _interleaved_bad_m_worker():
+    torch.manual_seed(0)
+    ctx = ParallelContext.initialize(pp=2)
+    chunks = build_pipeline_chunks(GPT(tiny_config()), ctx, 2)
+    schedule = build_schedule(ctx, chunks, MICRO, SEQ)
+    try:
+        schedule(micro_batches(3))
+    except ValueError as e:
+        # Nothing was sent: the group is still usable.
+        dist.barrier()
+        return str(e)
+    return "no error"
+
+
+def test_interleaved_rejects_micro_batch_count_before_communicating():
+    assert all("multiple of pp=2" in msg for msg in run_ranks(_interleaved_bad_m_worker, 2))
