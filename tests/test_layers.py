@@ -161,9 +161,23 @@ def check_cross_entropy(g, tp, r):
     assert loss.dtype == torch.float32 and lp.grad.dtype == torch.bfloat16
 
 
+def check_meta(g, tp, r):
+    """from_* on a meta-device module gives a meta shard of the right shape (no copy)."""
+    col = ColumnParallelLinear.from_linear(nn.Linear(H, 32, device="meta"), g, splits=[16, 8, 8])
+    row = RowParallelLinear.from_linear(nn.Linear(32, H, device="meta"), g)
+    emb = VocabParallelEmbedding.from_embedding(nn.Embedding(37, H, device="meta"), g)
+    assert (
+        col.weight.is_meta and col.weight.shape == (32 // tp, H) and col.bias.shape == (32 // tp,)
+    )
+    assert col.local_splits == [16 // tp, 8 // tp, 8 // tp]
+    assert row.weight.is_meta and row.weight.shape == (H, 32 // tp) and row.bias.shape == (H,)
+    assert emb.weight.is_meta and emb.weight.shape == (128, H)
+
+
 def _layers_at(tp, dp):
     ctx = ParallelContext.initialize(tp=tp, dp=dp)
     g, r = ctx.tp_group, ctx.tp_rank
+    check_meta(g, tp, r)
     for check in (check_column, check_row, check_mlp, check_embedding, check_cross_entropy):
         check(g, tp, r)
     ctx.destroy()

@@ -131,6 +131,8 @@ class ColumnParallelLinear(nn.Module):
             splits=splits,
             **kw,
         )
+        if linear.weight.is_meta:  # shapes only; materialize the shard later
+            return layer
         with torch.no_grad():
             layer.weight.copy_(layer.shard(linear.weight))
             if linear.bias is not None:
@@ -213,6 +215,8 @@ class RowParallelLinear(nn.Module):
             dtype=kw.pop("dtype", linear.weight.dtype),
             **kw,
         )
+        if linear.weight.is_meta:
+            return layer
         with torch.no_grad():
             layer.weight.copy_(layer.shard(linear.weight))
             if linear.bias is not None:
@@ -299,8 +303,9 @@ class VocabParallelEmbedding(nn.Module):
             dtype=kw.pop("dtype", emb.weight.dtype),
             **kw,
         )
-        with torch.no_grad():
-            layer.weight.copy_(layer.shard(emb.weight))
+        if not emb.weight.is_meta:
+            with torch.no_grad():
+                layer.weight.copy_(layer.shard(emb.weight))
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
