@@ -1,0 +1,194 @@
+"""Autoregressive sampling with a KV cache, single device or tensor-parallel.
+
+    ids = generate(model, prompt_ids, max_new_tokens=50, temperature=0.8, top_k=50, top_p=0.95,
+                   seed=0, eos_id=tok.eod_id)
+
+Each step turns the last position's logits z into the next token:
+    temperature == 0       argmax z (greedy)
+    otherwise              sample from softmax(z / temperature) restricted to the top_k largest
+                           logits and then to the smallest prefix of the sorted distribution whose
+                           mass reaches top_p (nucleus); the most likely token always survives.
+
+KV cache: the prompt is run once, then each new token attends to the cached keys/values of all
+earlier positions (`use_cache=False` re-runs the whole sequence each step; same tokens).
+
+Tensor parallelism: a parallelized model (without sequence parallelism: one new token cannot be
+split over the sequence) returns the full gathered logits on every TP rank, and every rank
+samples with the same seeded generator; the choice of TP rank 0 is then broadcast so all ranks
+provably continue with the same tokens.
+
+CLI: `megatiny generate --checkpoint DIR --tokenizer TOKDIR --prompt "..."`; under
+`torchrun --nproc-per-node N` the model is split over N tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from megatiny.model import KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None):
+    """Logits [b, V] with everything outside the top-k / nucleus set to -inf."""
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """[b, V] logits -> [b] token ids (see module docstring)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(temperature, top_k, top_p, max_new_tokens):
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 or None = no limit)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids,
+    max_new_tokens: int = 50,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = 0,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """prompt [b, s] (or a list of ids) -> [b, s + n] with n <= max_new_tokens new tokens.
+    Stops early once every row has produced `eos_id` (rows that finished keep emitting it)."""
+    _check_args(temperature, top_k, top_p, max_new_tokens)
+    if model.sequence_parallel:
+        raise ValueError(
+            "generation needs a model parallelized with sequence_parallel=False (a single new "
+            "token cannot be split over the sequence)"
+        )
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    limit = model.config.max_seq_len
+    if ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"max_seq_len={limit}; shorten the prompt or lower --max-new-tokens"
+        )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    group = model.tp_group
+    src = dist.get_global_rank(group, 0) if group is not None else None
+    was_training = model.training
+    model.eval()
+    cache = KVCache(len(model.blocks)) if use_cache else None
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    step_input = ids
+    try:
+        for _ in range(max_new_tokens):
+            logits = model(step_input if use_cache else ids, kv_cache=cache)[:, -1]
+            token = next_token(logits, temperature, top_k, top_p, generator)
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.broadcast(token, src=src, group=group)
+            if eos_id is not None:
+                token = token.masked_fill(finished, eos_id)
+                finished |= token == eos_id
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            step_input = token[:, None]
+            if eos_id is not None and bool(finished.all()):
+                break
+    finally:
+        model.train(was_training)
+    return ids
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "example:\n  megatiny generate --checkpoint runs/tiny --tokenizer data/tok "
+        '--prompt "Once upon a time" --max-new-tokens 40 --temperature 0.8 --top-k 50\n'
+        "  (tensor-parallel: torchrun --nproc-per-node 2 -m megatiny generate ...)"
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--checkpoint", required=True,
+        help="a model dir (model.safetensors + model_config.json) or a training run / checkpoint",
+    )  # fmt: skip
+    parser.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue (needs --tokenizer)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids (no tokenizer needed)")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute without a KV cache")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text")
+
+
+def main(args) -> int:
+    from megatiny.hf import load_any
+
+    tokenizer = None
+    if args.tokenizer:
+        from megatiny.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise SystemExit("--prompt needs --tokenizer TOKDIR (or pass --prompt-ids 1,2,3)")
+        prompt = tokenizer.encode(args.prompt)
+    else:
+        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    _check_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    ctx = None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: all ranks form one tensor-parallel group
+        from megatiny.parallel import ParallelContext
+        from megatiny.parallel.parallelize import parallelize
+
+        ctx = ParallelContext.from_env(tp=world)
+    model = load_any(args.checkpoint).eval()
+    if ctx is not None:
+        model = parallelize(model, ctx)
+    eos = None if args.ignore_eos or tokenizer is None else tokenizer.eod_id
+    out = generate(
+        model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
+        use_cache=not args.no_cache,
+    )[0].tolist()  # fmt: skip
+    if ctx is None or ctx.rank == 0:
+        if tokenizer is not None:
+            print(tokenizer.decode(out))
+        else:
+            print(",".join(str(i) for i in out))
+    if ctx is not None:
+        ctx.destroy()
+    return 0
