@@ -1,0 +1,133 @@
+"""3D parallelism (tp x pp x dp, + interleaving, + ZeRO-1) equals single-process training.
+
+Every layout trains the same tiny GPT for 3 AdamW steps (weight decay, gradient clipping by the
+global norm, tied embeddings) on the same global batch; the losses and gradient norms must match
+the single-process run within fp32 tolerance.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatiny.model import GPT
+from megatiny.optim import clip_grad_norm_, param_groups
+from megatiny.parallel import ParallelContext
+from megatiny.parallel.data_parallel import DistributedDataParallel
+from megatiny.parallel.parallelize import parallelize
+from megatiny.parallel.pipeline import (
+    build_pipeline_chunks,
+    replicated_parameter_ids,
+    sync_tied_grads,
+    tied_embedding_weight,
+)
+from megatiny.parallel.schedules import build_schedule
+from megatiny.parallel.zero import ZeroOptimizer
+from tests.dist import run_ranks
+from tests.test_pipeline import MICRO, SEQ, micro_batches, tiny_config
+
+STEPS, GLOBAL_MICRO_BATCHES, LR, WD, CLIP = 3, 4, 3e-3, 0.1, 0.5
+
+
+def reference_run():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    opt = torch.optim.AdamW(param_groups(model, WD), lr=LR)
+    losses, norms = [], []
+    for step in range(STEPS):
+        batches = micro_batches(GLOBAL_MICRO_BATCHES, step=step)
+        opt.zero_grad()
+        loss = sum(model(b["input_ids"], labels=b["labels"]) for b in batches) / len(batches)
+        loss.backward()
+        norms.append(nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        losses.append(loss.item())
+    return losses, norms
+
+
+def train_3d(ctx, v, zero, sp, schedule=None):
+    """One model replica's training run built from the pieces: schedule + DDP + (ZeRO) AdamW."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    if ctx.tp_size > 1:
+        parallelize(model, ctx, sequence_parallel=sp)
+    chunks = build_pipeline_chunks(model, ctx, v)
+    module = nn.ModuleList(chunks)
+    tied = tied_embedding_weight(chunks, ctx)
+    ddp = DistributedDataParallel(
+        module, ctx, bucket_mb=0.01, shard=zero, isolate=[tied] if tied is not None else ()
+    )
+    groups = param_groups(module, WD)
+    opt = ZeroOptimizer(ddp, groups, lr=LR) if zero else torch.optim.AdamW(groups, lr=LR)
+    run = build_schedule(ctx, chunks, MICRO, SEQ, schedule=schedule, sequence_parallel=sp)
+    skip = replicated_parameter_ids(chunks, ctx)
+    per_rank = GLOBAL_MICRO_BATCHES // ctx.dp_size
+    losses, norms = [], []
+    for step in range(STEPS):
+        batches = micro_batches(GLOBAL_MICRO_BATCHES, step=step)
+        mine = batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
+        loss = run(mine, ddp)
+        ddp.finish_grad_sync()
+        sync_tied_grads(chunks, ctx, ddp)
+        if zero:
+            norm = opt.clip_grad_norm(CLIP, ctx, skip_parameter_ids=skip)
+        else:
+            norm = clip_grad_norm_(module, CLIP, ctx, skip_parameter_ids=skip)
+        opt.step()
+        opt.zero_grad()
+        ddp.zero_grad()
+        dist.all_reduce(loss, group=ctx.dp_group)
+        losses.append(loss.item() / ctx.dp_size)
+        norms.append(norm.item())
+    return losses, norms
+
+
+def _worker(tp, pp, dp, v, sp, zero_modes, schedule):
+    ref = reference_run()
+    ctx = ParallelContext.initialize(tp=tp, pp=pp, dp=dp)
+    return ref, [train_3d(ctx, v, zero, sp, schedule) for zero in zero_modes]
+
+
+def check_layout(tp, pp, dp, v=None, sp=False, zero_modes=(False, True), schedule=None):
+    out = run_ranks(
+        _worker, tp * pp * dp, args=(tp, pp, dp, v, sp, zero_modes, schedule), timeout=300
+    )
+    for ref, runs in out:
+        ref_losses, ref_norms = ref
+        assert min(ref_norms) > CLIP  # clipping is active, so the global norm must be right
+        for losses, norms in runs:
+            assert losses == pytest.approx(ref_losses, rel=2e-5)
+            assert norms == pytest.approx(ref_norms, rel=2e-4)
+
+
+# The fast subset: DP x PP with ZeRO, TP x interleaved PP with SP.
+@pytest.mark.parametrize(
+    "tp,pp,dp,v,sp",
+    [(1, 2, 2, None, False), (2, 2, 1, 2, True)],
+)
+def test_3d_fast_subset(tp, pp, dp, v, sp):
+    check_layout(tp, pp, dp, v, sp)
+
+
+LAYOUTS = [
+    (tp, pp, dp)
+    for tp in (1, 2)
+    for pp in (1, 2, 4)
+    for dp in (1, 2)
+    if tp * pp * dp <= 8 and (tp, pp, dp) != (1, 2, 2)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp", LAYOUTS)
+def test_3d_matrix(tp, pp, dp):
+    check_layout(tp, pp, dp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tp,pp,dp,sp,schedule",
+    [(1, 2, 2, False, None), (2, 2, 2, True, None), (2, 2, 2, True, "gpipe")],
+)
+def test_3d_interleaved_and_gpipe_on_8_ranks(tp, pp, dp, sp, schedule):
+    check_layout(tp, pp, dp, v=2 if schedule is None else None, sp=sp, schedule=schedule)
