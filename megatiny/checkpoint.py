@@ -220,7 +220,11 @@ def _dcp_load(state: dict, path: str, distributed: bool) -> None:
             "it was written by a different model or version: start a fresh run_dir or pass the "
             "matching config"
         )
-    dcp.load(state, storage_reader=reader, no_dist=not distributed)
+    with warnings.catch_warnings():
+        # Single-process loads (inference) are intended; DCP warns about them.
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        dcp.load(state, storage_reader=reader, no_dist=not distributed)
 
 
 # ---- save / load ------------------------------------------------------------------------------

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Single-node training under torchrun. All arguments go to `megatiny train`.
+#   NPROC=2 launch/run_local.sh --config launch/configs/tiny-cpu.yaml train.steps=100   # CPU ranks
+#   NGPU=8  launch/run_local.sh --config launch/configs/gpt2-124m.yaml                  # one GPU node
+# NPROC (or NGPU) = processes on this node (default: number of GPUs, else 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -z "${NPROC:-}" ]; then
+  NPROC=${NGPU:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
+fi
+# One intra-op thread per CPU rank unless told otherwise (ranks share the cores).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
+  -m megatiny train "$@"

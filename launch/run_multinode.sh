@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Multi-node training: run this once on every node (c10d rendezvous). Arguments go to `megatiny train`.
+#   node 0: NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NGPU=8 launch/run_multinode.sh --config launch/configs/llama-7b.yaml
+#   node 1: NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 NGPU=8 launch/run_multinode.sh --config launch/configs/llama-7b.yaml
+# Env: NNODES, NODE_RANK, MASTER_ADDR (node 0's address, reachable from all nodes), MASTER_PORT
+# (default 29500), NGPU/NPROC (processes per node), RDZV_ID (job id, default megatiny),
+# LOCAL_ADDR (this node's address, when the hostname does not resolve to it). For gloo pick the
+# interface with GLOO_SOCKET_IFNAME, for NCCL with NCCL_SOCKET_IFNAME.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
+MASTER_PORT=${MASTER_PORT:-29500}
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+NPROC=${NPROC:-${NGPU:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+EXTRA=()
+# Node 0 hosts the c10d store on MASTER_ADDR:MASTER_PORT.
+[ "$NODE_RANK" = 0 ] && EXTRA+=(--rdzv-conf is_host=1)
+[ -n "${LOCAL_ADDR:-}" ] && EXTRA+=(--local-addr="$LOCAL_ADDR")
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
+  --nproc-per-node="$NPROC" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+  --rdzv-id="${RDZV_ID:-megatiny}" "${EXTRA[@]}" -m megatiny train "$@"
