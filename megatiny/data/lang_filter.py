@@ -1,0 +1,127 @@
+"""Language identification and the `filter-lang` stage.
+
+Backends (all offline, measured in docs/data.md and `benchmarks/lang_id.py`):
+    lingua-fast  lingua-language-detector, low-accuracy mode (trigram models, ~80 MB): default
+    lingua       lingua high-accuracy mode (1- to 5-gram models, ~1.2 GB, best on short text)
+    langid       langid.py (naive Bayes over byte n-grams, 97 languages)
+
+`identify(text) -> (iso639-1 code, score in [0, 1])`; "und" when nothing is detected. Only the
+first `max_chars` characters are looked at: the language of a document is settled long before
+its end, and this bounds the cost of huge documents. Kept documents gain `lang` and `lang_score`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatiny.data.io import BadItem, RawItem, dump_record, parse_item
+from megatiny.data.stage import Result, run_stage
+
+BACKENDS = ("lingua-fast", "lingua", "langid")
+DEFAULT_BACKEND = "lingua-fast"
+
+
+class LanguageIdentifier:
+    def __init__(self, backend: str = DEFAULT_BACKEND, max_chars: int = 2000):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown language-id backend {backend!r}; choose from {BACKENDS}")
+        self.backend = backend
+        self.max_chars = max_chars
+        if backend == "langid":
+            from langid.langid import LanguageIdentifier as LangId
+            from langid.langid import model
+
+            self._langid = LangId.from_modelstring(model, norm_probs=True)
+        else:
+            from lingua import LanguageDetectorBuilder
+
+            b = LanguageDetectorBuilder.from_all_languages()
+            if backend == "lingua-fast":
+                b = b.with_low_accuracy_mode()
+            self._lingua = b.build()
+
+    def identify(self, text: str) -> tuple[str, float]:
+        text = " ".join(text[: self.max_chars].split())
+        if not text:
+            return "und", 0.0
+        if self.backend == "langid":
+            lang, score = self._langid.classify(text)
+            return lang, float(score)
+        values = self._lingua.compute_language_confidence_values(text)
+        if not values or values[0].value <= 0.0:
+            return "und", 0.0
+        top = values[0]
+        return top.language.iso_code_639_1.name.lower(), float(top.value)
+
+
+@dataclass
+class LangFilterConfig:
+    keep: tuple[str, ...] | None = ("en",)  # None: keep every language, only annotate
+    min_score: float = 0.5
+    backend: str = DEFAULT_BACKEND
+    max_chars: int = 2000
+    text_key: str = "text"
+
+
+_STATE: dict = {}
+
+
+def _init(cfg: LangFilterConfig) -> None:
+    if _STATE.get("cfg") != cfg:
+        _STATE["cfg"] = cfg
+        _STATE["lid"] = LanguageIdentifier(cfg.backend, cfg.max_chars)
+
+
+def _work(item: RawItem) -> Result:
+    cfg: LangFilterConfig = _STATE["cfg"]
+    n = len(item.data)
+    try:
+        rec, text = parse_item(item, cfg.text_key)
+    except BadItem as e:
+        return Result(e.args[0], nbytes=n, where=item.where)
+    lang, score = _STATE["lid"].identify(text)
+    if cfg.keep is not None and lang not in cfg.keep:
+        return Result(f"lang_{lang}", nbytes=n, where=item.where)
+    if score < cfg.min_score:
+        return Result("lang_low_score", nbytes=n, where=item.where)
+    rec["lang"] = lang
+    rec["lang_score"] = round(score, 4)
+    return Result(None, dump_record(rec), n, item.where, lang)
+
+
+def filter_lang(
+    inputs,
+    output: str,
+    cfg: LangFilterConfig | None = None,
+    workers: int = 1,
+    report_path: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Keep documents whose identified language is in `cfg.keep` with score >= `cfg.min_score`."""
+    cfg = cfg or LangFilterConfig()
+    _init(cfg)  # load the models once in the parent; forked workers share them copy-on-write
+    kept_langs: dict[str, int] = {}
+
+    def decide(res: Result) -> None:
+        kept_langs[res.payload] = kept_langs.get(res.payload, 0) + 1
+
+    def finish(rep) -> None:
+        rep.extra["config"] = {
+            "keep": list(cfg.keep) if cfg.keep else None,
+            "min_score": cfg.min_score,
+            "backend": cfg.backend,
+            "max_chars": cfg.max_chars,
+        }
+        rep.extra["kept_by_lang"] = kept_langs
+
+    return run_stage(
+        "filter-lang",
+        inputs,
+        output,
+        _work,
+        workers=workers,
+        decide=decide,
+        finish=finish,
+        report_path=report_path,
+        progress=progress,
+    )

@@ -1,0 +1,239 @@
+"""The loop every filtering stage shares: read -> parallel work -> (sequential decide) -> write.
+
+    items --(worker processes: parse + per-document work)--> results --(main: decide)--> output
+
+`work(item) -> Result` runs in `workers` forked processes (or inline for workers=1) over bounded
+windows of items, so memory stays flat however large the corpus. Results come back in input
+order, and `decide(result)` — where a stage keeps global state, e.g. dedup's LSH index — runs
+in the main process, in order, so "keep the first occurrence" is deterministic for any worker
+count. Every stage writes its output atomically and a JSON report `*.<stage>.json`:
+documents in / kept / dropped by reason, bytes in / out, seconds, docs/s, MB/s.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from megatiny.data.io import (
+    COMPRESSED_EXTS,
+    AtomicWriter,
+    RawItem,
+    ReadStats,
+    expand_inputs,
+    iter_raw,
+    write_json_atomic,
+)
+
+
+@dataclass
+class Result:
+    """What a worker returns for one item. `drop` is a reason or None (keep)."""
+
+    drop: str | None
+    out: bytes | None = None  # the output line when kept
+    nbytes: int = 0  # raw input bytes of the item (progress and MB/s)
+    where: str = ""
+    payload: Any = None  # stage-specific data for `decide` (a MinHash signature, a match...)
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in items:
+        buf.append(x)
+        if len(buf) >= n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def pmap(
+    fn: Callable,
+    items: Iterable,
+    workers: int = 1,
+    initializer: Callable | None = None,
+    initargs: tuple = (),
+    window: int = 1024,
+) -> Iterator:
+    """Ordered map over forked workers with at most two windows of items in flight."""
+    if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
+        for x in items:
+            yield fn(x)
+        return
+    # Forked children must not reuse the parent's Rust thread pools (HF tokenizers).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with mp.get_context("fork").Pool(workers, initializer, initargs) as pool:
+        pending: deque = deque()
+        for batch in batched(items, window):
+            chunk = max(1, len(batch) // (4 * workers))
+            pending.append(pool.map_async(fn, batch, chunksize=chunk))
+            if len(pending) >= 2:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+def default_workers() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+def report_path_for(output: str, stage: str) -> str:
+    base = output
+    for ext in COMPRESSED_EXTS:
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    for ext in (".jsonl", ".json", ".ndjson"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    return f"{base}.{stage}.json"
+
+
+class StageReport:
+    """Counters of one stage run, written as JSON."""
+
+    def __init__(self, stage: str, inputs: list[str], output: str | None, workers: int):
+        self.stage = stage
+        self.inputs = inputs
+        self.output = output
+        self.workers = workers
+        self.docs_in = 0
+        self.kept = 0
+        self.dropped: Counter = Counter()
+        self.bytes_out = 0
+        self.read = ReadStats()
+        self.extra: dict = {}
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+
+    def as_dict(self) -> dict:
+        secs = self.seconds or (time.perf_counter() - self.t0)
+        return {
+            "stage": self.stage,
+            "inputs": self.inputs[:50],
+            "output": self.output,
+            "workers": self.workers,
+            "docs_in": self.docs_in,
+            "docs_kept": self.kept,
+            "docs_dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(sorted(self.dropped.items())),
+            **self.read.as_dict(),
+            "bytes_out": self.bytes_out,
+            "seconds": round(secs, 4),
+            "docs_per_s": round(self.docs_in / secs, 2) if secs > 0 else None,
+            "mb_per_s": round(self.read.bytes / secs / 1e6, 4) if secs > 0 else None,
+            **self.extra,
+        }
+
+    def write(self, path: str) -> dict:
+        d = self.as_dict()
+        write_json_atomic(path, d)
+        return d
+
+
+def _input_size(paths: list[str]) -> int | None:
+    if any(p.endswith(COMPRESSED_EXTS) for p in paths):
+        return None  # compressed: raw byte count unknown up front
+    return sum(os.path.getsize(p) for p in paths)
+
+
+def run_stage(
+    stage: str,
+    inputs: list[str] | str,
+    output: str | None,
+    work: Callable[[RawItem], Result],
+    *,
+    workers: int = 1,
+    initializer: Callable | None = None,
+    initargs: tuple = (),
+    decide: Callable[[Result], str | None] | None = None,
+    observe: Callable[[Result], None] | None = None,
+    finish: Callable[[StageReport], None] | None = None,
+    report_path: str | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+    window: int = 1024,
+) -> dict:
+    """Run one filtering stage end to end; returns the report dict (also written to disk).
+
+    `decide(res)` is called for results the worker kept and may return a drop reason;
+    `observe(res)` sees every result; `finish(report)` adds stage-specific fields.
+    With `batch_size`, `work` takes a list of items and returns a list of results. With
+    `output=None` nothing is written here (the stage writes its own output in `decide`).
+
+    If anything raises mid-way, the documents already written are kept as `OUTPUT.partial`,
+    the report records the error, and the exception propagates.
+    """
+    paths = expand_inputs(inputs)
+    if report_path is None:
+        if output is None:
+            raise ValueError("run_stage needs report_path when output is None")
+        report_path = report_path_for(output, stage)
+    rep = StageReport(stage, paths, output, workers)
+    writer = AtomicWriter(output) if output is not None else None
+    items = iter_raw(paths, rep.read)
+    if batch_size:
+        results = (
+            r
+            for batch in pmap(
+                work,
+                batched(items, batch_size),
+                workers,
+                initializer,
+                initargs,
+                window=max(1, window // batch_size),
+            )
+            for r in batch
+        )
+    else:
+        results = pmap(work, items, workers, initializer, initargs, window=window)
+    bar = tqdm(
+        total=_input_size(paths),
+        unit="B",
+        unit_scale=True,
+        desc=stage,
+        disable=not progress,
+        mininterval=0.5,
+    )
+    try:
+        for res in results:
+            rep.docs_in += 1
+            if observe is not None:
+                observe(res)
+            drop = res.drop
+            if drop is None and decide is not None:
+                drop = decide(res)
+            if drop is None:
+                if writer is not None:
+                    writer.write(res.out)
+                rep.kept += 1
+            else:
+                rep.dropped[drop] += 1
+            bar.update(res.nbytes)
+            if rep.docs_in % 256 == 0:
+                bar.set_postfix(docs=rep.docs_in, kept=rep.kept, refresh=False)
+        if finish is not None:
+            finish(rep)
+    except BaseException as e:
+        bar.close()
+        partial = writer.abort(keep_partial=True) if writer is not None else None
+        rep.extra["error"] = f"{type(e).__name__}: {e}"
+        rep.extra["partial_output"] = partial
+        rep.seconds = time.perf_counter() - rep.t0
+        rep.write(report_path)
+        raise
+    bar.close()
+    if writer is not None:
+        writer.close()
+        rep.bytes_out = writer.bytes
+    rep.seconds = time.perf_counter() - rep.t0
+    return rep.write(report_path)
