@@ -35,8 +35,15 @@ from megatiny.config import ModelConfig
 
 
 def _use_kernels(enabled: bool, x: torch.Tensor) -> bool:
-    """The Triton kernels run on CUDA tensors, or anywhere under the Triton interpreter."""
-    return enabled and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """The Triton kernels run on CUDA tensors, or on CPU under the Triton interpreter
+    (TRITON_INTERPRET=1 when triton was imported); plain torch when triton is unavailable."""
+    if not enabled or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        from megatiny.kernels import kernels_usable
+    except ImportError:
+        return False
+    return kernels_usable(x)
 
 
 class LayerNorm(nn.Module):
@@ -122,15 +129,16 @@ def attention_core(q, k, v, *, causal_offset=0, dropout_p=0.0, fused=False):
     causal_offset + i and sees keys 0 .. causal_offset + i (t = causal_offset + s).
 
     The one place the attention math lives: plain SDPA by default; with `fused` on CUDA (or
-    TRITON_INTERPRET=1) and no KV cache, megatiny.kernels' fused scaled causal softmax."""
+    TRITON_INTERPRET=1), megatiny.kernels' fused scaled causal softmax."""
     n, g = q.shape[1], k.shape[1]
     if g != n:
         k = k.repeat_interleave(n // g, dim=1)
         v = v.repeat_interleave(n // g, dim=1)
     s, t = q.shape[2], k.shape[2]
-    if fused and causal_offset == 0 and _use_kernels(True, q):
+    if fused and _use_kernels(True, q):
         from megatiny.kernels.softmax import scaled_causal_softmax
 
+        # The kernel's mask is bottom-right aligned: query i sees keys <= t - s + i.
         probs = scaled_causal_softmax(q @ k.transpose(-2, -1), 1.0 / math.sqrt(q.shape[-1]))
         return F.dropout(probs, dropout_p) @ v
     if causal_offset == 0:
@@ -397,7 +405,10 @@ class GPT(nn.Module):
         vocab-parallel cross-entropy is used, never gathering the logits."""
         logits = self._logits_local(h)
         if self.tp_group is not None:
-            from megatiny.parallel.layers import vocab_parallel_cross_entropy
+            if _use_kernels(self.config.fused_kernels, logits):
+                from megatiny.kernels.cross_entropy import vocab_parallel_cross_entropy
+            else:
+                from megatiny.parallel.layers import vocab_parallel_cross_entropy
 
             per_token = vocab_parallel_cross_entropy(
                 logits, labels, self.tp_group, vocab_size=self.config.vocab_size

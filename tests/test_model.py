@@ -150,3 +150,34 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(ids), model(ids))
     model.train()
     assert not torch.allclose(model(ids), model(ids))
+
+
+_FUSED_CACHED = """
+import torch
+from megatiny.config import ModelConfig
+from megatiny.model import GPT, KVCache
+cfg = ModelConfig.llama(vocab_size=61, max_seq_len=16, d_model=32, n_layers=1, n_heads=4,
+                        n_kv_heads=2, ffn_hidden=32, init_std=0.2)
+torch.manual_seed(0)
+plain = GPT(cfg)
+fused = GPT(ModelConfig.from_dict({**cfg.to_dict(), "fused_kernels": True}))
+fused.load_state_dict(plain.state_dict())
+ids = torch.randint(0, 61, (1, 6))
+cache = KVCache(1)
+out = torch.cat([fused(ids[:, :4], kv_cache=cache), fused(ids[:, 4:], kv_cache=cache)], 1)
+torch.testing.assert_close(out, plain(ids), atol=1e-5, rtol=1e-5)
+"""
+
+
+@pytest.mark.slow
+def test_fused_softmax_with_kv_cache_under_interpreter():
+    """The fused (bottom-right causal) softmax also serves cached decoding. A subprocess, since
+    TRITON_INTERPRET must be set before triton is imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _FUSED_CACHED], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
