@@ -180,11 +180,14 @@ def global_grad_norm(
     cp_rank = getattr(ctx, "cp_rank", 0) if distributed else 0
     device = params[0].grad.device if params else torch.device("cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:
-        if id(p) in skip or cp_rank != 0:
-            continue
-        if id(p) in sharded or tp_rank == 0:
-            total += p.grad.detach().float().pow(2).sum()
+    counted = [
+        p.grad.detach()
+        for p in params
+        if id(p) not in skip and cp_rank == 0 and (id(p) in sharded or tp_rank == 0)
+    ]
+    if counted:
+        norms = torch._foreach_norm(counted)  # one fused pass instead of a loop of reductions
+        total = total + torch.stack(norms).float().pow(2).sum()
     if distributed and ctx.world_size > 1:
         dist.all_reduce(total, group=ctx.mp_group)
     return total.sqrt()
