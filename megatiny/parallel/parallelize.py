@@ -138,10 +138,8 @@ def parallelize(model, ctx, sequence_parallel: bool = False):
         model.embed = emb
         padded_vocab = emb.padded_vocab_size
 
-    for i, block in enumerate(model.blocks):
-        if block is None:
-            continue
-        prefix = f"blocks.{i}."
+    for index, block in model.blocks.named_children():  # pipeline chunks keep global indices
+        prefix = f"blocks.{index}."
         attn, mlp = block.attn, block.mlp
         qkv_splits = [config.q_dim, config.kv_dim, config.kv_dim]
         attn.qkv = _column(src, prefix + "attn.qkv", attn.qkv, group, sp, device, qkv_splits)
