@@ -270,9 +270,24 @@ def build_data(cfg: Config, ctx, dp: int):
     return datasets
 
 
+def check_supported(cfg: Config) -> None:
+    """Layouts the loop does not run yet fail here, before any process group work."""
+    p = cfg.parallel
+    unsupported = [(p.pp > 1, f"parallel.pp={p.pp}"), (p.cp > 1, f"parallel.cp={p.cp}"),
+                   (p.zero1, "parallel.zero1=true"),
+                   (bool(p.virtual_pipeline_size), "parallel.virtual_pipeline_size")]  # fmt: skip
+    names = [name for bad, name in unsupported if bad]
+    if names:
+        raise ConfigError(
+            f"megatiny train does not run {', '.join(names)} yet (pipeline / context / ZeRO-1 "
+            "schedules are not wired into the loop); use tp and dp"
+        )
+
+
 def build_trainer(cfg: Config, ctx) -> Trainer:
     from megatiny.optim import build_optimizer, build_scheduler
 
+    check_supported(cfg)
     dp = ctx.dp_size
     model = build_model(cfg, ctx)
     optimizer = build_optimizer(model, cfg.train)
@@ -422,6 +437,7 @@ def main(args) -> int:
             cfg.train.resume = args.resume
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size)  # before any process group exists
+        check_supported(cfg)
         cfg.data.check_exists()
     except (ConfigError, ValueError) as e:
         print(f"megatiny train: config error: {e}", file=sys.stderr)
