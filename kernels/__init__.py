@@ -14,28 +14,28 @@ imported (Triton decides at import time whether ``@triton.jit`` builds compiled 
 functions, including its own ``tl.max``/``tl.sum``). Nothing in this package sets that variable.
 """
 
-import os
-
 import torch
 
 
-def interpreter_requested() -> bool:
-    """True when the environment asks for the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+def interpreter_ready() -> bool:
+    """Whether CPU tensors can run the kernels here: Triton *and* these kernels were built by the
+    interpreter (TRITON_INTERPRET=1 was set before ``triton`` was first imported).
+
+    False when something imported ``triton`` earlier without it (``torch._dynamo`` does, e.g. via
+    ``transformers``): the interpreter cannot be switched on afterwards in the same process.
+    """
+    import triton.language as tl
+    from megatiny.kernels.softmax import _softmax_fwd_kernel
+
+    return _is_interpreted(tl.max) and _is_interpreted(_softmax_fwd_kernel)
 
 
 def kernels_usable(x: torch.Tensor) -> bool:
-    """Whether the fused kernels can run on tensors like ``x`` in this process.
-
-    CUDA tensors always can (when the kernels were built compiled); CPU tensors only when the
-    kernels were built by the interpreter. This is the check ``megatiny.model`` can use to pick the
-    fused or the torch path.
-    """
+    """Whether the fused kernels can run on tensors like ``x`` in this process: CUDA tensors
+    always; CPU tensors when :func:`interpreter_ready`. A model can use this to pick its path."""
     if x.is_cuda:
         return True
-    from megatiny.kernels.softmax import _softmax_fwd_kernel
-
-    return x.device.type == "cpu" and _is_interpreted(_softmax_fwd_kernel)
+    return x.device.type == "cpu" and interpreter_ready()
 
 
 def _is_interpreted(kernel) -> bool:
@@ -62,11 +62,11 @@ def check_launchable(kernel, *tensors: torch.Tensor) -> None:
         raise RuntimeError(
             f"the Triton kernels run on CUDA (or CPU under the interpreter), not {device}"
         )
-    if not _is_interpreted(kernel):
+    if not (_is_interpreted(kernel) and interpreter_ready()):
         raise RuntimeError(
             "the Triton kernels got CPU tensors but Triton was imported without its interpreter; "
-            "set TRITON_INTERPRET=1 in the environment before importing triton (or megatiny.kernels), "
-            "or use the *_ref torch functions / move the tensors to CUDA"
+            "set TRITON_INTERPRET=1 in the environment before triton is first imported (directly or "
+            "by torch._dynamo / transformers), or use the *_ref torch functions / CUDA tensors"
         )
 
 

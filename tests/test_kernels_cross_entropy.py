@@ -1,8 +1,12 @@
 """Fused cross-entropy kernels (plain and vocab-parallel) vs torch, under the Triton interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is first imported (Triton fixes interpreted vs
-compiled at import time): set here, restored after the import so it does not leak into other test
-modules, and set again by the autouse fixture while these tests run (forked ranks inherit it).
+compiled at import time): it is set here, the kernels imported, and the variable restored so it
+does not leak into other test modules; the autouse fixture sets it again while these tests run
+(Triton imports some submodules lazily at the first launch). When an earlier test module already
+imported triton compiled (torch._dynamo does, e.g. via transformers), these tests are skipped here
+and run instead in a fresh process by
+tests/test_kernels_compile.py::test_interpreter_tests_in_fresh_process.
 """
 
 import os
@@ -13,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatiny.kernels import cross_entropy as ce  # noqa: E402
+from megatiny.kernels import interpreter_ready  # noqa: E402
 
 from tests.dist import run_ranks  # noqa: E402
 
@@ -20,6 +25,14 @@ if _saved is None:
     del os.environ["TRITON_INTERPRET"]
 else:
     os.environ["TRITON_INTERPRET"] = _saved
+
+
+# Skipped only when this process cannot interpret Triton; then a fresh process runs this module.
+pytestmark = pytest.mark.skipif(
+    not interpreter_ready(),
+    reason="triton was imported compiled before this module: run by "
+    "test_kernels_compile.py::test_interpreter_tests_in_fresh_process",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,12 @@
 """The whole tiny GPT with ``fused_kernels`` on equals it off (logits, loss, every gradient).
 
 Runs the Triton kernels under the interpreter (fp32). TRITON_INTERPRET=1 must be set before triton
-is first imported: set here, restored after the import so it does not leak into other test
-modules, and set again by the autouse fixture while these tests run (the model's switch reads it).
+is first imported (Triton fixes interpreted vs compiled at import time): it is set here, the kernels imported, and the variable restored so it
+does not leak into other test modules; the autouse fixture sets it again while these tests run
+(Triton imports some submodules lazily at the first launch). When an earlier test module already
+imported triton compiled (torch._dynamo does, e.g. via transformers), these tests are skipped here
+and run instead in a fresh process by
+tests/test_kernels_compile.py::test_interpreter_tests_in_fresh_process.
 """
 
 import os
@@ -14,6 +18,7 @@ import megatiny.kernels.layernorm  # noqa: E402
 import megatiny.kernels.softmax  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from megatiny.kernels import interpreter_ready  # noqa: E402
 
 from megatiny.config import ModelConfig  # noqa: E402
 from megatiny.model import GPT  # noqa: E402
@@ -24,6 +29,14 @@ else:
     os.environ["TRITON_INTERPRET"] = _saved
 
 V = 61  # not a power of two: the cross-entropy rows are ragged
+
+
+# Skipped only when this process cannot interpret Triton; then a fresh process runs this module.
+pytestmark = pytest.mark.skipif(
+    not interpreter_ready(),
+    reason="triton was imported compiled before this module: run by "
+    "test_kernels_compile.py::test_interpreter_tests_in_fresh_process",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +74,7 @@ def _run(config, input_ids, labels):
     return logits, loss, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "family,norm_kernel,extra",
     [("gpt2", "layer_norm", {}), ("llama", "rms_norm", {"n_kv_heads": 2})],

@@ -1,9 +1,12 @@
 """Fused scale-mask-softmax kernels vs their torch references, under the Triton interpreter (fp32).
 
 TRITON_INTERPRET=1 must be set before triton is first imported (Triton fixes interpreted vs
-compiled at import time), so it is set here, the kernels imported, and the variable restored so it
+compiled at import time): it is set here, the kernels imported, and the variable restored so it
 does not leak into other test modules; the autouse fixture sets it again while these tests run
-(Triton imports some submodules lazily at the first launch and checks the mode there).
+(Triton imports some submodules lazily at the first launch). When an earlier test module already
+imported triton compiled (torch._dynamo does, e.g. via transformers), these tests are skipped here
+and run instead in a fresh process by
+tests/test_kernels_compile.py::test_interpreter_tests_in_fresh_process.
 """
 
 import os
@@ -12,12 +15,20 @@ _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from megatiny.kernels import softmax  # noqa: E402
+from megatiny.kernels import interpreter_ready, softmax  # noqa: E402
 
 if _saved is None:
     del os.environ["TRITON_INTERPRET"]
 else:
     os.environ["TRITON_INTERPRET"] = _saved
+
+
+# Skipped only when this process cannot interpret Triton; then a fresh process runs this module.
+pytestmark = pytest.mark.skipif(
+    not interpreter_ready(),
+    reason="triton was imported compiled before this module: run by "
+    "test_kernels_compile.py::test_interpreter_tests_in_fresh_process",
+)
 
 
 @pytest.fixture(autouse=True)
