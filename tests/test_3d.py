@@ -16,7 +16,7 @@ from megatiny.parallel import ParallelContext
 from megatiny.parallel.data_parallel import DistributedDataParallel
 from megatiny.parallel.parallelize import parallelize
 from megatiny.parallel.pipeline import (
-    build_pipeline_chunks,
+    build_pipeline,
     replicated_parameter_ids,
     sync_tied_grads,
     tied_embedding_weight,
@@ -51,8 +51,8 @@ def train_3d(ctx, v, zero, sp, schedule=None):
     model = GPT(tiny_config())
     if ctx.tp_size > 1:
         parallelize(model, ctx, sequence_parallel=sp)
-    chunks = build_pipeline_chunks(model, ctx, v)
-    module = nn.ModuleList(chunks)
+    module = build_pipeline(model, ctx, v)  # the GPT itself at pp=1, else a PipelineModel
+    chunks = module.chunks
     tied = tied_embedding_weight(chunks, ctx)
     ddp = DistributedDataParallel(
         module, ctx, bucket_mb=0.01, shard=zero, isolate=[tied] if tied is not None else ()

@@ -10,6 +10,7 @@ from megatiny.config import ModelConfig
 from megatiny.model import GPT
 from megatiny.parallel import ParallelContext
 from megatiny.parallel.pipeline import (
+    build_pipeline,
     build_pipeline_chunks,
     replicated_parameter_ids,
     sync_tied_grads,
@@ -119,6 +120,28 @@ def _names_worker():
 def test_chunks_keep_global_layer_names():
     # pp=2, v=2, 4 layers: virtual stage s = c * pp + rank holds layer s.
     assert run_ranks(_names_worker, 2) == [[["0"], ["2"]], [["1"], ["3"]]]
+
+
+def _container_worker():
+    torch.manual_seed(0)
+    ctx = ParallelContext.initialize(pp=2)
+    module = build_pipeline(GPT(tiny_config(tie_embeddings=True)), ctx, 2)
+    try:
+        module(torch.zeros(1, 4, dtype=torch.long))
+    except RuntimeError as e:
+        err = str(e)
+    return [n for n, _ in module.named_parameters()], list(module.state_dict()), err
+
+
+def test_pipeline_model_uses_single_device_names():
+    out = run_ranks(_container_worker, 2)
+    full = {n for n, _ in GPT(tiny_config(tie_embeddings=True)).named_parameters()}
+    union = set(out[0][0]) | set(out[1][0])
+    assert union == full
+    assert "embed.weight" in out[0][0] and "embed.weight" in out[1][0]  # tied: both ends
+    assert "pos_embed.weight" not in out[1][0] and "norm_f.weight" not in out[0][0]
+    assert all(set(names) == set(keys) for names, keys, _ in out)
+    assert "schedule" in out[0][2]
 
 
 def test_bad_layouts_fail_before_any_communication():

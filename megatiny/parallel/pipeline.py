@@ -137,6 +137,55 @@ def build_pipeline_chunks(
     return chunks
 
 
+class PipelineModel(nn.Module):
+    """This pipeline rank's part of the GPT, registered under the single-device names.
+
+    `chunks` (run by the schedule) share their modules with this container, whose parameters
+    and state-dict keys are those of the full model ("embed.weight", "blocks.5.mlp.fc.weight",
+    ...), so optimizers, gradient clipping and layout-free checkpoints treat it like a GPT.
+    Call the pipeline schedule, not `forward`.
+    """
+
+    def __init__(self, model: nn.Module, chunks: list[nn.Module]):
+        super().__init__()
+        self.config = model.config
+        self.chunks = chunks  # a plain list: the modules are registered below, once
+        for attr in ("embed", "pos_embed"):
+            setattr(
+                self,
+                attr,
+                next((getattr(c, attr) for c in chunks if getattr(c, attr) is not None), None),
+            )
+        self.blocks = nn.ModuleList()
+        for chunk in chunks:
+            for name, block in chunk.blocks.named_children():
+                self.blocks.add_module(name, block)
+        for attr in ("norm_f", "lm_head"):
+            setattr(
+                self,
+                attr,
+                next((getattr(c, attr) for c in chunks if getattr(c, attr) is not None), None),
+            )
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            "a pipeline-parallel model runs through its schedule: "
+            "megatiny.parallel.schedules.build_schedule(ctx, model.chunks, ...)(micro_batches)"
+        )
+
+
+def build_pipeline(
+    model: nn.Module, ctx, virtual_pipeline_size: int | None = None, layer_split=None
+) -> nn.Module:
+    """`model` itself when pp == 1, else a `PipelineModel` of this rank's chunks; both have
+    `.chunks` (the list the schedule runs)."""
+    chunks = build_pipeline_chunks(model, ctx, virtual_pipeline_size, layer_split)
+    if ctx.pp_size == 1:
+        model.chunks = chunks
+        return model
+    return PipelineModel(model, chunks)
+
+
 def forward_step(chunk: nn.Module, input_tensor, batch: dict):
     """Run one model chunk on one micro-batch: hidden states out, or the mean loss on the last."""
     position_ids = batch.get("position_ids")

@@ -24,6 +24,9 @@ matching receive posted in the same exchange on the neighbour. Data-parallel gra
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -36,9 +39,10 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 class _Steps:
     """Forward / backward of one chunk on one micro-batch, with the bookkeeping all schedules share."""
 
-    def __init__(self, chunks, batches, ddp, forward_only):
-        self.chunks, self.batches, self.ddp = chunks, batches, ddp
+    def __init__(self, chunks, batches, grad_sync, forward_only, autocast=None):
+        self.chunks, self.batches, self.grad_sync = chunks, batches, grad_sync
         self.forward_only = forward_only
+        self.autocast = autocast or contextlib.nullcontext
         self.m = len(batches)
         self.n_forward = [0] * len(chunks)
         self.n_backward = [0] * len(chunks)
@@ -47,7 +51,7 @@ class _Steps:
     def forward(self, c: int, input_tensor):
         i = self.n_forward[c]
         self.n_forward[c] += 1
-        with torch.set_grad_enabled(not self.forward_only):
+        with torch.set_grad_enabled(not self.forward_only), self.autocast():
             out = forward_step(self.chunks[c], input_tensor, self.batches[i])
         if self.chunks[c].is_last_chunk:
             self.losses.append(out.detach())
@@ -57,15 +61,15 @@ class _Steps:
     def backward(self, c: int, input_tensor, output, output_grad):
         """Backprop `output` (loss_i / m on the last stage); return d loss / d input_tensor."""
         self.n_backward[c] += 1
-        with no_sync_unless(self.ddp, self.n_backward[c] == self.m):
+        with self.grad_sync(self.n_backward[c] == self.m):
             if output_grad is not None:
                 output_grad = output_grad.to(output.dtype)
             torch.autograd.backward(output, grad_tensors=output_grad)
         return None if input_tensor is None else input_tensor.grad
 
 
-def no_pipelining(chunks, batches, p2p, ddp=None, forward_only=False):
-    steps = _Steps(chunks, batches, ddp, forward_only)
+def no_pipelining(chunks, batches, p2p, grad_sync, forward_only=False, autocast=None):
+    steps = _Steps(chunks, batches, grad_sync, forward_only, autocast)
     for _ in range(len(batches)):
         loss = steps.forward(0, None)
         if not forward_only:
@@ -73,9 +77,9 @@ def no_pipelining(chunks, batches, p2p, ddp=None, forward_only=False):
     return steps.losses
 
 
-def gpipe(chunks, batches, p2p: P2P, ddp=None, forward_only=False):
+def gpipe(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autocast=None):
     """All forwards (F_1 .. F_m), then all backwards (B_1 .. B_m)."""
-    steps, chunk = _Steps(chunks, batches, ddp, forward_only), chunks[0]
+    steps, chunk = _Steps(chunks, batches, grad_sync, forward_only, autocast), chunks[0]
     saved = []
     for _ in range(steps.m):
         x, _ = p2p.communicate(recv_prev=not chunk.is_first_chunk)
@@ -91,9 +95,9 @@ def gpipe(chunks, batches, p2p: P2P, ddp=None, forward_only=False):
     return steps.losses
 
 
-def one_f_one_b(chunks, batches, p2p: P2P, ddp=None, forward_only=False):
+def one_f_one_b(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autocast=None):
     """Warm-up forwards, steady 1F1B, cool-down backwards (Megatron's non-interleaved schedule)."""
-    steps, chunk = _Steps(chunks, batches, ddp, forward_only), chunks[0]
+    steps, chunk = _Steps(chunks, batches, grad_sync, forward_only, autocast), chunks[0]
     m, rank, pp = steps.m, p2p.rank, p2p.size
     has_prev, has_next = not chunk.is_first_chunk, not chunk.is_last_chunk
     warmup = m if forward_only else min(pp - rank - 1, m)
@@ -127,7 +131,9 @@ def one_f_one_b(chunks, batches, p2p: P2P, ddp=None, forward_only=False):
     return steps.losses
 
 
-def interleaved_one_f_one_b(chunks, batches, p2p: P2P, ddp=None, forward_only=False):
+def interleaved_one_f_one_b(
+    chunks, batches, p2p: P2P, grad_sync, forward_only=False, autocast=None
+):
     """Megatron's interleaved 1F1B: v chunks per rank, micro-batches in groups of p per chunk.
 
     Virtual step k (0 <= k < v m) runs chunk `chunk_id(k)` on micro-batch
@@ -136,7 +142,7 @@ def interleaved_one_f_one_b(chunks, batches, p2p: P2P, ddp=None, forward_only=Fa
     v, m = len(chunks), len(batches)
     rank, pp = p2p.rank, p2p.size
     validate_pipeline(pp * v, pp, v, num_microbatches=m)
-    steps = _Steps(chunks, batches, ddp, forward_only)
+    steps = _Steps(chunks, batches, grad_sync, forward_only, autocast)
     total = v * m
     all_warmup = m == pp
     if forward_only or all_warmup:
@@ -251,7 +257,15 @@ class PipelineSchedule:
                 kind
             ]
 
-    def __call__(self, micro_batches, ddp=None, forward_only=False) -> torch.Tensor:
+    def __call__(
+        self, micro_batches, ddp=None, forward_only=False, grad_sync=None, autocast=None
+    ) -> torch.Tensor:
+        """Run forward (and backward) of all micro-batches; return the mean loss.
+
+        Gradient reduction: `ddp` (a DistributedDataParallel: reduce only during the last
+        backward of each chunk) or `grad_sync(is_last) -> context manager`. `autocast`: a
+        callable returning the autocast context for the forward passes.
+        """
         if self.kind == "interleaved":
             validate_pipeline(
                 self.ctx.pp_size * len(self.chunks),
@@ -259,7 +273,9 @@ class PipelineSchedule:
                 len(self.chunks),
                 num_microbatches=len(micro_batches),
             )
-        losses = self.fn(self.chunks, micro_batches, self.p2p, ddp, forward_only)
+        if grad_sync is None:
+            grad_sync = functools.partial(no_sync_unless, ddp)
+        losses = self.fn(self.chunks, micro_batches, self.p2p, grad_sync, forward_only, autocast)
         ctx = self.ctx
         device = self.p2p.device
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
@@ -287,3 +303,13 @@ def build_schedule(
     seq //= getattr(ctx, "cp_size", 1)
     kind = schedule or ("interleaved" if len(chunks) > 1 else "1f1b")
     return PipelineSchedule(ctx, chunks, kind, (micro_batch_size, seq, d_model), dtype)
+
+
+def as_trainer_schedule(schedule: PipelineSchedule):
+    """Adapt to the training loop's `schedule(model, micro_batches, *, loss_fn, grad_sync,
+    autocast)` signature (the model and loss live in the chunks)."""
+
+    def run(model, micro_batches, *, loss_fn=None, grad_sync=None, autocast=None):
+        return schedule(micro_batches, grad_sync=grad_sync, autocast=autocast).cpu()
+
+    return run
