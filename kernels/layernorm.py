@@ -273,18 +273,26 @@ def compile_specs() -> list[dict]:
     return specs
 
 
-def benchmarks(device: str, dtype: torch.dtype) -> list[dict]:
-    """Benchmark cases for ``benchmarks/kernels.py``: fused and eager callables and bytes moved."""
-    cases = []
-    for n in (1024, 2048, 4096, 8192):
+def benchmark_cases(device: str, dtype: torch.dtype) -> list[dict]:
+    """Cases for ``benchmarks/kernels.py``. ``setup()`` allocates lazily and returns the input that
+    gets gradients, the fused and the eager-torch callables, and the bytes each pass must move."""
+
+    def setup(n, rms):
         x = torch.randn(16384, n, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-        nbytes = 2 * x.numel() * x.element_size()
-        cases.append(dict(kernel="layer_norm", size=n, x=x, bytes_fwd=nbytes, bytes_bwd=1.5 * nbytes,
-                          fused=lambda x=x, w=w, b=b: layer_norm(x, w, b, 1e-5),
-                          eager=lambda x=x, w=w, b=b: torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, 1e-5)))  # fmt: skip
-        cases.append(dict(kernel="rms_norm", size=n, x=x, bytes_fwd=nbytes, bytes_bwd=1.5 * nbytes,
-                          fused=lambda x=x, w=w: rms_norm(x, w, 1e-6),
-                          eager=lambda x=x, w=w: torch.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-6)))  # fmt: skip
-    return cases
+        b = None if rms else torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+        nbytes = x.numel() * x.element_size()
+        if rms:
+            fused = lambda: rms_norm(x, w, 1e-6)  # noqa: E731
+            eager = lambda: torch.nn.functional.rms_norm(x, (n,), w, 1e-6)  # noqa: E731
+        else:
+            fused = lambda: layer_norm(x, w, b, 1e-5)  # noqa: E731
+            eager = lambda: torch.nn.functional.layer_norm(x, (n,), w, b, 1e-5)  # noqa: E731
+        # forward: read x, write y; backward: read x and dy, write dx (weights are negligible)
+        return dict(x=x, fused=fused, eager=eager, bytes_fwd=2 * nbytes, bytes_bwd=3 * nbytes)
+
+    return [
+        dict(kernel=kind, size=n, setup=lambda n=n, r=(kind == "rms_norm"): setup(n, r))
+        for kind in ("layer_norm", "rms_norm")
+        for n in (1024, 2048, 4096, 8192)
+    ]

@@ -268,19 +268,37 @@ def compile_specs() -> list[dict]:
     return specs
 
 
-def benchmarks(device: str, dtype: torch.dtype) -> list[dict]:
-    """Benchmark cases for ``benchmarks/kernels.py``: fused and eager callables and bytes moved."""
-    cases = []
-    for seq in (512, 1024, 2048, 4096):
+def benchmark_cases(device: str, dtype: torch.dtype) -> list[dict]:
+    """Cases for ``benchmarks/kernels.py``. ``setup()`` allocates lazily and returns the input that
+    gets gradients, the fused and the eager-torch callables, and the bytes each pass must move."""
+
+    def setup(seq, masked):
         x = torch.randn(4, 16, seq, seq, device=device, dtype=dtype, requires_grad=True)
-        mask = torch.rand(4, 1, seq, seq, device=device) < 0.1
-        nbytes = 2 * x.numel() * x.element_size()
-        # The causal forward reads only the lower triangle: ~half of x.
-        cases.append(dict(kernel="causal_softmax", size=seq, x=x, bytes_fwd=0.75 * nbytes, bytes_bwd=1.5 * nbytes,
-                          fused=lambda x=x: scaled_causal_softmax(x, 0.125),
-                          eager=lambda x=x: scaled_causal_softmax_ref(x, 0.125)))  # fmt: skip
-        cases.append(dict(kernel="masked_softmax", size=seq, x=x, bytes_fwd=nbytes + mask.numel(),
-                          bytes_bwd=1.5 * nbytes + mask.numel(),
-                          fused=lambda x=x, m=mask: scaled_masked_softmax(x, m, 0.125),
-                          eager=lambda x=x, m=mask: scaled_masked_softmax_ref(x, m, 0.125)))  # fmt: skip
-    return cases
+        n = x.numel() * x.element_size()
+        if masked:
+            mask = torch.rand(4, 1, seq, seq, device=device) < 0.1
+            return dict(
+                x=x,
+                fused=lambda: scaled_masked_softmax(x, mask, 0.125),
+                eager=lambda: torch.softmax((x * 0.125).masked_fill(mask, MASK_FILL), dim=-1),
+                bytes_fwd=2 * n + mask.numel(),
+                bytes_bwd=3 * n + mask.numel(),
+            )
+        above = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)
+        return dict(
+            x=x,
+            fused=lambda: scaled_causal_softmax(x, 0.125),
+            eager=lambda: torch.softmax((x * 0.125).masked_fill(above, float("-inf")), dim=-1),
+            bytes_fwd=1.5 * n,  # only the lower triangle of x is read
+            bytes_bwd=3 * n,
+        )
+
+    return [
+        dict(
+            kernel=f"{kind}_softmax",
+            size=seq,
+            setup=lambda seq=seq, m=(kind == "masked"): setup(seq, m),
+        )
+        for kind in ("causal", "masked")
+        for seq in (256, 512, 1024, 2048, 4096)
+    ]
