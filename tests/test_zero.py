@@ -10,7 +10,7 @@ from torch import nn
 from megatiny.parallel.data_parallel import DistributedDataParallel, no_sync_unless
 from megatiny.parallel.zero import ZeroOptimizer
 from tests.dist import run_ranks
-from tests.test_data_parallel import ACCUM, GLOBAL_BATCH, make_data, make_model
+from tests.test_data_parallel import ACCUM, GLOBAL_BATCH, STEPS, make_data, make_model
 
 MAX_NORM = 0.05  # small enough that clipping is active in every step
 
@@ -61,7 +61,9 @@ def _zero_worker(bucket_mb):
         dist.all_reduce(local)
         losses.append(local.item() / world)
     full_state = opt.full_state_dict()
+    view = {n: {k: t.clone() for k, t in opt.state[p].items()} for n, p in model.named_parameters()}
     return dict(
+        view=view,
         ref=ref,
         losses=losses,
         norms=norms,
@@ -87,6 +89,9 @@ def test_zero1_matches_full_batch_adamw_with_global_clipping(world):
                 torch.testing.assert_close(
                     r["full_state"][name][key], st[key], rtol=1e-5, atol=1e-8
                 )
+            # The per-parameter view that layout-free checkpoints read is the same state.
+            torch.testing.assert_close(r["view"][name]["exp_avg"], st["exp_avg"])
+            assert r["view"][name]["step"].item() == STEPS
         mem = r["memory"]
         # AdamW keeps two fp32 tensors per element: 8 bytes/param unsharded, about 8/D sharded.
         n_params = sum(p.numel() for p in make_model().parameters())
@@ -122,3 +127,45 @@ def _no_shard_worker():
 
 def test_zero_needs_a_sharded_ddp():
     assert "shard=True" in run_ranks(_no_shard_worker, 2)[0]
+
+
+def _resume_worker(params, view):
+    """Load params + per-parameter state in place (as DCP does) at a new dp; take one more step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), params):
+            p.copy_(saved)
+    ddp = DistributedDataParallel(model, None, bucket_mb=0.0003, shard=True)
+    opt = ZeroOptimizer(ddp, groups(model), lr=1e-2)
+    for name, p in model.named_parameters():
+        st = opt.state[p]  # empty before the first step: fill it like a checkpoint loader
+        for key, t in view[name].items():
+            st[key] = t.clone()
+    x, y = make_data(seed=7)[0]
+    per_rank = GLOBAL_BATCH // world
+    xs, ys = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    nn.functional.mse_loss(model(xs), ys).backward()
+    ddp.finish_grad_sync()
+    opt.clip_grad_norm(MAX_NORM)
+    opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_zero_state_resumes_at_another_dp_size():
+    r = run_ranks(_zero_worker, 2, args=(0.0005,))[0]
+    # Reference: plain AdamW with the saved state, one more step on the full batch.
+    model = make_model()
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), r["params"]):
+            p.copy_(saved)
+    opt = torch.optim.AdamW(groups(model), lr=1e-2)
+    for name, p in model.named_parameters():
+        opt.state[p] = {k: t.clone() for k, t in r["view"][name].items()}
+    x, y = make_data(seed=7)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    opt.step()
+    got = run_ranks(_resume_worker, 4, args=(r["params"], r["view"]))[3]
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

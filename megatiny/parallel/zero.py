@@ -89,14 +89,24 @@ class ZeroOptimizer:
                 self.pieces.append((piece, p, s, e, soff + s - lo))
                 inner_groups[group_of[id(p)]]["params"].append(piece)
         self.optimizer = optimizer_cls(inner_groups, **optimizer_kwargs)
+        self._consolidated: _ConsolidatedState | None = None
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
 
     @property
-    def state(self):
-        return self.optimizer.state
+    def state(self) -> _ConsolidatedState:
+        """Per *model parameter* state, {"step", "exp_avg", "exp_avg_sq"} with the parameter's
+        shape, like a plain AdamW's `state[p]` — what layout-free checkpoints read and load into.
+
+        The first lookup all-gathers the slices over dp (collective: every dp rank must look it
+        up, as checkpoint save/load do). Tensors loaded into these dicts in place are scattered
+        back into the slices at the next `step()`. The sharded state is `self.optimizer.state`.
+        """
+        if self._consolidated is None:
+            self._consolidated = _ConsolidatedState(self._consolidate())
+        return self._consolidated
 
     def _attach_grads(self) -> None:
         shard_grad = self.ddp.shard_grad
@@ -144,6 +154,9 @@ class ZeroOptimizer:
         """Step the inner optimizer on my slice, then all-gather the parameters of every bucket."""
         if not any(piece.grad is not None for piece, *_ in self.pieces):
             self._attach_grads()
+        if self._consolidated is not None:  # a checkpoint may have loaded into it
+            self._scatter(self._consolidated.by_id)
+            self._consolidated = None
         self.optimizer.step()
         ddp = self.ddp
         handles, staged = [], []
@@ -209,48 +222,90 @@ class ZeroOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Layout-free optimizer state: {param name: {state key: full tensor}} (all-gathered).
-
-        Collective over the dp group. Scalars (e.g. AdamW's `step`) are taken from the first slice.
-        """
+    def _gather_flat(self, key: str) -> torch.Tensor:
+        """State `key` of every slice all-gathered into one tensor laid out like the buffers."""
         ddp = self.ddp
-        keys = sorted(
-            {k for st in self.optimizer.state.values() for k, t in st.items() if t.numel() > 1}
+        flat_shard = torch.zeros_like(self.master)
+        for piece, _, s, e, off in self.pieces:
+            flat_shard[off : off + (e - s)] = self.optimizer.state[piece][key]
+        flat = torch.zeros(
+            ddp.grad_buffer.numel(), dtype=flat_shard.dtype, device=flat_shard.device
         )
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for key in keys:
-            flat_shard = torch.zeros_like(self.master)
-            for piece, _, s, e, off in self.pieces:
-                flat_shard[off : off + (e - s)] = self.optimizer.state[piece][key]
-            flat = torch.zeros(ddp.grad_buffer.numel(), dtype=flat_shard.dtype)
-            for bucket in ddp.buckets:
-                soff = ddp.shard_offset(bucket)
-                n = bucket.numel // ddp.dp_size
-                dist.all_gather_single(
-                    flat[bucket.start : bucket.end], flat_shard[soff : soff + n], group=ddp.group
-                )
+        for bucket in ddp.buckets:
+            soff = ddp.shard_offset(bucket)
+            n = bucket.numel // ddp.dp_size
+            dist.all_gather_single(
+                flat[bucket.start : bucket.end], flat_shard[soff : soff + n], group=ddp.group
+            )
+        return flat
+
+    @torch.no_grad()
+    def _consolidate(self) -> dict[int, dict[str, torch.Tensor]]:
+        """{id(param): {key: full tensor}} (collective over dp; empty dicts before any step)."""
+        ddp = self.ddp
+        states = [self.optimizer.state[piece] for piece, *_ in self.pieces]
+        has_state = torch.tensor([float(any(states))], device=self.master.device)
+        if ddp.dp_size > 1:
+            dist.all_reduce(has_state, op=dist.ReduceOp.MAX, group=ddp.group)
+        out: dict[int, dict[str, torch.Tensor]] = {id(p): {} for p in ddp.params}
+        if not has_state.item():
+            return out
+        step = next((st["step"] for st in states if "step" in st), None)
+        step = torch.zeros(()) if step is None else step.detach().clone().cpu()
+        if ddp.dp_size > 1:  # a rank whose slices are all padding has no state of its own
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=ddp.group)
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = self._gather_flat(key)
             for p in ddp.params:
                 off = ddp.offsets[id(p)]
-                out.setdefault(ddp.names[id(p)], {})[key] = flat[off : off + p.numel()].view_as(p)
-        scalars = {}
-        for piece, *_ in self.pieces[:1]:
-            scalars = {k: t for k, t in self.optimizer.state[piece].items() if t.numel() <= 1}
-        for name in out:
-            out[name].update({k: t.clone() for k, t in scalars.items()})
+                out[id(p)][key] = flat[off : off + p.numel()].view_as(p)
+        for p in ddp.params:
+            out[id(p)]["step"] = step.clone()
         return out
 
     @torch.no_grad()
-    def load_full_state_dict(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Inverse of `full_state_dict`, for any dp size: take my slice of each full tensor."""
+    def _scatter(self, by_id: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Set each slice's state from full per-parameter tensors (any dp layout wrote them)."""
         ddp = self.ddp
         for piece, p, s, e, _ in self.pieces:
-            name = ddp.names[id(p)]
+            full = by_id.get(id(p)) or {}
+            if "exp_avg" not in full:
+                continue
             a = ddp.offsets[id(p)]
             st = {}
-            for key, t in full[name].items():
-                if t.numel() > 1:
+            for key, t in full.items():
+                if t.numel() > 1 or key != "step":
                     st[key] = t.reshape(-1)[s - a : e - a].clone().to(piece.device)
                 else:
-                    st[key] = t.clone()
+                    st[key] = t.detach().clone().reshape(())
             self.optimizer.state[piece] = st
+
+    def full_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Layout-free optimizer state: {param name: {state key: full tensor}} (collective)."""
+        names = self.ddp.names
+        return {names[pid]: st for pid, st in self._consolidate().items()}
+
+    def load_full_state_dict(self, full: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of `full_state_dict`, for any dp size: take my slice of each full tensor."""
+        by_name = {n: pid for pid, n in self.ddp.names.items()}
+        self._scatter({by_name[n]: st for n, st in full.items()})
+        self._consolidated = None
+
+
+class _ConsolidatedState:
+    """A read/write mapping param -> full state dict (see `ZeroOptimizer.state`)."""
+
+    def __init__(self, by_id: dict[int, dict[str, torch.Tensor]]):
+        self.by_id = by_id
+
+    def __getitem__(self, p) -> dict[str, torch.Tensor]:
+        return self.by_id.setdefault(id(p), {})
+
+    def __contains__(self, p) -> bool:
+        return bool(self.by_id.get(id(p)))
+
+    def __len__(self) -> int:
+        return sum(1 for st in self.by_id.values() if st)
+
+    def values(self):
+        return [st for st in self.by_id.values() if st]
