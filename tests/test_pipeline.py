@@ -176,3 +176,23 @@ def _interleaved_bad_m_worker():
 
 def test_interleaved_rejects_micro_batch_count_before_communicating():
     assert all("multiple of pp=2" in msg for msg in run_ranks(_interleaved_bad_m_worker, 2))
+
+
+def _forward_only_worker(kind, v, m):
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    batches = micro_batches(m, seed=3)
+    with torch.no_grad():
+        ref = sum(model(b["input_ids"], labels=b["labels"]) for b in batches).item() / m
+    ctx = ParallelContext.initialize(pp=2)
+    chunks = build_pipeline_chunks(model, ctx, v)
+    loss = build_schedule(ctx, chunks, MICRO, SEQ, schedule=kind)(batches, forward_only=True)
+    grads = [p.grad for c in chunks for p in c.parameters()]
+    return loss.item(), ref, all(g is None for g in grads)
+
+
+@pytest.mark.parametrize("kind,v,m", [("1f1b", 1, 3), ("interleaved", 2, 3)])
+def test_forward_only_evaluation(kind, v, m):
+    # m=3 is not a multiple of pp: evaluation still runs under interleaving.
+    for loss, ref, no_grads in run_ranks(_forward_only_worker, 2, args=(kind, v, m)):
+        assert loss == pytest.approx(ref, rel=1e-6) and no_grads

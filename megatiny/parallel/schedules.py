@@ -108,7 +108,8 @@ def one_f_one_b(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autoca
         x, _ = p2p.communicate(recv_prev=has_prev)
         y = steps.forward(0, x)
         p2p.communicate(send_next=y if has_next else None)
-        saved.append((x, y))
+        if not forward_only:
+            saved.append((x, y))
 
     x = p2p.communicate(recv_prev=has_prev)[0] if steady else None
     for i in range(steady):
@@ -123,7 +124,7 @@ def one_f_one_b(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autoca
             send_prev=gx if has_prev else None, recv_prev=has_prev and not last_iteration
         )
 
-    for _ in range(warmup):
+    for _ in range(0 if forward_only else warmup):
         _, g = p2p.communicate(recv_next=has_next)
         x_old, y_old = saved.pop(0)
         gx = steps.backward(0, x_old, y_old, g)
@@ -231,6 +232,22 @@ def interleaved_one_f_one_b(
     return steps.losses
 
 
+def forward_only_in_order(chunks, batches, p2p: P2P, grad_sync, forward_only=True, autocast=None):
+    """Evaluation for any m and v: each micro-batch walks the virtual stages 0 .. pv-1 in order.
+
+    No pipelining (evaluation is a small part of a run), but no constraint on m either.
+    """
+    steps = _Steps(chunks, batches, grad_sync, True, autocast)
+    v, pp, rank = len(chunks), p2p.size, p2p.rank
+    for _ in batches:
+        for s in range(rank, pp * v, pp):  # my virtual stages, chunk s // pp
+            x = p2p.communicate(recv_prev=True)[0] if s > 0 else None
+            y = steps.forward(s // pp, x)
+            if s < pp * v - 1:
+                p2p.communicate(send_next=y)
+    return steps.losses
+
+
 class PipelineSchedule:
     """`schedule(micro_batches, ddp=None, forward_only=False)` -> mean loss on every pp rank.
 
@@ -266,7 +283,10 @@ class PipelineSchedule:
         backward of each chunk) or `grad_sync(is_last) -> context manager`. `autocast`: a
         callable returning the autocast context for the forward passes.
         """
-        if self.kind == "interleaved":
+        fn = self.fn
+        if forward_only and self.kind == "interleaved":
+            fn = forward_only_in_order
+        elif self.kind == "interleaved":
             validate_pipeline(
                 self.ctx.pp_size * len(self.chunks),
                 self.ctx.pp_size,
@@ -275,7 +295,7 @@ class PipelineSchedule:
             )
         if grad_sync is None:
             grad_sync = functools.partial(no_sync_unless, ddp)
-        losses = self.fn(self.chunks, micro_batches, self.p2p, grad_sync, forward_only, autocast)
+        losses = fn(self.chunks, micro_batches, self.p2p, grad_sync, forward_only, autocast)
         ctx = self.ctx
         device = self.p2p.device
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
