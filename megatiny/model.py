@@ -131,23 +131,28 @@ def attention_core(q, k, v, *, causal_offset=0, dropout_p=0.0, fused=False):
     The one place the attention math lives: plain SDPA by default; with `fused` on CUDA (or
     TRITON_INTERPRET=1), megatiny.kernels' fused scaled causal softmax."""
     n, g = q.shape[1], k.shape[1]
-    if g != n:
-        k = k.repeat_interleave(n // g, dim=1)
-        v = v.repeat_interleave(n // g, dim=1)
     s, t = q.shape[2], k.shape[2]
     if fused and _use_kernels(True, q):
         from megatiny.kernels.softmax import scaled_causal_softmax
 
+        if g != n:
+            k, v = k.repeat_interleave(n // g, dim=1), v.repeat_interleave(n // g, dim=1)
+
         # The kernel's mask is bottom-right aligned: query i sees keys <= t - s + i.
         probs = scaled_causal_softmax(q @ k.transpose(-2, -1), 1.0 / math.sqrt(q.shape[-1]))
         return F.dropout(probs, dropout_p) @ v
+    gqa = g != n  # SDPA maps query head i to kv head i // (n/g) itself
     if causal_offset == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
+        )
     mask = None
     if s > 1:
         key_pos = torch.arange(t, device=q.device)
         mask = key_pos[None, :] <= (causal_offset + torch.arange(s, device=q.device))[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa
+    )
 
 
 class KVCache:
