@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("megatiny.train", "pretrain a GPT under torchrun"),
     "generate": ("megatiny.generate", "sample text from a checkpoint"),
+    "finetune": (
+        "megatiny.finetune",
+        "fine-tune a pretrained checkpoint: classification head or instruction SFT",
+    ),
     "convert": ("megatiny.hf", "convert checkpoints to / from Hugging Face transformers"),
 }
 

@@ -1,0 +1,493 @@
+"""`megatiny finetune`: a classification head or instruction SFT on top of a pretrained GPT.
+
+    megatiny finetune --task classification --checkpoint runs/tiny --tokenizer data/tok \\
+        --train train.jsonl --valid valid.jsonl --num-classes 2 --output runs/cls
+    megatiny finetune --task instruction --checkpoint runs/tiny --tokenizer data/tok \\
+        --train alpaca.json --output runs/sft          # then: megatiny generate --checkpoint runs/sft
+
+The body is a pretrained GPT: a training checkpoint (run / checkpoints / step dir, read with
+`megatiny.checkpoint.load_model_for_inference`) or a model directory (`model.safetensors` +
+`model_config.json`, `megatiny.hf`). Data formats and the loss mask: megatiny/finetune_data.py.
+
+Classification: logits = W h_last + b, with h_last = norm_f(body(ids))[last real token] (the EOD
+appended to every text) and loss = mean cross-entropy over the rows. The head is small and
+replicated on every tensor-parallel rank; its input is replicated too (after the row-parallel
+all-reduce, or gathered from the sequence shards under SP), so its gradient is the same on every
+TP rank without communication.
+
+Instruction SFT: loss = mean next-token cross-entropy over the response tokens of the batch.
+
+One optimizer step sees `batch_size` rows, split over dp ranks and micro-batches. Each micro-batch
+contributes (sum of its losses) / (number of rows or response tokens in the whole global batch),
+and gradients are summed over dp (mean * dp_size), so the update equals one device seeing the
+whole batch, whatever the dp / micro-batch split. `--trainable-blocks K` freezes the embeddings
+and all but the last K blocks (the final norm and the head always train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatiny import finetune_data as fd
+from megatiny.finetune_data import FinetuneError
+
+HEAD_FILE, LABELS_FILE, SUMMARY_FILE = "classifier_head.safetensors", "labels.json", "finetune.json"
+
+
+@dataclass
+class FinetuneConfig:
+    task: str  # "classification" | "instruction"
+    checkpoint: str
+    tokenizer: str
+    train: str
+    valid: str | None = None
+    output: str = "runs/finetune"
+    num_classes: int | None = None
+    steps: int = 100
+    batch_size: int = 8
+    micro_batch_size: int | None = None  # per dp rank; None = batch_size / dp (no accumulation)
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_len: int | None = None  # tokens per row; None = the model's max_seq_len
+    trainable_blocks: int | None = None  # None = everything trains
+    eval_interval: int = 50
+    seed: int = 0
+    tp: int = 1
+    sequence_parallel: bool = False
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.task not in ("classification", "instruction"):
+            raise FinetuneError(f"task={self.task!r}; choose classification or instruction")
+        for name in ("steps", "batch_size", "eval_interval", "tp"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise FinetuneError(f"num_classes={self.num_classes} must be >= 2")
+
+
+# ---- the model ------------------------------------------------------------------------------
+
+
+class SequenceClassifier(nn.Module):
+    """GPT body + linear head on the final-normed hidden state of each row's last real token."""
+
+    def __init__(self, body: nn.Module, num_classes: int, seed: int = 0):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.d_model, num_classes)
+        g = torch.Generator().manual_seed(seed)  # same head on every rank
+        with torch.no_grad():
+            self.head.weight.copy_(
+                torch.randn(self.head.weight.shape, generator=g) * body.config.init_std
+            )
+            self.head.bias.zero_()
+
+    def forward(self, input_ids, lengths):
+        body = self.body
+        h = body.norm_f(body.run_blocks(body.embed_tokens(input_ids)))
+        if body.sequence_parallel:
+            from megatiny.parallel.comm import gather_from_sp
+
+            # The head is replicated: every rank computes the full gradient, so backward splits.
+            h = gather_from_sp(h, body.tp_group, dim=1, tensor_parallel_output_grad=False)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
+        return self.head(last)
+
+
+def load_pretrained(path: str) -> nn.Module:
+    """The single-device GPT of a model dir or training checkpoint, with clear errors."""
+    from megatiny.checkpoint import CheckpointError
+    from megatiny.hf import load_any
+
+    if not os.path.exists(path):
+        raise FinetuneError(f"--checkpoint {path} does not exist")
+    try:
+        return load_any(path)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise FinetuneError(f"cannot load --checkpoint {path}: {e}") from None
+    except (RuntimeError, ValueError) as e:
+        raise FinetuneError(
+            f"--checkpoint {path} holds tensors of a different model shape than its config "
+            f"says ({str(e).splitlines()[0][:300]}); pass the directory written together with "
+            "that config, or re-export the model"
+        ) from None
+
+
+def freeze(body: nn.Module, trainable_blocks: int | None) -> None:
+    """Freeze embeddings and blocks[:-K]; final norm, LM head (untied) and task head train."""
+    n = len(body.blocks)
+    if trainable_blocks is None:
+        return
+    if not 0 <= trainable_blocks <= n:
+        raise FinetuneError(f"trainable_blocks={trainable_blocks} must be in [0, {n}]")
+    frozen = [body.embed, body.pos_embed, *list(body.blocks)[: n - trainable_blocks]]
+    for module in frozen:
+        if module is not None:
+            module.requires_grad_(False)
+
+
+def load_classifier(directory: str, device="cpu") -> tuple[SequenceClassifier, fd.LabelMap]:
+    """The classifier saved by a classification run (body + head + label names)."""
+    from safetensors.torch import load_file
+
+    from megatiny.hf import load_model
+
+    for name in (HEAD_FILE, LABELS_FILE):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FinetuneError(f"{directory} has no {name}; is it a classification output?")
+    with open(os.path.join(directory, LABELS_FILE), encoding="utf-8") as f:
+        labels = fd.LabelMap.from_dict(json.load(f))
+    body = load_model(directory, device)
+    head = load_file(os.path.join(directory, HEAD_FILE), device=str(device))
+    want = (len(labels.names), body.config.d_model)
+    if tuple(head["weight"].shape) != want:
+        raise FinetuneError(
+            f"{HEAD_FILE} in {directory} has shape {tuple(head['weight'].shape)} but the model "
+            f"there needs {want} (classes x d_model): the head comes from another model shape"
+        )
+    model = SequenceClassifier(body, len(labels.names))
+    model.head.load_state_dict(head)
+    return model.to(device).eval(), labels
+
+
+@torch.no_grad()
+def predict(model: SequenceClassifier, tokenizer, texts: list[str], max_len: int, bs: int = 16):
+    """Class ids for `texts` (single device)."""
+    rows = [{"text": t, "label": 0, "_where": "predict"} for t in texts]
+    enc = fd.encode_classification(rows, tokenizer, fd.LabelMap(["0"], True), max_len)
+    out = []
+    for i in range(0, len(enc), bs):
+        b = fd.collate_classification(enc[i : i + bs], tokenizer.eod_id)
+        out += model(b["input_ids"], b["lengths"]).argmax(-1).tolist()
+    return out
+
+
+# ---- distributed helpers --------------------------------------------------------------------
+
+
+def _sum(values: list[float], ctx) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if ctx is not None and ctx.dp_size > 1:
+        t = t.to(ctx.device)
+        dist.all_reduce(t, group=ctx.dp_group)
+    return t.cpu().tolist()
+
+
+def _write_json(path: str, obj) -> None:
+    fdesc, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fdesc, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+class _Task:
+    """What differs between the two tasks: data encoding, batch collation, loss and metrics."""
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer, max_len: int, multiple: int):
+        self.cfg, self.pad, self.multiple = cfg, tokenizer.eod_id, multiple
+        self.classify = cfg.task == "classification"
+        self.labels, self.dropped = None, 0
+        if self.classify:
+            rows = fd.classification_rows(cfg.train)
+            self.labels = fd.LabelMap.from_rows(rows, cfg.num_classes)
+            self.train = fd.encode_classification(rows, tokenizer, self.labels, max_len)
+            self.valid = None
+            if cfg.valid:
+                valid = fd.classification_rows(cfg.valid)
+                self.valid = fd.encode_classification(valid, tokenizer, self.labels, max_len)
+        else:
+            self.train, self.dropped = fd.encode_instruction(
+                fd.instruction_rows(cfg.train), tokenizer, max_len
+            )
+            self.valid = None
+            if cfg.valid:
+                self.valid, d = fd.encode_instruction(
+                    fd.instruction_rows(cfg.valid), tokenizer, max_len
+                )
+                self.dropped += d
+            if not self.train:
+                raise FinetuneError(
+                    f"every row of {cfg.train} has a prompt longer than --max-len {max_len}; "
+                    "raise --max-len (up to the model's max_seq_len) or shorten the prompts"
+                )
+
+    def collate(self, examples, device):
+        fn = fd.collate_classification if self.classify else fd.collate_instruction
+        return {k: v.to(device) for k, v in fn(examples, self.pad, self.multiple).items()}
+
+    def count(self, examples) -> int:
+        """Loss terms: rows (classification) or response tokens (SFT)."""
+        if self.classify:
+            return len(examples)
+        return sum(sum(t != fd.IGNORE_INDEX for t in e["labels"]) for e in examples)
+
+    def loss_sum(self, model, batch):
+        """(sum of per-term losses, number of correct predictions or 0)."""
+        if self.classify:
+            logits = model(batch["input_ids"], batch["lengths"])
+            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            return loss, int((logits.argmax(-1) == batch["labels"]).sum())
+        mean = model(batch["input_ids"], labels=batch["labels"])
+        return mean * (batch["labels"] != fd.IGNORE_INDEX).sum(), 0
+
+
+def _step_rows(n_rows: int, step: int, batch: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`: consecutive slices of per-epoch permutations."""
+    out, perms = [], {}
+    for k in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(k, n_rows)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(n_rows, generator=g).tolist()
+        out.append(perms[epoch][i])
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, task: _Task, examples, ctx, micro: int, device) -> dict:
+    """Loss over the whole set (and accuracy for classification), rows split over dp."""
+    dp, rank = (ctx.dp_size, ctx.dp_rank) if ctx is not None else (1, 0)
+    mine = examples[rank::dp]
+    loss, correct = 0.0, 0
+    model.eval()
+    try:
+        for i in range(0, len(mine), micro):
+            part = mine[i : i + micro]
+            value, right = task.loss_sum(model, task.collate(part, device))
+            loss, correct = loss + float(value), correct + right
+    finally:
+        model.train()
+    loss, correct, count = _sum([loss, correct, task.count(mine)], ctx)
+    out = {"loss": loss / max(count, 1)}
+    if task.classify:
+        out["accuracy"] = correct / len(examples)
+    else:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out
+
+
+def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
+    """Run the fine-tuning on this rank (ctx None: one process). Returns a summary with the
+    per-step `losses`, every `evals` record, and the `output` directory."""
+    from megatiny.data.tokenizer import load_tokenizer
+    from megatiny.hf import save_model
+    from megatiny.metrics import MetricsWriter, progress_bar
+    from megatiny.optim import WarmupCosine, clip_grad_norm_, param_groups
+    from megatiny.train import allreduce_gradients
+
+    tp = ctx.tp_size if ctx is not None else 1
+    dp, dp_rank = (ctx.dp_size, ctx.dp_rank) if ctx is not None else (1, 0)
+    rank0 = ctx is None or ctx.rank == 0
+    device = ctx.device if ctx is not None else torch.device("cpu")
+    if cfg.tp != tp:
+        raise FinetuneError(f"cfg.tp={cfg.tp} but the parallel context has tp={tp}")
+    if cfg.batch_size % dp:
+        raise FinetuneError(f"batch_size={cfg.batch_size} is not divisible by dp={dp}")
+    micro = cfg.micro_batch_size or cfg.batch_size // dp
+    if (cfg.batch_size // dp) % micro:
+        raise FinetuneError(
+            f"batch_size/dp = {cfg.batch_size // dp} is not a multiple of micro_batch_size={micro}"
+        )
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise FinetuneError(f"--tokenizer: {e}") from None
+    body = load_pretrained(cfg.checkpoint)
+    mc = body.config
+    if tokenizer.vocab_size > mc.vocab_size:
+        raise FinetuneError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{mc.vocab_size}; use the tokenizer the checkpoint was pretrained with"
+        )
+    multiple = tp if cfg.sequence_parallel else 1
+    max_len = min(cfg.max_len or mc.max_seq_len, mc.max_seq_len) // multiple * multiple
+    task = _Task(cfg, tokenizer, max_len, multiple)
+
+    torch.manual_seed(cfg.seed)
+    model = body
+    if task.classify:
+        model = SequenceClassifier(body, len(task.labels.names), cfg.seed)
+    if tp > 1:
+        from megatiny.parallel.parallelize import parallelize
+
+        parallelize(body, ctx, sequence_parallel=cfg.sequence_parallel)
+    # After parallelize, which creates new parameters.
+    freeze(body, cfg.trainable_blocks)
+    if task.classify and body.lm_head is not None:
+        body.lm_head.requires_grad_(False)  # the classifier does not use the LM head
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = WarmupCosine(optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+    torch.manual_seed(cfg.seed + 1 + 10_000 * dp_rank)  # dropout: same over TP, distinct over dp
+
+    if rank0:
+        os.makedirs(cfg.output, exist_ok=True)
+    writer = MetricsWriter(cfg.output, enabled=rank0, tensorboard=False)
+    bar = progress_bar(cfg.steps, 0, enabled=rank0 and cfg.progress_bar)
+    say = bar.write if bar is not None else (lambda m: print(m, flush=True))
+    if rank0 and task.dropped:
+        say(f"dropped {task.dropped} rows whose prompt fills --max-len {max_len}")
+    per_rank = cfg.batch_size // dp
+    losses, evals = [], []
+    for step in range(cfg.steps):
+        rows = _step_rows(len(task.train), step, cfg.batch_size, cfg.seed)
+        mine = [task.train[i] for i in rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]]
+        (total,) = _sum([task.count(mine)], ctx)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for i in range(0, per_rank, micro):
+            loss, _ = task.loss_sum(model, task.collate(mine[i : i + micro], device))
+            (loss * dp / max(total, 1)).backward()  # dp: allreduce_gradients averages
+            step_loss += float(loss.detach())
+        allreduce_gradients(model, ctx.dp_group if ctx is not None else None)
+        (step_loss,) = _sum([step_loss], ctx)
+        losses.append(step_loss / max(total, 1))
+        grad_norm = float(clip_grad_norm_(model, cfg.grad_clip, ctx))
+        optimizer.step()
+        scheduler.step()
+        writer.write(step + 1, {"loss": losses[-1], "grad_norm": grad_norm, "lr": scheduler.lr})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        last = step + 1 == cfg.steps
+        if task.valid and ((step + 1) % cfg.eval_interval == 0 or last):
+            ev = evaluate(model, task, task.valid, ctx, micro, device)
+            evals.append({"step": step + 1, **ev})
+            writer.write(step + 1, ev, prefix="valid")
+            if rank0:
+                say(f"step {step + 1}: valid " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+    if bar is not None:
+        bar.close()
+    writer.close()
+    _save(cfg, body, model, task, ctx, rank0, save_model, losses, evals)
+    return {"losses": losses, "evals": evals, "output": cfg.output, "dropped": task.dropped}
+
+
+def _save(cfg, body, model, task, ctx, rank0, save_model, losses, evals) -> None:
+    """Rank 0 writes the single-device model (gathered over TP): model.safetensors +
+    model_config.json (loadable by `megatiny generate`), plus the head and labels."""
+    from megatiny.model import GPT
+
+    single = body
+    if body.tp_group is not None:
+        from megatiny.parallel.parallelize import full_parameters
+
+        state = full_parameters(body)  # collective over TP
+        if rank0:
+            with torch.device("meta"):
+                single = GPT(body.config)
+            single.load_state_dict({k: v.cpu() for k, v in state.items()}, assign=True)
+    if rank0:
+        save_model(single, cfg.output)
+        if task.classify:
+            from safetensors.torch import save_file
+
+            head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+            fdesc, tmp = tempfile.mkstemp(prefix=".tmp-", dir=cfg.output)
+            os.close(fdesc)
+            save_file(head, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(cfg.output, HEAD_FILE))
+            _write_json(os.path.join(cfg.output, LABELS_FILE), task.labels.to_dict())
+        summary = {"config": asdict(cfg), "final_loss": losses[-1], "evals": evals}
+        _write_json(os.path.join(cfg.output, SUMMARY_FILE), summary)
+    if ctx is not None and ctx.world_size > 1:
+        dist.barrier()
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+EXAMPLE = """examples:
+  megatiny finetune --task classification --checkpoint runs/tiny --tokenizer data/tok \\
+      --train cls_train.jsonl --valid cls_valid.jsonl --num-classes 2 --output runs/cls
+  megatiny finetune --task instruction --checkpoint runs/tiny --tokenizer data/tok \\
+      --train alpaca.json --output runs/sft --steps 200
+  torchrun --nproc-per-node 2 -m megatiny finetune --tp 2 ...   (tensor parallel)"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLE
+    a = parser.add_argument
+    a("--task", required=True, choices=["classification", "instruction"])
+    a("--checkpoint", required=True, help="pretrained model dir or training run/checkpoint")
+    a("--tokenizer", required=True, help="tokenizer dir or tokenizer.json")
+    a("--train", required=True, help='JSONL rows: {"text","label"} or {"instruction","input",'
+      '"output"} (a .json list works too)')  # fmt: skip
+    a("--valid", help="validation rows, same format (evaluated every --eval-interval steps)")
+    a("--output", default="runs/finetune", help="directory for the model, metrics and labels")
+    a("--num-classes", type=int, help="classification: number of classes (default: inferred)")
+    a("--steps", type=int, default=100)
+    a("--batch-size", type=int, default=8, help="rows per optimizer step (over all dp ranks)")
+    a("--micro-batch-size", type=int, help="rows per forward pass per dp rank")
+    a("--lr", type=float, default=1e-4)
+    a("--min-lr", type=float, default=0.0)
+    a("--warmup-steps", type=int, default=0)
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-clip", type=float, default=1.0)
+    a("--max-len", type=int, help="tokens per row (default: the model's max_seq_len)")
+    a("--trainable-blocks", type=int,
+      help="freeze embeddings and all but the last K blocks (head and final norm train)")  # fmt: skip
+    a("--eval-interval", type=int, default=50)
+    a("--seed", type=int, default=0)
+    a("--tp", type=int, default=1, help="tensor-parallel size (under torchrun)")
+    a("--sequence-parallel", action="store_true")
+    a("--no-progress-bar", action="store_true")
+
+
+def main(args) -> int:
+    from megatiny.checkpoint import CheckpointError
+
+    fields = set(FinetuneConfig.__dataclass_fields__)
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    try:
+        cfg = FinetuneConfig(**kw, progress_bar=not args.no_progress_bar)
+    except FinetuneError as e:
+        print(f"megatiny finetune: {e}", file=sys.stderr)
+        return 2
+    ctx = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from megatiny.parallel import ParallelContext
+
+        ctx = ParallelContext.from_env(tp=cfg.tp)
+    elif cfg.tp > 1:
+        print("megatiny finetune: --tp > 1 needs torchrun --nproc-per-node >= tp", file=sys.stderr)
+        return 2
+    try:
+        summary = finetune(cfg, ctx)
+    except (FinetuneError, CheckpointError) as e:
+        print(f"megatiny finetune: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx is not None:
+            ctx.destroy()
+    if ctx is None or ctx.rank == 0:
+        last = summary["evals"][-1] if summary["evals"] else {}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step")
+        print(
+            f"done: final train loss {summary['losses'][-1]:.4f}"
+            + (f"; valid {shown}" if shown else "")
+        )
+        print(f"model: {summary['output']}")
+    return 0

@@ -1,0 +1,224 @@
+"""Fine-tuning data: JSONL/JSON rows -> token tensors for classification and instruction SFT.
+
+Classification rows are `{"text": str, "label": int | str}`. String labels are mapped to ids in
+sorted order of the training set's labels (`LabelMap`, saved as `labels.json` next to the
+model); integer labels are used as they are and must lie in [0, num_classes). Each text becomes
+
+    ids = encode(text)[: max_len - 1] + [EOD]
+
+and the classifier reads the hidden state of the last real token (the EOD, which has attended to
+the whole text under the causal mask).
+
+Instruction rows are `{"instruction", "input", "output"}` (Alpaca). The prompt is the Alpaca
+template (with or without the `### Input:` section), tokenized separately from the response so
+the boundary is exact:
+
+    tokens    = encode(prompt) + encode(output) + [EOD]                 (n tokens, <= max_len + 1)
+    input_ids = tokens[:-1]
+    labels[i] = tokens[i + 1]   if i + 1 >= len(prompt tokens)  else -100
+
+so labels are already shifted (Megatron convention, as `GPT.forward` expects) and the loss covers
+exactly the response tokens and the final EOD. Over-long rows keep the whole prompt and cut the
+response; a row whose prompt leaves no room for a response token is dropped (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class FinetuneError(ValueError):
+    """Bad fine-tuning input, with a message that says what is wrong and what to do."""
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a `.jsonl` file (one object per line) or a `.json` file holding a list of objects."""
+    if not os.path.isfile(path):
+        raise FinetuneError(f"{path} not found; pass an existing .jsonl (or .json list) file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise FinetuneError(f"{path} is empty; it needs at least one JSON row")
+    if path.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FinetuneError(f"{path} is not valid JSON: {e}") from None
+        where = [f"{path} item {i}" for i in range(len(rows))]
+    else:
+        rows, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise FinetuneError(
+                    f"{path}:{n} is not valid JSON ({e}); one object per line"
+                ) from None
+            where.append(f"{path}:{n}")
+    if not rows:
+        raise FinetuneError(f"{path} holds no rows")
+    for row, w in zip(rows, where):
+        if not isinstance(row, dict):
+            raise FinetuneError(f"{w} is {type(row).__name__}, expected a JSON object")
+        row["_where"] = w
+    return rows
+
+
+def _field(row: dict, key: str, types, hint: str):
+    if key not in row:
+        raise FinetuneError(f"{row['_where']} has no {key!r} field; {hint}")
+    value = row[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise FinetuneError(f"{row['_where']}: {key!r} is {type(value).__name__} {value!r}; {hint}")
+    return value
+
+
+# ---- classification -------------------------------------------------------------------------
+
+
+@dataclass
+class LabelMap:
+    """names[i] is the label of class i (a string, or str(i) for integer labels)."""
+
+    names: list[str]
+    integer: bool
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], num_classes: int | None) -> LabelMap:
+        labels = [row["label"] for row in rows]
+        if all(isinstance(v, int) for v in labels):
+            n = num_classes if num_classes is not None else max(labels) + 1
+            bad = [v for v in labels if not 0 <= v < n]
+            if bad:
+                raise FinetuneError(
+                    f"integer label {bad[0]} is outside [0, {n}); set --num-classes > {max(bad)} "
+                    "or use string labels"
+                )
+            return cls([str(i) for i in range(n)], integer=True)
+        if not all(isinstance(v, str) for v in labels):
+            raise FinetuneError("labels mix integers and strings; use one kind in the whole file")
+        names = sorted(set(labels))
+        if num_classes is not None and len(names) != num_classes:
+            raise FinetuneError(
+                f"the training set has {len(names)} distinct labels {names[:10]} but "
+                f"--num-classes={num_classes}; make them agree"
+            )
+        return cls(names, integer=False)
+
+    def id_of(self, row: dict) -> int:
+        value = row["label"]
+        if self.integer and isinstance(value, int) and 0 <= value < len(self.names):
+            return value
+        if not self.integer and isinstance(value, str) and value in self.names:
+            return self.names.index(value)
+        known = list(range(len(self.names))) if self.integer else self.names
+        raise FinetuneError(
+            f"{row['_where']}: label {value!r} does not occur in the training set (known labels "
+            f"{known[:10]}); fix the row or add examples of it to the training file"
+        )
+
+    def to_dict(self) -> dict:
+        return {"names": self.names, "integer": self.integer}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LabelMap:
+        return cls(list(d["names"]), bool(d["integer"]))
+
+
+def classification_rows(path: str) -> list[dict]:
+    rows = read_rows(path)
+    for row in rows:
+        _field(row, "text", str, 'each row needs {"text": "...", "label": ...}')
+        _field(row, "label", (int, str), "labels are integers (class ids) or strings (names)")
+    return rows
+
+
+def encode_classification(rows, tokenizer, labels: LabelMap, max_len: int) -> list[dict]:
+    """[{ids: list[int], label: int}]; ids end with EOD, at most max_len long."""
+    if max_len < 2:
+        raise FinetuneError(f"max length {max_len} leaves no room for text; use >= 2")
+    out = []
+    for row in rows:
+        ids = tokenizer.encode(row["text"])[: max_len - 1] + [tokenizer.eod_id]
+        out.append({"ids": ids, "label": labels.id_of(row)})
+    return out
+
+
+def collate_classification(examples, pad_id: int, multiple: int = 1) -> dict:
+    """input_ids [b, s] right-padded (s a multiple of `multiple`), lengths [b], labels [b]."""
+    s = max(len(e["ids"]) for e in examples)
+    s = -(-s // multiple) * multiple
+    ids = torch.full((len(examples), s), pad_id, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["ids"])] = torch.tensor(e["ids"])
+    return {
+        "input_ids": ids,
+        "lengths": torch.tensor([len(e["ids"]) for e in examples]),
+        "labels": torch.tensor([e["label"] for e in examples]),
+    }
+
+
+# ---- instruction SFT ------------------------------------------------------------------------
+
+
+def prompt_text(row: dict) -> str:
+    instruction = _field(row, "instruction", str, 'rows need "instruction" and "output" strings')
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise FinetuneError(f"{row['_where']}: 'input' must be a string")
+    if extra.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=extra)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def instruction_rows(path: str) -> list[dict]:
+    rows = read_rows(path)
+    for row in rows:
+        prompt_text(row)
+        _field(row, "output", str, 'rows need "instruction" and "output" strings')
+    return rows
+
+
+def encode_instruction(rows, tokenizer, max_len: int) -> tuple[list[dict], int]:
+    """([{input_ids, labels}] as lists, number of dropped rows); see the module docstring."""
+    out, dropped = [], 0
+    for row in rows:
+        prompt = tokenizer.encode(prompt_text(row))
+        tokens = (prompt + tokenizer.encode(row["output"]) + [tokenizer.eod_id])[: max_len + 1]
+        if len(tokens) <= len(prompt):
+            dropped += 1
+            continue
+        labels = [t if i + 1 >= len(prompt) else IGNORE_INDEX for i, t in enumerate(tokens[1:])]
+        out.append({"input_ids": tokens[:-1], "labels": labels})
+    return out, dropped
+
+
+def collate_instruction(examples, pad_id: int, multiple: int = 1) -> dict:
+    """input_ids [b, s] (padded with pad_id) and labels [b, s] (padded with -100)."""
+    s = max(len(e["input_ids"]) for e in examples)
+    s = -(-s // multiple) * multiple
+    ids = torch.full((len(examples), s), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), s), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+    return {"input_ids": ids, "labels": labels}
