@@ -1,6 +1,7 @@
 """Fused Triton kernels, installed as ``megatiny.kernels``.
 
-Modules (each: ``@triton.jit`` kernels, a ``torch.autograd.Function``, a public function, a plain-torch
+Modules (each: Triton kernels (``@jit`` below: ``triton.jit`` in Triton's import mode), a
+``torch.autograd.Function``, a public function, a plain-torch
 ``*_ref`` and the benchmark/compile entries used by ``benchmarks/kernels.py`` and the tests):
 
 - ``softmax``: ``scaled_causal_softmax(x, scale)``, ``scaled_masked_softmax(x, mask, scale)``
@@ -18,16 +19,28 @@ import torch
 
 
 def interpreter_ready() -> bool:
-    """Whether CPU tensors can run the kernels here: Triton *and* these kernels were built by the
-    interpreter (TRITON_INTERPRET=1 was set before ``triton`` was first imported).
+    """Whether CPU tensors can run the kernels here: Triton was imported in interpreter mode
+    (TRITON_INTERPRET=1 was set before ``triton`` was first imported).
 
     False when something imported ``triton`` earlier without it (``torch._dynamo`` does, e.g. via
     ``transformers``): the interpreter cannot be switched on afterwards in the same process.
     """
     import triton.language as tl
-    from megatiny.kernels.softmax import _softmax_fwd_kernel
 
-    return _is_interpreted(tl.max) and _is_interpreted(_softmax_fwd_kernel)
+    return _is_interpreted(tl.max)
+
+
+def jit(fn):
+    """``triton.jit`` that follows the mode Triton itself was imported in.
+
+    ``triton.jit`` reads TRITON_INTERPRET when each kernel is decorated, while ``tl.max`` /
+    ``tl.sum`` were fixed when ``triton`` was imported; a kernel built in the other mode can run
+    neither compiled nor interpreted. Following Triton's own mode keeps them consistent.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return InterpretedFunction(fn) if interpreter_ready() else JITFunction(fn)
 
 
 def kernels_usable(x: torch.Tensor) -> bool:
@@ -62,7 +75,7 @@ def check_launchable(kernel, *tensors: torch.Tensor) -> None:
         raise RuntimeError(
             f"the Triton kernels run on CUDA (or CPU under the interpreter), not {device}"
         )
-    if not (_is_interpreted(kernel) and interpreter_ready()):
+    if not _is_interpreted(kernel):
         raise RuntimeError(
             "the Triton kernels got CPU tensors but Triton was imported without its interpreter; "
             "set TRITON_INTERPRET=1 in the environment before triton is first imported (directly or "

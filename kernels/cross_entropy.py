@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
-from megatiny.kernels import check_launchable, num_warps_for
+from megatiny.kernels import check_launchable, jit, num_warps_for
 
 # Columns per chunk for long rows; rows up to this length are processed in one chunk.
 MAX_BLOCK = 4096
 
 
-@triton.jit
+@jit
 def _ce_fwd_kernel(LOGITS, TARGET, LOSS, LSE, TLOGIT, n_valid, vocab_start, ignore_index, stride_row,
                    PARALLEL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -58,7 +58,7 @@ def _ce_fwd_kernel(LOGITS, TARGET, LOSS, LSE, TLOGIT, n_valid, vocab_start, igno
         tl.store(LOSS + row, tl.where(t == ignore_index, 0.0, lse - x_t))
 
 
-@triton.jit
+@jit
 def _ce_bwd_kernel(LOGITS, TARGET, LSE, DLOSS, DLOGITS, n_cols, n_valid, vocab_start, ignore_index,
                    stride_row, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)

@@ -21,7 +21,7 @@ added to the norm's input gradient inside the backward kernel.
 import torch
 import triton
 import triton.language as tl
-from megatiny.kernels import check_launchable
+from megatiny.kernels import check_launchable, jit
 
 # Widest row the kernels take: the backward keeps w, x, dy, dh and the dw/db partial sums of a whole
 # row in registers; past 8192 features on an H100 that spills heavily (checked with ptxas -v).
@@ -37,7 +37,7 @@ def _bwd_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-@triton.jit
+@jit
 def _norm_fwd_kernel(X, RES, W, B, Y, H, MEAN, RSTD, N, eps,
                      IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      HAS_RES: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
@@ -65,7 +65,7 @@ def _norm_fwd_kernel(X, RES, W, B, Y, H, MEAN, RSTD, N, eps,
     tl.store(Y + off + cols, y.to(Y.dtype.element_ty), mask=inb)
 
 
-@triton.jit
+@jit
 def _norm_bwd_kernel(X, W, DY, DH, DX, MEAN, RSTD, DW_PART, DB_PART, M, N,
                      IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      HAS_DH: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
@@ -111,7 +111,8 @@ def _num_partials(rows: int, device: torch.device) -> int:
     """Programs of the backward kernel: enough to fill the GPU, few enough that [G, N] stays small."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 4 * sms))
+        # >= 8 rows per program, so summing the [G, N] partials stays small next to the main pass.
+        return max(1, min(4 * sms, triton.cdiv(rows, 8)))
     return max(1, min(rows, 4))
 
 

@@ -20,7 +20,7 @@ registers (one read, one write); longer rows are streamed in chunks with an onli
 import torch
 import triton
 import triton.language as tl
-from megatiny.kernels import check_launchable, num_warps_for
+from megatiny.kernels import check_launchable, jit, num_warps_for
 
 MASK_FILL = -10000.0
 # Longest row held whole in registers; longer rows are processed in CHUNK-column pieces.
@@ -28,7 +28,7 @@ MAX_BLOCK = 16384
 CHUNK = 4096
 
 
-@triton.jit
+@jit
 def _load_scores(X, M, row, q, cols, sk, causal_offset, scale, m_off, stride_mk,
                  HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):  # fmt: skip
     """Scaled fp32 scores of one row chunk; -inf outside the row or above the causal diagonal."""
@@ -42,7 +42,7 @@ def _load_scores(X, M, row, q, cols, sk, causal_offset, scale, m_off, stride_mk,
     return tl.where(keep, s, float("-inf"))
 
 
-@triton.jit
+@jit
 def _softmax_fwd_kernel(X, Y, M, sq, sk, n_heads, causal_offset, scale,
                         stride_mb, stride_mh, stride_mq, stride_mk,
                         HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
@@ -80,7 +80,7 @@ def _softmax_fwd_kernel(X, Y, M, sq, sk, n_heads, causal_offset, scale,
                      mask=c * BLOCK + cols < sk)  # fmt: skip
 
 
-@triton.jit
+@jit
 def _softmax_bwd_kernel(DY, Y, DX, M, sq, sk, n_heads, scale,
                         stride_mb, stride_mh, stride_mq, stride_mk,
                         HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):  # fmt: skip
