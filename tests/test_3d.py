@@ -7,6 +7,7 @@ the single-process run within fp32 tolerance.
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  AdamW imports it lazily: once here, not per forked rank
 import torch.distributed as dist
 from torch import nn
 

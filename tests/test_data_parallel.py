@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  AdamW imports it lazily: once here, not per forked rank
 import torch.distributed as dist
 from torch import nn
 
