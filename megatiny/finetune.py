@@ -200,71 +200,18 @@ def _write_json(path: str, obj) -> None:
 # ---- the run --------------------------------------------------------------------------------
 
 
-class _Task:
-    """What differs between the two tasks: data encoding, batch collation, loss and metrics."""
-
-    def __init__(self, cfg: FinetuneConfig, tokenizer, max_len: int, multiple: int):
-        self.cfg, self.pad, self.multiple = cfg, tokenizer.eod_id, multiple
-        self.classify = cfg.task == "classification"
-        self.labels, self.dropped = None, 0
-        if self.classify:
-            rows = fd.classification_rows(cfg.train)
-            self.labels = fd.LabelMap.from_rows(rows, cfg.num_classes)
-            self.train = fd.encode_classification(rows, tokenizer, self.labels, max_len)
-            self.valid = None
-            if cfg.valid:
-                valid = fd.classification_rows(cfg.valid)
-                self.valid = fd.encode_classification(valid, tokenizer, self.labels, max_len)
-        else:
-            self.train, self.dropped = fd.encode_instruction(
-                fd.instruction_rows(cfg.train), tokenizer, max_len
-            )
-            self.valid = None
-            if cfg.valid:
-                self.valid, d = fd.encode_instruction(
-                    fd.instruction_rows(cfg.valid), tokenizer, max_len
-                )
-                self.dropped += d
-            if not self.train:
-                raise FinetuneError(
-                    f"every row of {cfg.train} has a prompt longer than --max-len {max_len}; "
-                    "raise --max-len (up to the model's max_seq_len) or shorten the prompts"
-                )
-
-    def collate(self, examples, device):
-        fn = fd.collate_classification if self.classify else fd.collate_instruction
-        return {k: v.to(device) for k, v in fn(examples, self.pad, self.multiple).items()}
-
-    def count(self, examples) -> int:
-        """Loss terms: rows (classification) or response tokens (SFT)."""
-        if self.classify:
-            return len(examples)
-        return sum(sum(t != fd.IGNORE_INDEX for t in e["labels"]) for e in examples)
-
-    def loss_sum(self, model, batch):
-        """(sum of per-term losses, number of correct predictions or 0)."""
-        if self.classify:
-            logits = model(batch["input_ids"], batch["lengths"])
-            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-            return loss, int((logits.argmax(-1) == batch["labels"]).sum())
-        mean = model(batch["input_ids"], labels=batch["labels"])
-        return mean * (batch["labels"] != fd.IGNORE_INDEX).sum(), 0
-
-
-def _step_rows(n_rows: int, step: int, batch: int, seed: int) -> list[int]:
-    """Row indices of optimizer step `step`: consecutive slices of per-epoch permutations."""
-    out, perms = [], {}
-    for k in range(step * batch, (step + 1) * batch):
-        epoch, i = divmod(k, n_rows)
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            perms[epoch] = torch.randperm(n_rows, generator=g).tolist()
-        out.append(perms[epoch][i])
-    return out
+def loss_sum(task: fd.TaskData, model, batch):
+    """(sum of per-term losses, number of correct predictions or 0)."""
+    if task.classify:
+        logits = model(batch["input_ids"], batch["lengths"])
+        loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return loss, int((logits.argmax(-1) == batch["labels"]).sum())
+    mean = model(batch["input_ids"], labels=batch["labels"])
+    return mean * (batch["labels"] != fd.IGNORE_INDEX).sum(), 0
 
 
 @torch.no_grad()
-def evaluate(model, task: _Task, examples, ctx, micro: int, device) -> dict:
+def evaluate(model, task: fd.TaskData, examples, ctx, micro: int, device) -> dict:
     """Loss over the whole set (and accuracy for classification), rows split over dp."""
     dp, rank = (ctx.dp_size, ctx.dp_rank) if ctx is not None else (1, 0)
     mine = examples[rank::dp]
@@ -273,7 +220,7 @@ def evaluate(model, task: _Task, examples, ctx, micro: int, device) -> dict:
     try:
         for i in range(0, len(mine), micro):
             part = mine[i : i + micro]
-            value, right = task.loss_sum(model, task.collate(part, device))
+            value, right = loss_sum(task, model, task.collate(part, device))
             loss, correct = loss + float(value), correct + right
     finally:
         model.train()
@@ -321,7 +268,7 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
         )
     multiple = tp if cfg.sequence_parallel else 1
     max_len = min(cfg.max_len or mc.max_seq_len, mc.max_seq_len) // multiple * multiple
-    task = _Task(cfg, tokenizer, max_len, multiple)
+    task = fd.TaskData(cfg, tokenizer, max_len, multiple)
 
     torch.manual_seed(cfg.seed)
     model = body
@@ -350,13 +297,13 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
     per_rank = cfg.batch_size // dp
     losses, evals = [], []
     for step in range(cfg.steps):
-        rows = _step_rows(len(task.train), step, cfg.batch_size, cfg.seed)
+        rows = fd.step_rows(len(task.train), step, cfg.batch_size, cfg.seed)
         mine = [task.train[i] for i in rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]]
         (total,) = _sum([task.count(mine)], ctx)
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for i in range(0, per_rank, micro):
-            loss, _ = task.loss_sum(model, task.collate(mine[i : i + micro], device))
+            loss, _ = loss_sum(task, model, task.collate(mine[i : i + micro], device))
             (loss * dp / max(total, 1)).backward()  # dp: allreduce_gradients averages
             step_loss += float(loss.detach())
         allreduce_gradients(model, ctx.dp_group if ctx is not None else None)

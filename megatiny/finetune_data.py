@@ -222,3 +222,60 @@ def collate_instruction(examples, pad_id: int, multiple: int = 1) -> dict:
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
     return {"input_ids": ids, "labels": labels}
+
+
+# ---- a task's data ---------------------------------------------------------------------------
+
+
+class TaskData:
+    """A run's encoded train / valid examples and how to batch and count them. `cfg` is a
+    megatiny.finetune.FinetuneConfig; `multiple` pads batch lengths (tp under sequence
+    parallelism, whose sequence shards must be equal)."""
+
+    def __init__(self, cfg, tokenizer, max_len: int, multiple: int = 1):
+        self.pad, self.multiple = tokenizer.eod_id, multiple
+        self.classify = cfg.task == "classification"
+        self.labels, self.dropped = None, 0
+        if self.classify:
+            rows = classification_rows(cfg.train)
+            self.labels = LabelMap.from_rows(rows, cfg.num_classes)
+            self.train = encode_classification(rows, tokenizer, self.labels, max_len)
+            self.valid = None
+            if cfg.valid:
+                valid = classification_rows(cfg.valid)
+                self.valid = encode_classification(valid, tokenizer, self.labels, max_len)
+        else:
+            self.train, self.dropped = encode_instruction(
+                instruction_rows(cfg.train), tokenizer, max_len
+            )
+            self.valid = None
+            if cfg.valid:
+                self.valid, d = encode_instruction(instruction_rows(cfg.valid), tokenizer, max_len)
+                self.dropped += d
+            if not self.train:
+                raise FinetuneError(
+                    f"every row of {cfg.train} has a prompt longer than --max-len {max_len}; "
+                    "raise --max-len (up to the model's max_seq_len) or shorten the prompts"
+                )
+
+    def collate(self, examples, device):
+        fn = collate_classification if self.classify else collate_instruction
+        return {k: v.to(device) for k, v in fn(examples, self.pad, self.multiple).items()}
+
+    def count(self, examples) -> int:
+        """Loss terms: rows (classification) or response tokens (SFT)."""
+        if self.classify:
+            return len(examples)
+        return sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples)
+
+
+def step_rows(n_rows: int, step: int, batch: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`: consecutive slices of per-epoch permutations."""
+    out, perms = [], {}
+    for k in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(k, n_rows)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(n_rows, generator=g).tolist()
+        out.append(perms[epoch][i])
+    return out
