@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from megatiny.data.io import BadItem, RawItem, dump_record, parse_item
+from megatiny.data.io import BadItem, RawItem, doc_name, dump_record, parse_item
 from megatiny.data.stage import Result, run_stage
 
 MERSENNE = np.uint64((1 << 61) - 1)
@@ -166,7 +166,7 @@ def _work(item: RawItem) -> Result:
     out = item.data if item.kind == "jsonl" else dump_record(rec)
     if not out.endswith(b"\n"):
         out += b"\n"
-    return Result(None, out, n, item.where, doc_features(text, cfg))
+    return Result(None, out, n, item.where, (*doc_features(text, cfg), doc_name(rec, item.where)))
 
 
 class Deduplicator:
@@ -228,8 +228,8 @@ def dedup(
     state = Deduplicator(cfg)
 
     def decide(res: Result) -> str | None:
-        key, sig = res.payload
-        return state.check(key, sig, res.where)
+        key, sig, name = res.payload
+        return state.check(key, sig, name)
 
     def finish(rep) -> None:
         rep.extra["config"] = asdict(cfg)

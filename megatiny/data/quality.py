@@ -25,6 +25,7 @@ from megatiny.data.io import BadItem, RawItem, dump_record, parse_item
 from megatiny.data.stage import Result, run_stage
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+_PUNCT = ".,;:!?\"'()[]{}«»“”‘’"
 BULLETS = ("•", "-", "*", "‣", "◦", "⁃", "·")
 
 
@@ -73,7 +74,7 @@ def check_quality(text: str, cfg: QualityConfig, lang: str | None = None) -> str
         return "too_few_words"
     if _gt(nw, cfg.max_words):
         return "too_many_words"
-    mean_len = sum(len(w) for w in words) / nw
+    mean_len = sum(map(len, words)) / nw
     if _lt(mean_len, cfg.min_mean_word_len) or _gt(mean_len, cfg.max_mean_word_len):
         return "mean_word_length"
     symbols = text.count("#") + text.count("...") + text.count("…")
@@ -85,12 +86,14 @@ def check_quality(text: str, cfg: QualityConfig, lang: str | None = None) -> str
         return "bullet_lines"
     if _gt(sum(ln.endswith(("...", "…")) for ln in lines) / nl, cfg.max_ellipsis_lines_ratio):
         return "ellipsis_lines"
-    alpha_words = sum(any(c.isalpha() for c in w) for w in words)
-    if _lt(alpha_words / nw, cfg.min_alpha_words_ratio):
-        return "alpha_words"
+    if cfg.min_alpha_words_ratio is not None:
+        # str.isalpha() is the fast path: most words are letters only
+        no_alpha = sum(1 for w in words if not w.isalpha() and not any(map(str.isalpha, w)))
+        if _lt((nw - no_alpha) / nw, cfg.min_alpha_words_ratio):
+            return "alpha_words"
     if cfg.max_non_alpha_char_ratio is not None:
         chars = "".join(words)
-        non_alpha = sum(not c.isalpha() for c in chars)
+        non_alpha = len(chars) - sum(map(str.isalpha, chars))
         if _gt(non_alpha / max(1, len(chars)), cfg.max_non_alpha_char_ratio):
             return "non_alpha_chars"
     if cfg.max_dup_line_ratio is not None or cfg.max_dup_line_char_ratio is not None:
@@ -108,7 +111,7 @@ def check_quality(text: str, cfg: QualityConfig, lang: str | None = None) -> str
         if _gt(dup_chars / total_chars, cfg.max_dup_line_char_ratio):
             return "dup_line_chars"
     if cfg.min_stop_words is not None and lang in (None, "en"):
-        present = {w.lower().strip(".,;:!?\"'()") for w in words} & STOP_WORDS
+        present = STOP_WORDS.intersection(w.lower().strip(_PUNCT) for w in words)
         if len(present) < cfg.min_stop_words:
             return "stop_words"
     return None
