@@ -1,18 +1,11 @@
 """Megatron-style parallelism: process grid, context, comm mappings, parallel layers.
 
-`parallelize` is imported lazily (it depends on the model), so `import megatiny.parallel` stays
-light and free of import cycles.
+`parallelize` is imported eagerly: a lazy module `__getattr__` would be shadowed by the submodule
+of the same name as soon as anything imports `megatiny.parallel.parallelize`.
 """
 
 from megatiny.parallel.context import ParallelContext
 from megatiny.parallel.grid import Grid, build_grid
+from megatiny.parallel.parallelize import parallelize
 
 __all__ = ["Grid", "ParallelContext", "build_grid", "parallelize"]
-
-
-def __getattr__(name):
-    if name == "parallelize":
-        from megatiny.parallel.parallelize import parallelize
-
-        return parallelize
-    raise AttributeError(f"module 'megatiny.parallel' has no attribute {name!r}")
