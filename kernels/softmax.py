@@ -14,7 +14,8 @@ sk]``, or ``[sq, sk]``):
 Backward: ``dx = scale * y * (dy - sum_j dy_j y_j)``, and 0 where ``mask`` is set (the masked input
 does not reach the output). Inputs may be fp32/fp16/bf16; everything is accumulated in fp32 and
 the output has the input's dtype. Rows of any length: up to ``MAX_BLOCK`` columns a row is held in
-registers (one read, one write); longer rows are streamed in chunks with an online max/sum.
+registers (one read, one write; short rows packed several to a program); longer rows are streamed
+in chunks with an online max/sum.
 """
 
 import torch
@@ -26,46 +27,61 @@ MASK_FILL = -10000.0
 # Longest row held whole in registers; longer rows are processed in CHUNK-column pieces.
 MAX_BLOCK = 16384
 CHUNK = 4096
+# Short rows are packed into [ROWS, BLOCK] tiles of about this many elements per program.
+ROW_TILE = 2048
 
 
 @jit
-def _load_scores(X, M, row, q, cols, sk, causal_offset, scale, m_off, stride_mk,
+def _load_scores(X, M, row, row_ok, q, cols, sk, causal_offset, scale, m_off, stride_mk,
                  HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):  # fmt: skip
-    """Scaled fp32 scores of one row chunk; -inf outside the row or above the causal diagonal."""
-    keep = cols < sk
+    """Scaled fp32 scores of a row chunk (or a [ROWS, BLOCK] tile); -inf outside the row or
+    above the causal diagonal."""
+    inb = (cols < sk) & row_ok
+    keep = inb
     if CAUSAL:
         keep = keep & (cols <= q + causal_offset)
     s = tl.load(X + row * sk + cols, mask=keep, other=0.0).to(tl.float32) * scale
     if HAS_MASK:
-        m = tl.load(M + m_off + cols * stride_mk, mask=cols < sk, other=0)
+        m = tl.load(M + m_off + cols * stride_mk, mask=inb, other=0)
         s = tl.where(m != 0, -10000.0, s)  # MASK_FILL
     return tl.where(keep, s, float("-inf"))
 
 
 @jit
-def _softmax_fwd_kernel(X, Y, M, sq, sk, n_heads, causal_offset, scale,
-                        stride_mb, stride_mh, stride_mq, stride_mk,
-                        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                        BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+def _row_coords(row, sq, n_heads, stride_mb, stride_mh, stride_mq):
+    """Query index of a flat row of [b, np, sq, sk] and the mask offset of that row."""
     q = row % sq
-    head = (row // sq) % n_heads
-    batch = row // (sq * n_heads)
-    m_off = batch * stride_mb + head * stride_mh + q * stride_mq
-    cols = tl.arange(0, BLOCK)
+    m_off = (
+        (row // (sq * n_heads)) * stride_mb + ((row // sq) % n_heads) * stride_mh + q * stride_mq
+    )
+    return q, m_off
+
+
+@jit
+def _softmax_fwd_kernel(X, Y, M, n_rows, sq, sk, n_heads, causal_offset, scale,
+                        stride_mb, stride_mh, stride_mq, stride_mk,
+                        HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+                        NUM_CHUNKS: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
     if NUM_CHUNKS == 1:
-        s = _load_scores(
-            X, M, row, q, cols, sk, causal_offset, scale, m_off, stride_mk, HAS_MASK, CAUSAL
-        )
-        e = tl.exp(s - tl.max(s, axis=0))
-        y = e / tl.sum(e, axis=0)
-        tl.store(Y + row * sk + cols, y.to(Y.dtype.element_ty), mask=cols < sk)
+        # A [ROWS, BLOCK] tile: short rows are packed several per program.
+        row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+        cols = tl.arange(0, BLOCK)[None, :]
+        q, m_off = _row_coords(row, sq, n_heads, stride_mb, stride_mh, stride_mq)
+        s = _load_scores(X, M, row, row < n_rows, q, cols, sk, causal_offset, scale, m_off,
+                         stride_mk, HAS_MASK, CAUSAL)  # fmt: skip
+        s = tl.where(row < n_rows, s, 0.0)  # rows past the end: finite, never stored
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        y = e / tl.sum(e, axis=1)[:, None]
+        tl.store(Y + row * sk + cols, y.to(Y.dtype.element_ty), mask=(cols < sk) & (row < n_rows))
     else:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        q, m_off = _row_coords(row, sq, n_heads, stride_mb, stride_mh, stride_mq)
         # Online softmax statistics per lane; -1e30 (not -inf) so that exp(m_old - m_new) is never nan.
         m_i = tl.full([BLOCK], -1e30, tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         for c in range(NUM_CHUNKS):
-            s = _load_scores(X, M, row, q, c * BLOCK + cols, sk, causal_offset, scale, m_off,
+            s = _load_scores(X, M, row, True, q, c * BLOCK + cols, sk, causal_offset, scale, m_off,
                              stride_mk, HAS_MASK, CAUSAL)  # fmt: skip
             m_new = tl.maximum(m_i, s)
             l_i = l_i * tl.exp(m_i - m_new) + tl.exp(s - m_new)
@@ -73,7 +89,7 @@ def _softmax_fwd_kernel(X, Y, M, sq, sk, n_heads, causal_offset, scale,
         m_row = tl.max(m_i, axis=0)
         inv_l = 1.0 / tl.sum(l_i * tl.exp(m_i - m_row), axis=0)
         for c in range(NUM_CHUNKS):
-            s = _load_scores(X, M, row, q, c * BLOCK + cols, sk, causal_offset, scale, m_off,
+            s = _load_scores(X, M, row, True, q, c * BLOCK + cols, sk, causal_offset, scale, m_off,
                              stride_mk, HAS_MASK, CAUSAL)  # fmt: skip
             y = tl.exp(s - m_row) * inv_l
             tl.store(Y + row * sk + c * BLOCK + cols, y.to(Y.dtype.element_ty),
@@ -81,25 +97,26 @@ def _softmax_fwd_kernel(X, Y, M, sq, sk, n_heads, causal_offset, scale,
 
 
 @jit
-def _softmax_bwd_kernel(DY, Y, DX, M, sq, sk, n_heads, scale,
+def _softmax_bwd_kernel(DY, Y, DX, M, n_rows, sq, sk, n_heads, scale,
                         stride_mb, stride_mh, stride_mq, stride_mk,
-                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    q = row % sq
-    head = (row // sq) % n_heads
-    batch = row // (sq * n_heads)
-    m_off = batch * stride_mb + head * stride_mh + q * stride_mq
-    cols = tl.arange(0, BLOCK)
+                        HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+                        ROWS: tl.constexpr):  # fmt: skip
     if NUM_CHUNKS == 1:
-        inb = cols < sk
+        row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+        cols = tl.arange(0, BLOCK)[None, :]
+        inb = (cols < sk) & (row < n_rows)
         y = tl.load(Y + row * sk + cols, mask=inb, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * sk + cols, mask=inb, other=0.0).to(tl.float32)
-        dx = scale * y * (dy - tl.sum(y * dy, axis=0))
+        dx = scale * y * (dy - tl.sum(y * dy, axis=1)[:, None])
         if HAS_MASK:
+            _, m_off = _row_coords(row, sq, n_heads, stride_mb, stride_mh, stride_mq)
             m = tl.load(M + m_off + cols * stride_mk, mask=inb, other=0)
             dx = tl.where(m != 0, 0.0, dx)
         tl.store(DX + row * sk + cols, dx.to(DX.dtype.element_ty), mask=inb)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        _, m_off = _row_coords(row, sq, n_heads, stride_mb, stride_mh, stride_mq)
         acc = tl.zeros([BLOCK], tl.float32)
         for c in range(NUM_CHUNKS):
             inb = c * BLOCK + cols < sk
@@ -119,13 +136,14 @@ def _softmax_bwd_kernel(DY, Y, DX, M, sq, sk, n_heads, scale,
             tl.store(DX + row * sk + k, dx.to(DX.dtype.element_ty), mask=inb)
 
 
-def _block_config(sk: int) -> tuple[int, int]:
-    """(BLOCK, NUM_CHUNKS) for rows of ``sk`` columns."""
+def _block_config(sk: int) -> tuple[int, int, int]:
+    """(BLOCK, NUM_CHUNKS, ROWS) for rows of ``sk`` columns: rows shorter than ``ROW_TILE``
+    columns are packed ``ROW_TILE // BLOCK`` to a program so each moves a useful amount of data."""
     block = triton.next_power_of_2(sk)
     if block <= MAX_BLOCK:
-        return block, 1
+        return block, 1, max(1, min(ROW_TILE // block, 16))
     chunk = min(CHUNK, MAX_BLOCK)
-    return chunk, triton.cdiv(sk, chunk)
+    return chunk, triton.cdiv(sk, chunk), 1
 
 
 def _as_4d(x: torch.Tensor) -> torch.Tensor:
@@ -165,13 +183,14 @@ class _ScaledSoftmax(torch.autograd.Function):
             )
         check_launchable(_softmax_fwd_kernel, x4, *([m4] if m4 is not None else []))
         y = torch.empty_like(x4)
-        block, chunks = _block_config(sk)
+        block, chunks, rows = _block_config(sk)
         strides = m4.stride() if m4 is not None else (0, 0, 0, 0)
+        n_rows = b * h * sq
         if x4.numel() > 0:
-            _softmax_fwd_kernel[(b * h * sq,)](
-                x4, y, m4 if m4 is not None else x4, sq, sk, h, sk - sq, float(scale), *strides,
-                HAS_MASK=m4 is not None, CAUSAL=causal, BLOCK=block, NUM_CHUNKS=chunks,
-                num_warps=num_warps_for(block),
+            _softmax_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+                x4, y, m4 if m4 is not None else x4, n_rows, sq, sk, h, sk - sq, float(scale),
+                *strides, HAS_MASK=m4 is not None, CAUSAL=causal, BLOCK=block, NUM_CHUNKS=chunks,
+                ROWS=rows, num_warps=num_warps_for(block * rows),
             )  # fmt: skip
         ctx.save_for_backward(y, m4)
         ctx.scale = float(scale)
@@ -183,13 +202,14 @@ class _ScaledSoftmax(torch.autograd.Function):
         b, h, sq, sk = y.shape
         dy4 = dy.reshape(y.shape).contiguous()
         dx = torch.empty_like(y)
-        block, chunks = _block_config(sk)
+        block, chunks, rows = _block_config(sk)
         strides = m4.stride() if m4 is not None else (0, 0, 0, 0)
+        n_rows = b * h * sq
         if y.numel() > 0:
-            _softmax_bwd_kernel[(b * h * sq,)](
-                dy4, y, dx, m4 if m4 is not None else y, sq, sk, h, ctx.scale, *strides,
-                HAS_MASK=m4 is not None, BLOCK=block, NUM_CHUNKS=chunks,
-                num_warps=num_warps_for(block),
+            _softmax_bwd_kernel[(triton.cdiv(n_rows, rows),)](
+                dy4, y, dx, m4 if m4 is not None else y, n_rows, sq, sk, h, ctx.scale, *strides,
+                HAS_MASK=m4 is not None, BLOCK=block, NUM_CHUNKS=chunks, ROWS=rows,
+                num_warps=num_warps_for(block * rows),
             )  # fmt: skip
         return dx.view(dy.shape), None, None, None
 
@@ -223,11 +243,14 @@ def scaled_masked_softmax_ref(x: torch.Tensor, mask: torch.Tensor, scale: float)
 def compile_specs() -> list[dict]:
     """Kernel instances the compile test builds for an H100 (signature + constexprs)."""
     specs = []
-    for dtype in ("fp32", "bf16", "fp16"):
+    ints = {"n_rows": "i32", "sq": "i32", "sk": "i32", "n_heads": "i32"}
+    strides = {k: "i64" for k in ("stride_mb", "stride_mh", "stride_mq", "stride_mk")}
+    for dtype in ("fp32", "bf16"):
         for has_mask, causal in ((False, True), (True, False)):
-            for block, chunks in ((1024, 1), (4096, 3)):
-                common = {"sq": "i32", "sk": "i32", "n_heads": "i32"}
-                strides = {k: "i64" for k in ("stride_mb", "stride_mh", "stride_mq", "stride_mk")}
+            # packed short rows, one whole row, a streamed long row
+            for block, chunks, rows in ((128, 1, 16), (4096, 1, 1), (4096, 3, 1)):
+                warps = num_warps_for(block * rows)
+                flags = {"HAS_MASK": has_mask, "BLOCK": block, "NUM_CHUNKS": chunks, "ROWS": rows}
                 specs.append(
                     dict(
                         fn=_softmax_fwd_kernel,
@@ -235,18 +258,13 @@ def compile_specs() -> list[dict]:
                             "X": f"*{dtype}",
                             "Y": f"*{dtype}",
                             "M": "*u8",
-                            **common,
+                            **ints,
                             "causal_offset": "i32",
                             "scale": "fp32",
                             **strides,
                         },  # fmt: skip
-                        constexprs={
-                            "HAS_MASK": has_mask,
-                            "CAUSAL": causal,
-                            "BLOCK": block,
-                            "NUM_CHUNKS": chunks,
-                        },
-                        num_warps=num_warps_for(block),
+                        constexprs={**flags, "CAUSAL": causal},
+                        num_warps=warps,
                     )
                 )
                 specs.append(
@@ -257,12 +275,12 @@ def compile_specs() -> list[dict]:
                             "Y": f"*{dtype}",
                             "DX": f"*{dtype}",
                             "M": "*u8",
-                            **common,
+                            **ints,
                             "scale": "fp32",
                             **strides,
                         },  # fmt: skip
-                        constexprs={"HAS_MASK": has_mask, "BLOCK": block, "NUM_CHUNKS": chunks},
-                        num_warps=num_warps_for(block),
+                        constexprs=flags,
+                        num_warps=warps,
                     )
                 )
     return specs
