@@ -289,6 +289,24 @@ class _Done:
 _DONE = _Done()
 
 
+def build_data_parallel(model: nn.Module, ctx, shard: bool = False, bucket_mb: float = 25.0):
+    """The DDP wrapper a training loop needs, or None when there is nothing to reduce.
+
+    Gradients need averaging when dp x cp > 1; ZeRO-1 (`shard`) needs the wrapper at any dp. A
+    pipeline model's tied embedding copy (first / last stage) gets its own bucket.
+    """
+    group = resolve_dp_group(ctx)
+    if dist.get_world_size(group) == 1 and not shard:
+        return None
+    isolate = ()
+    if getattr(model, "chunks", None) is not None:
+        from megatiny.parallel.pipeline import tied_embedding_weight
+
+        tied = tied_embedding_weight(model.chunks, ctx)
+        isolate = () if tied is None else (tied,)
+    return DistributedDataParallel(model, ctx, bucket_mb=bucket_mb, shard=shard, isolate=isolate)
+
+
 def no_sync_unless(
     ddp: DistributedDataParallel | None, sync: bool
 ) -> contextlib.AbstractContextManager:

@@ -329,7 +329,12 @@ def as_trainer_schedule(schedule: PipelineSchedule):
     """Adapt to the training loop's `schedule(model, micro_batches, *, loss_fn, grad_sync,
     autocast)` signature (the model and loss live in the chunks)."""
 
-    def run(model, micro_batches, *, loss_fn=None, grad_sync=None, autocast=None):
-        return schedule(micro_batches, grad_sync=grad_sync, autocast=autocast).cpu()
+    def run(
+        model, micro_batches, *, loss_fn=None, grad_sync=None, autocast=None, forward_only=False
+    ):
+        loss = schedule(
+            micro_batches, forward_only=forward_only, grad_sync=grad_sync, autocast=autocast
+        )
+        return loss.cpu()
 
     return run

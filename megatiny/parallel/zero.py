@@ -91,6 +91,17 @@ class ZeroOptimizer:
         self.optimizer = optimizer_cls(inner_groups, **optimizer_kwargs)
         self._consolidated: _ConsolidatedState | None = None
 
+    @classmethod
+    def from_train_config(cls, ddp: DistributedDataParallel, model: nn.Module, train_config):
+        """AdamW over `megatiny.optim.param_groups(model, ...)` with a TrainConfig's settings."""
+        from megatiny.optim import param_groups
+
+        tc = train_config
+        groups = param_groups(
+            model, tc.weight_decay, tc.decay_norms_and_biases, tc.decay_embeddings
+        )
+        return cls(ddp, groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, foreach=True)
+
     @property
     def param_groups(self):
         return self.optimizer.param_groups
@@ -150,6 +161,18 @@ class ZeroOptimizer:
         return norm
 
     @torch.no_grad()
+    def _refresh_master(self) -> None:
+        """master <- my slices of the parameters, when both are fp32 (then they are equal unless
+        something, e.g. a checkpoint load, wrote the parameters in place)."""
+        ddp = self.ddp
+        if ddp.param_buffer.dtype != self.master.dtype:
+            return
+        for bucket in ddp.buckets:
+            lo, hi = ddp.shard_range(bucket)
+            off = ddp.shard_offset(bucket)
+            self.master[off : off + hi - lo].copy_(ddp.param_buffer[lo:hi])
+
+    @torch.no_grad()
     def step(self) -> None:
         """Step the inner optimizer on my slice, then all-gather the parameters of every bucket."""
         if not any(piece.grad is not None for piece, *_ in self.pieces):
@@ -157,6 +180,7 @@ class ZeroOptimizer:
         if self._consolidated is not None:  # a checkpoint may have loaded into it
             self._scatter(self._consolidated.by_id)
             self._consolidated = None
+        self._refresh_master()
         self.optimizer.step()
         ddp = self.ddp
         handles, staged = [], []
