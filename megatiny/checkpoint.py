@@ -86,7 +86,7 @@ def _shard_pieces(module: nn.Module, name: str, tensor: torch.Tensor, vocab_size
     return None
 
 
-def _sharded(tensor: torch.Tensor, dim: int, full: int, pieces, group, group_rank: int):
+def _sharded(tensor: torch.Tensor, dim: int, full: int, pieces, group, global_rank: int):
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
@@ -98,7 +98,7 @@ def _sharded(tensor: torch.Tensor, dim: int, full: int, pieces, group, group_ran
         offsets[dim] = full_start
         sizes = list(tensor.shape)
         sizes[dim] = length
-        placement = f"rank:{group_rank}/{tensor.device}"
+        placement = f"rank:{global_rank}/{tensor.device}"  # a global rank of `group`
         local = tensor.narrow(dim, local_start, length)
         shards.append(Shard(local, ShardMetadata(offsets, sizes, placement)))
     return init_from_local_shards(shards, *shape, process_group=group)
@@ -120,7 +120,7 @@ def model_state(model: nn.Module, ctx=None) -> dict[str, object]:
             out[name] = t
         else:
             dim, full, pieces = spec
-            out[name] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.tp_rank)
+            out[name] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.rank)
     return out
 
 
@@ -147,7 +147,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx=None
                 out[f"{name}.{key}"] = t
             else:
                 dim, full, pieces = spec
-                out[f"{name}.{key}"] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.tp_rank)
+                out[f"{name}.{key}"] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.rank)
         out[f"{name}.step"] = state["step"]
     return out
 

@@ -225,6 +225,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
     zero1: bool = False
+    ddp_bucket_mb: float = 25.0  # gradient all-reduce bucket size (overlapped with backward)
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp"):

@@ -7,7 +7,7 @@ One optimizer step (`train_step`):
     micro_batches = the dp rank's share of the global batch, split into `accumulation` pieces
     loss          = schedule(model, micro_batches)     forward + backward of every micro-batch,
                                                        each backward scaled by 1/accumulation
-    grads         averaged over the dp (x cp) group
+    grads         averaged over the dp (x cp) group (bucketed, overlapped: DistributedDataParallel)
     grad_norm     = the global norm over TP / PP shards, replicated parameters counted once
     clip, AdamW step, lr schedule step
 
@@ -84,20 +84,6 @@ def forward_backward_no_pipelining(model, micro_batches, *, loss_fn=compute_loss
     return total / n
 
 
-def allreduce_gradients(model, group) -> None:
-    """Average gradients over `group` (plain, non-overlapped fallback when no DDP wrapper)."""
-    if group is None or dist.get_world_size(group) == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 @dataclass
 class Trainer:
     """Everything one rank needs to run steps; built by `build_trainer`."""
@@ -161,10 +147,8 @@ class Trainer:
             self.model, self.micro_batches(), loss_fn=self.loss_fn, grad_sync=grad_sync,
             autocast=self.autocast,
         )  # fmt: skip
-        if self.ddp is not None:
+        if self.ddp is not None:  # dp x cp > 1: wait for the last gradient buckets
             self.ddp.finish_grad_sync()
-        else:
-            allreduce_gradients(self.model, getattr(ctx, "dp_cp_group", ctx.dp_group))
         if ctx.pp_size > 1:  # the loss lives on the last stage
             loss = loss.to(ctx.device)
             dist.broadcast(loss, src=ctx.pp_ranks[-1], group=ctx.pp_group)
@@ -293,11 +277,17 @@ def build_trainer(cfg: Config, ctx) -> Trainer:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     train_data, valid_data = build_data(cfg, ctx, dp)
+    ddp = None
+    if ctx.dp_size * ctx.cp_size > 1:
+        from megatiny.parallel.data_parallel import DistributedDataParallel
+
+        # Gradients averaged over dp x cp in buckets, overlapped with the backward pass.
+        ddp = DistributedDataParallel(model, ctx, bucket_mb=cfg.parallel.ddp_bucket_mb)
     # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp rank.
     torch.manual_seed(cfg.train.seed + 1 + 100 * ctx.pp_rank + 10_000 * ctx.dp_rank)
     return Trainer(
         cfg, ctx, model, optimizer, scheduler, train_data, valid_data,
-        accumulation=cfg.train.accumulation_steps(dp),
+        accumulation=cfg.train.accumulation_steps(dp), ddp=ddp,
     )  # fmt: skip
 
 

@@ -131,14 +131,18 @@ def test_tp2_matches_tp1(tmp_path):
 
 @pytest.mark.slow
 def test_global_batch_is_micro_x_accumulation_x_dp(tmp_path):
-    """micro 4 x accum 1 x dp 1 == micro 2 x accum 2 x dp 1 == micro 2 x accum 1 x dp 2."""
+    """micro 4 x accum 1 x dp 1 == micro 2 x accum 2 x dp 1 == micro 2 x accum 1 x dp 2
+    (bucketed DDP), also with tp=2 x dp=2 on 4 ranks."""
     prefix = make_corpus(tmp_path)
     common = ("train.global_batch_size=4", "train.steps=3")
     ref = run_training(tiny_config(prefix, tmp_path / "a", *common, "train.micro_batch_size=4"))
     acc = run_training(tiny_config(prefix, tmp_path / "b", *common, "train.micro_batch_size=2"))
     dp2 = run_training(tiny_config(prefix, tmp_path / "c", *common, "train.micro_batch_size=2"), 2)
     np.testing.assert_allclose(acc[0]["losses"], ref[0]["losses"], rtol=1e-5)
-    for out in dp2:
+    tp2dp2 = run_training(
+        tiny_config(prefix, tmp_path / "d", *common, "train.micro_batch_size=2", "parallel.tp=2"), 4
+    )
+    for out in dp2 + tp2dp2:
         np.testing.assert_allclose(out["losses"], ref[0]["losses"], rtol=1e-5)
 
 
