@@ -19,7 +19,7 @@ Instruction SFT: loss = mean next-token cross-entropy over the response tokens o
 
 One optimizer step sees `batch_size` rows, split over dp ranks and micro-batches. Each micro-batch
 contributes (sum of its losses) / (number of rows or response tokens in the whole global batch),
-and gradients are summed over dp (mean * dp_size), so the update equals one device seeing the
+and gradients are summed over dp, so the update equals one device seeing the
 whole batch, whatever the dp / micro-batch split. `--trainable-blocks K` freezes the embeddings
 and all but the last K blocks (the final norm and the head always train).
 """
@@ -111,6 +111,8 @@ class SequenceClassifier(nn.Module):
 
 def load_pretrained(path: str) -> nn.Module:
     """The single-device GPT of a model dir or training checkpoint, with clear errors."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from megatiny.checkpoint import CheckpointError
     from megatiny.hf import load_any
 
@@ -120,12 +122,19 @@ def load_pretrained(path: str) -> nn.Module:
         return load_any(path)
     except (CheckpointError, FileNotFoundError) as e:
         raise FinetuneError(f"cannot load --checkpoint {path}: {e}") from None
-    except (RuntimeError, ValueError) as e:
+    # Shape mismatches surface as RuntimeError (safetensors) or DCP's CheckpointException (a
+    # BaseException) wrapping a ValueError.
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        shape = [ln for ln in lines if "size mismatch" in ln.lower()]
+        if shape:
+            raise FinetuneError(
+                f"--checkpoint {path} holds tensors of a different model shape than its config "
+                f"says ({shape[0][:300]}); pass the directory written together with that config"
+            ) from e
         raise FinetuneError(
-            f"--checkpoint {path} holds tensors of a different model shape than its config "
-            f"says ({str(e).splitlines()[0][:300]}); pass the directory written together with "
-            "that config, or re-export the model"
-        ) from None
+            f"cannot load --checkpoint {path}: {type(e).__name__}: {lines[0] if lines else ''}"
+        ) from e
 
 
 def freeze(body: nn.Module, trainable_blocks: int | None) -> None:
@@ -240,7 +249,7 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
     from megatiny.hf import save_model
     from megatiny.metrics import MetricsWriter, progress_bar
     from megatiny.optim import WarmupCosine, clip_grad_norm_, param_groups
-    from megatiny.train import allreduce_gradients
+    from megatiny.parallel.comm import all_reduce_grads
 
     tp = ctx.tp_size if ctx is not None else 1
     dp, dp_rank = (ctx.dp_size, ctx.dp_rank) if ctx is not None else (1, 0)
@@ -304,9 +313,10 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
         step_loss = 0.0
         for i in range(0, per_rank, micro):
             loss, _ = loss_sum(task, model, task.collate(mine[i : i + micro], device))
-            (loss * dp / max(total, 1)).backward()  # dp: allreduce_gradients averages
+            (loss / max(total, 1)).backward()
             step_loss += float(loss.detach())
-        allreduce_gradients(model, ctx.dp_group if ctx is not None else None)
+        if dp > 1:  # each rank holds its rows' share of the global-batch gradient: sum them
+            all_reduce_grads(model.parameters(), ctx.dp_group)
         (step_loss,) = _sum([step_loss], ctx)
         losses.append(step_loss / max(total, 1))
         grad_norm = float(clip_grad_norm_(model, cfg.grad_clip, ctx))

@@ -216,16 +216,28 @@ def test_bad_input_gives_clear_errors(assets, tmp_path):
     other = d / "other"
     torch.manual_seed(0)
     vocab = load_tokenizer(assets["tok"]).vocab_size
-    save_model(GPT(ModelConfig.gpt2(vocab_size=vocab, max_seq_len=MAX_LEN, d_model=64, n_layers=2,
-                                    n_heads=4)), str(other))  # fmt: skip
+    wide = GPT(ModelConfig.gpt2(vocab_size=vocab, max_seq_len=MAX_LEN, d_model=64, n_layers=2,
+                                n_heads=4))  # fmt: skip
+    save_model(wide, str(other))
     with open(os.path.join(assets["base"], "model_config.json")) as f:
         (other / "model_config.json").write_text(f.read())  # d_model 32, tensors of d_model 64
-    with pytest.raises(FinetuneError, match="different model shape"):
+    with pytest.raises(FinetuneError, match="(?i)different model shape.*size mismatch"):
         finetune(cls_config(assets, d / "o", checkpoint=str(other)))
+    # The same for a training checkpoint whose meta.json names another shape.
+    from megatiny.checkpoint import save_checkpoint
+
+    step = save_checkpoint(str(d / "run" / "checkpoints"), 1, wide, None)
+    meta = json.load(open(os.path.join(step, "meta.json")))
+    meta["model"]["d_model"] = 32
+    with open(os.path.join(step, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(FinetuneError, match="(?i)different model shape.*size mismatch"):
+        finetune(cls_config(assets, d / "o", checkpoint=str(d / "run")))
     # A tokenizer larger than the model's vocabulary.
     small = d / "small"
-    save_model(GPT(ModelConfig.gpt2(vocab_size=vocab - 1, max_seq_len=MAX_LEN, d_model=32, n_layers=2,
-                                    n_heads=4)), str(small))  # fmt: skip
+    narrow = ModelConfig.gpt2(vocab_size=vocab - 1, max_seq_len=MAX_LEN, d_model=32, n_layers=2,
+                              n_heads=4)  # fmt: skip
+    save_model(GPT(narrow), str(small))
     with pytest.raises(
         FinetuneError,
         match=f"tokenizer has {vocab} tokens but the model's vocab_size is {vocab - 1}",
