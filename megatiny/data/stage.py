@@ -70,9 +70,7 @@ def pmap(
         for x in items:
             yield fn(x)
         return
-    # Forked children must not reuse the parent's Rust thread pools (HF tokenizers).
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with mp.get_context("fork").Pool(workers, initializer, initargs) as pool:
+    with mp.get_context("fork").Pool(workers, _child_init, (initializer, initargs)) as pool:
         pending: deque = deque()
         for batch in batched(items, window):
             chunk = max(1, len(batch) // (4 * workers))
@@ -81,6 +79,15 @@ def pmap(
                 yield from pending.popleft().get()
         while pending:
             yield from pending.popleft().get()
+
+
+def _child_init(initializer, initargs) -> None:
+    # Workers are the parallelism: HF tokenizers must not start its own thread pool in each
+    # (and must not reuse the parent's after fork). Set here, not in the parent, so the
+    # parent's own batch encoding and tokenizer training stay multi-threaded.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def default_workers() -> int:
