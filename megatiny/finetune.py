@@ -254,7 +254,13 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
     tp = ctx.tp_size if ctx is not None else 1
     dp, dp_rank = (ctx.dp_size, ctx.dp_rank) if ctx is not None else (1, 0)
     rank0 = ctx is None or ctx.rank == 0
-    device = ctx.device if ctx is not None else torch.device("cpu")
+    device = (
+        ctx.device
+        if ctx is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if ctx is not None and (ctx.pp_size > 1 or ctx.cp_size > 1):
+        raise FinetuneError("finetune supports tensor and data parallelism only (pp = cp = 1)")
     if cfg.tp != tp:
         raise FinetuneError(f"cfg.tp={cfg.tp} but the parallel context has tp={tp}")
     if cfg.batch_size % dp:
@@ -320,9 +326,15 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
         (step_loss,) = _sum([step_loss], ctx)
         losses.append(step_loss / max(total, 1))
         grad_norm = float(clip_grad_norm_(model, cfg.grad_clip, ctx))
+        if not (math.isfinite(losses[-1]) and math.isfinite(grad_norm)):  # same on every rank
+            raise FinetuneError(
+                f"non-finite loss {losses[-1]} / grad norm {grad_norm} at step {step + 1}; "
+                "lower --lr or check the data"
+            )
+        lr = scheduler.lr
         optimizer.step()
         scheduler.step()
-        writer.write(step + 1, {"loss": losses[-1], "grad_norm": grad_norm, "lr": scheduler.lr})
+        writer.write(step + 1, {"loss": losses[-1], "grad_norm": grad_norm, "lr": lr})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
