@@ -315,15 +315,18 @@ class GPTDataset(torch.utils.data.Dataset):
         self.cache = IndexCache(cache_dir, f"GPTDataset-{split_name}", description)
         arrays = self.cache.load(("document_index", "sample_index", "shuffle_index"), self._valid)
         if arrays is None:
-            arrays = build_gpt_indices(
-                indexed.sequence_lengths,
-                self.indices,
-                seq_length,
-                num_samples,
-                seed,
-                bool(self.add_extra_token),
-                self.drop_last,
-            )
+            try:
+                arrays = build_gpt_indices(
+                    indexed.sequence_lengths,
+                    self.indices,
+                    seq_length,
+                    num_samples,
+                    seed,
+                    bool(self.add_extra_token),
+                    self.drop_last,
+                )
+            except ValueError as error:
+                raise ValueError(f"{split_name} split of {indexed.path_prefix}: {error}") from None
             self.cache.save(dict(zip(("document_index", "sample_index", "shuffle_index"), arrays)))
         self.document_index, self.sample_index, self.shuffle_index = arrays
 
@@ -389,3 +392,10 @@ class GPTDataset(torch.utils.data.Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids),
         }
+
+
+def build_datasets(data_path, split, seq_length, num_samples, seed, cache_dir=None, **kwargs):
+    """(train, valid, test); see megatiny.data.blended.build_datasets."""
+    from megatiny.data.blended import build_datasets as build
+
+    return build(data_path, split, seq_length, num_samples, seed, cache_dir, **kwargs)

@@ -135,8 +135,9 @@ def build_blending_indices(
 
     Slot s goes to the dataset d that maximises weights[d] * max(s, 1) - taken[d] (the lowest d on
     ties): the one furthest behind its target share so far. dataset_sample_index[s] = taken[d], the
-    number of samples already drawn from d. After n slots every dataset is within one sample of
-    weights[d] * n. Weights are expected normalised (sum 1).
+    number of samples already drawn from d. After n slots no dataset is a whole sample ahead of
+    weights[d] * n (the chosen d had taken[d] <= weights[d] * s, as the errors sum to 0), so none
+    is more than num_datasets - 1 behind. Weights are expected normalised (sum 1).
     """
     if not 0 < num_datasets <= np.iinfo(np.int16).max:
         raise ValueError(
