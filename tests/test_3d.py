@@ -46,41 +46,52 @@ def reference_run():
     return losses, norms
 
 
-def train_3d(ctx, v, zero, sp, schedule=None):
-    """One model replica's training run built from the pieces: schedule + DDP + (ZeRO) AdamW."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config())
-    if ctx.tp_size > 1:
-        parallelize(model, ctx, sequence_parallel=sp)
-    module = build_pipeline(model, ctx, v)  # the GPT itself at pp=1, else a PipelineModel
-    chunks = module.chunks
-    tied = tied_embedding_weight(chunks, ctx)
-    ddp = DistributedDataParallel(
-        module, ctx, bucket_mb=0.01, shard=zero, isolate=[tied] if tied is not None else ()
-    )
-    groups = param_groups(module, WD)
-    opt = ZeroOptimizer(ddp, groups, lr=LR) if zero else torch.optim.AdamW(groups, lr=LR)
-    run = build_schedule(ctx, chunks, MICRO, SEQ, schedule=schedule, sequence_parallel=sp)
-    skip = replicated_parameter_ids(chunks, ctx)
-    per_rank = GLOBAL_MICRO_BATCHES // ctx.dp_size
-    losses, norms = [], []
-    for step in range(STEPS):
+class Replica:
+    """One model replica built from the pieces: schedule + DDP + (ZeRO-1) AdamW."""
+
+    def __init__(self, ctx, v=None, zero=False, sp=False, schedule=None):
+        torch.manual_seed(0)
+        model = GPT(tiny_config())
+        if ctx.tp_size > 1:
+            parallelize(model, ctx, sequence_parallel=sp)
+        self.ctx, self.zero = ctx, zero
+        self.module = build_pipeline(model, ctx, v)  # the GPT at pp=1, else a PipelineModel
+        self.chunks = self.module.chunks
+        tied = tied_embedding_weight(self.chunks, ctx)
+        self.ddp = DistributedDataParallel(
+            self.module, ctx, bucket_mb=0.01, shard=zero, isolate=[tied] if tied is not None else ()
+        )
+        groups = param_groups(self.module, WD)
+        self.opt = (
+            ZeroOptimizer(self.ddp, groups, lr=LR) if zero else torch.optim.AdamW(groups, lr=LR)
+        )
+        self.run = build_schedule(
+            ctx, self.chunks, MICRO, SEQ, schedule=schedule, sequence_parallel=sp
+        )
+        self.skip = replicated_parameter_ids(self.chunks, ctx)
+
+    def train_step(self, step):
+        ctx, ddp = self.ctx, self.ddp
+        per_rank = GLOBAL_MICRO_BATCHES // ctx.dp_size
         batches = micro_batches(GLOBAL_MICRO_BATCHES, step=step)
-        mine = batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
-        loss = run(mine, ddp)
+        loss = self.run(batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank], ddp)
         ddp.finish_grad_sync()
-        sync_tied_grads(chunks, ctx, ddp)
-        if zero:
-            norm = opt.clip_grad_norm(CLIP, ctx, skip_parameter_ids=skip)
+        sync_tied_grads(self.chunks, ctx, ddp)
+        if self.zero:
+            norm = self.opt.clip_grad_norm(CLIP, ctx, skip_parameter_ids=self.skip)
         else:
-            norm = clip_grad_norm_(module, CLIP, ctx, skip_parameter_ids=skip)
-        opt.step()
-        opt.zero_grad()
+            norm = clip_grad_norm_(self.module, CLIP, ctx, skip_parameter_ids=self.skip)
+        self.opt.step()
+        self.opt.zero_grad()
         ddp.zero_grad()
         dist.all_reduce(loss, group=ctx.dp_group)
-        losses.append(loss.item() / ctx.dp_size)
-        norms.append(norm.item())
-    return losses, norms
+        return loss.item() / ctx.dp_size, norm.item()
+
+
+def train_3d(ctx, v, zero, sp, schedule=None):
+    replica = Replica(ctx, v, zero, sp, schedule)
+    losses, norms = zip(*(replica.train_step(step) for step in range(STEPS)))
+    return list(losses), list(norms)
 
 
 def _worker(tp, pp, dp, v, sp, zero_modes, schedule):
@@ -132,3 +143,33 @@ def test_3d_matrix(tp, pp, dp):
 )
 def test_3d_interleaved_and_gpipe_on_8_ranks(tp, pp, dp, sp, schedule):
     check_layout(tp, pp, dp, v=2 if schedule is None else None, sp=sp, schedule=schedule)
+
+
+def _checkpoint_worker(layout, zero, path, steps):
+    """Train `steps` (a range) at `layout`, loading from / saving to `path` around them."""
+    from megatiny.checkpoint import load_checkpoint, save_checkpoint
+
+    tp, pp, dp, v = layout
+    ctx = ParallelContext.initialize(tp=tp, pp=pp, dp=dp)
+    replica = Replica(ctx, v, zero, sp=tp > 1)
+    if steps[0] > 0:
+        load_checkpoint(path, replica.module, replica.opt, None, ctx)
+    out = [replica.train_step(step) for step in steps]
+    if steps[0] == 0:
+        save_checkpoint(path, steps[-1] + 1, replica.module, replica.opt, None, ctx, keep=1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [False, True])
+def test_checkpoint_saved_at_2x2x2_resumes_at_other_layouts(tmp_path, zero):
+    ref_losses, ref_norms = reference_run()
+    saved = (2, 2, 2, 2)  # tp, pp, dp, virtual stages
+    first = run_ranks(_checkpoint_worker, 8, args=(saved, zero, str(tmp_path), range(2)))
+    assert [loss for loss, _ in first[0]] == pytest.approx(ref_losses[:2], rel=2e-5)
+    for layout in [(1, 1, 1, None), (4, 1, 2, None), (1, 2, 2, None)]:
+        world = layout[0] * layout[1] * layout[2]
+        out = run_ranks(_checkpoint_worker, world, args=(layout, zero, str(tmp_path), range(2, 3)))
+        loss, norm = out[0][0]
+        assert loss == pytest.approx(ref_losses[2], rel=2e-5), layout
+        assert norm == pytest.approx(ref_norms[2], rel=2e-4), layout
