@@ -196,3 +196,22 @@ def test_forward_only_evaluation(kind, v, m):
     # m=3 is not a multiple of pp: evaluation still runs under interleaving.
     for loss, ref, no_grads in run_ranks(_forward_only_worker, 2, args=(kind, v, m)):
         assert loss == pytest.approx(ref, rel=1e-6) and no_grads
+
+
+def _in_flight_worker(kind, v, m):
+    torch.manual_seed(0)
+    ctx = ParallelContext.initialize(pp=4)
+    split = [1] * (4 * v) if v > 1 else None
+    chunks = build_pipeline_chunks(GPT(tiny_config(n_layers=4 * v)), ctx, v, layer_split=split)
+    schedule = build_schedule(ctx, chunks, MICRO, SEQ, schedule=kind)
+    schedule(micro_batches(m))
+    return schedule.max_in_flight
+
+
+@pytest.mark.slow
+def test_activation_memory_of_each_schedule():
+    # Micro-batches whose activations are alive at once, per pipeline rank r (p=4, m=8).
+    assert run_ranks(_in_flight_worker, 4, args=("gpipe", 1, 8)) == [8, 8, 8, 8]
+    assert run_ranks(_in_flight_worker, 4, args=("1f1b", 1, 8)) == [4, 3, 2, 1]  # p - r
+    # Interleaved (v=2): 2(p-r-1) + (v-1)p warm-up chunk forwards + 1.
+    assert run_ranks(_in_flight_worker, 4, args=("interleaved", 2, 8)) == [11, 9, 7, 5]

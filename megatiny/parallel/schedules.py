@@ -47,10 +47,14 @@ class _Steps:
         self.n_forward = [0] * len(chunks)
         self.n_backward = [0] * len(chunks)
         self.losses: list[torch.Tensor] = []
+        self.max_in_flight = 0  # most chunk forwards whose backward had not run yet
 
     def forward(self, c: int, input_tensor):
         i = self.n_forward[c]
         self.n_forward[c] += 1
+        if not self.forward_only:
+            in_flight = sum(self.n_forward) - sum(self.n_backward)
+            self.max_in_flight = max(self.max_in_flight, in_flight)
         with torch.set_grad_enabled(not self.forward_only), self.autocast():
             out = forward_step(self.chunks[c], input_tensor, self.batches[i])
         if self.chunks[c].is_last_chunk:
@@ -74,7 +78,7 @@ def no_pipelining(chunks, batches, p2p, grad_sync, forward_only=False, autocast=
         loss = steps.forward(0, None)
         if not forward_only:
             steps.backward(0, None, loss, None)
-    return steps.losses
+    return steps
 
 
 def gpipe(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autocast=None):
@@ -87,12 +91,12 @@ def gpipe(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autocast=Non
         p2p.communicate(send_next=None if chunk.is_last_chunk else y)
         saved.append((x, y))
     if forward_only:
-        return steps.losses
+        return steps
     for x, y in saved:
         _, g = p2p.communicate(recv_next=not chunk.is_last_chunk)
         gx = steps.backward(0, x, y, g)
         p2p.communicate(send_prev=None if chunk.is_first_chunk else gx)
-    return steps.losses
+    return steps
 
 
 def one_f_one_b(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autocast=None):
@@ -129,7 +133,7 @@ def one_f_one_b(chunks, batches, p2p: P2P, grad_sync, forward_only=False, autoca
         x_old, y_old = saved.pop(0)
         gx = steps.backward(0, x_old, y_old, g)
         p2p.communicate(send_prev=gx if has_prev else None)
-    return steps.losses
+    return steps
 
 
 def interleaved_one_f_one_b(
@@ -229,7 +233,7 @@ def interleaved_one_f_one_b(
             recv_next = not (last_rank and next_bc == v - 1) and k != total - 1
             _, g = p2p.communicate(send_prev=gx, recv_next=recv_next)
             out_grads[next_bc].append(g)
-    return steps.losses
+    return steps
 
 
 def forward_only_in_order(chunks, batches, p2p: P2P, grad_sync, forward_only=True, autocast=None):
@@ -245,7 +249,7 @@ def forward_only_in_order(chunks, batches, p2p: P2P, grad_sync, forward_only=Tru
             y = steps.forward(s // pp, x)
             if s < pp * v - 1:
                 p2p.communicate(send_next=y)
-    return steps.losses
+    return steps
 
 
 class PipelineSchedule:
@@ -295,7 +299,9 @@ class PipelineSchedule:
             )
         if grad_sync is None:
             grad_sync = functools.partial(no_sync_unless, ddp)
-        losses = fn(self.chunks, micro_batches, self.p2p, grad_sync, forward_only, autocast)
+        steps = fn(self.chunks, micro_batches, self.p2p, grad_sync, forward_only, autocast)
+        losses = steps.losses
+        self.max_in_flight = steps.max_in_flight  # activation memory, in chunk micro-batches
         ctx = self.ctx
         device = self.p2p.device
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
