@@ -42,7 +42,7 @@ demo: $(STAMP)
 	rm -rf .demo/run
 	NPROC=2 PYTHON=$(BIN)/python launch/run_local.sh --config launch/configs/tiny-cpu.yaml
 	@echo; echo "== samples from the trained model (megatiny generate) =="
-	@for prompt in "Ham." "Rom." "King." ; do \
+	@for prompt in "HAMLET." "ROMEO." "KING HENRY." ; do \
 	  $(BIN)/megatiny generate --checkpoint .demo/run --tokenizer .demo/tokenizer \
 	    --prompt "$$prompt" --max-new-tokens 60 --temperature 0.8 --top-k 40 || exit 1; \
 	  echo "----"; \
