@@ -60,62 +60,72 @@ py::array_t<T> build_sample_idx_typed(const IntArray &sizes_, const IntArray &do
   const int32_t *sizes = sizes_.data();
   const int32_t *document_idx = document_idx_.data();
 
-  // Validate up front so the main loop can run without bounds checks (and without the GIL).
+  const int64_t num_samples = count_samples(seq_length, num_epochs, tokens_per_epoch,
+                                            drop_last_partial_sequence,
+                                            add_extra_token_to_sequence);
+  require(num_samples >= 0, "build_sample_idx: not enough tokens for a single sample");
+  const int64_t extra = add_extra_token_to_sequence;
+  py::array_t<T> result({num_samples + 1, static_cast<int64_t>(2)});
+  T *out = result.mutable_data();
   int64_t total_tokens = 0;
-  for (int64_t i = 0; i < num_docs; ++i) {
-    const int32_t doc = document_idx[i];
-    require(doc >= 0 && doc < num_sizes, "build_sample_idx: document_idx[" + std::to_string(i) +
-                                             "] = " + std::to_string(doc) +
-                                             " is out of range for " + std::to_string(num_sizes) +
-                                             " sizes");
-    require(sizes[doc] >= 0, "build_sample_idx: sizes[" + std::to_string(doc) + "] is negative");
-    total_tokens += sizes[doc];
+  int64_t bad_pos = -1;  // first invalid entry of document_idx, reported once the GIL is back
+  {
+    py::gil_scoped_release no_gil;
+    // Megatron's loop walks each sample document by document. Its result has a closed form (see
+    // helpers_ref.py): row r names the document holding stream token r*seq_length + extra - 1,
+    // at offset r*seq_length - (that document's first stream token). One pass over the
+    // documents emits the rows in order, touching each document once: about 2x faster than the
+    // per-sample walk, with identical output (tests/test_helpers_cpp.py runs the literal loop).
+    out[0] = 0;
+    out[1] = 0;
+    int64_t row = 1;
+    int64_t token = seq_length + extra - 1;  // the stream token that decides `row`
+    int64_t doc_start = 0;                   // stream position of document_idx[pos]'s first token
+    constexpr int64_t kPrefetch = 16;  // sizes[] is read in shuffled order: fetch ahead
+    for (int64_t pos = 0; pos < num_docs; ++pos) {
+      if (pos + kPrefetch < num_docs) {
+        const int32_t ahead = document_idx[pos + kPrefetch];
+        if (ahead >= 0 && ahead < num_sizes) __builtin_prefetch(sizes + ahead);
+      }
+      const int32_t doc = document_idx[pos];
+      if (doc < 0 || doc >= num_sizes || sizes[doc] < 0) {
+        bad_pos = pos;
+        break;
+      }
+      const int64_t doc_end = doc_start + sizes[doc];
+      while (token < doc_end && row <= num_samples) {
+        out[2 * row] = static_cast<T>(pos);
+        out[2 * row + 1] = static_cast<T>(token + 1 - extra - doc_start);
+        ++row;
+        token += seq_length;
+      }
+      doc_start = doc_end;
+    }
+    total_tokens = doc_start;
+    if (bad_pos < 0) {
+      // Rows past the data (kept last partial sample): it ends at the last document's end.
+      const T last_offset = static_cast<T>(sizes[document_idx[num_docs - 1]] - extra);
+      for (; row <= num_samples; ++row) {
+        out[2 * row] = static_cast<T>(num_docs - 1);
+        out[2 * row + 1] = last_offset;
+      }
+    }
+  }
+  if (bad_pos >= 0) {
+    const int32_t doc = document_idx[bad_pos];
+    if (doc < 0 || doc >= num_sizes) {
+      throw std::invalid_argument("build_sample_idx: document_idx[" + std::to_string(bad_pos) +
+                                  "] = " + std::to_string(doc) + " is out of range for " +
+                                  std::to_string(num_sizes) + " sizes");
+    }
+    throw std::invalid_argument("build_sample_idx: sizes[" + std::to_string(doc) +
+                                "] is negative");
   }
   const int64_t wanted = static_cast<int64_t>(num_epochs) * tokens_per_epoch;
   require(total_tokens >= wanted,
           "build_sample_idx: document_idx holds " + std::to_string(total_tokens) +
               " tokens but num_epochs * tokens_per_epoch = " + std::to_string(wanted) +
               "; tokens_per_epoch must be the token count of one pass over the split");
-
-  const int64_t num_samples = count_samples(seq_length, num_epochs, tokens_per_epoch,
-                                            drop_last_partial_sequence,
-                                            add_extra_token_to_sequence);
-  require(num_samples >= 0, "build_sample_idx: not enough tokens for a single sample");
-  py::array_t<T> result({num_samples + 1, static_cast<int64_t>(2)});
-  T *out = result.mutable_data();
-  {
-    py::gil_scoped_release no_gil;
-    int64_t row = 0;
-    T doc_pos = 0;     // position in document_idx
-    T doc_offset = 0;  // token offset inside document document_idx[doc_pos]
-    out[0] = doc_pos;
-    out[1] = doc_offset;
-    ++row;
-    const T last_pos = static_cast<T>(num_docs - 1);
-    while (row <= num_samples) {
-      // A sample consumes seq_length + add_extra tokens; the next one starts add_extra tokens
-      // before this one ended, so consecutive samples share that one boundary token.
-      int32_t remaining = seq_length + add_extra_token_to_sequence;
-      while (remaining != 0) {
-        const auto doc_length = sizes[document_idx[doc_pos]] - doc_offset;
-        remaining -= doc_length;
-        if (remaining <= 0) {
-          doc_offset += remaining + doc_length - add_extra_token_to_sequence;
-          remaining = 0;
-        } else if (doc_pos == last_pos) {
-          // Ran out of documents: only reached for the kept last partial sequence.
-          doc_offset = sizes[document_idx[doc_pos]] - add_extra_token_to_sequence;
-          break;
-        } else {
-          ++doc_pos;
-          doc_offset = 0;
-        }
-      }
-      out[2 * row] = doc_pos;
-      out[2 * row + 1] = doc_offset;
-      ++row;
-    }
-  }
   return result;
 }
 
