@@ -139,3 +139,15 @@ def test_truncated_gzip_is_reported_not_fatal(tmp_path):
     items = list(iter_raw([str(tmp_path / "t.jsonl.gz")], stats))
     assert 0 < len(items) < 500
     assert stats.errors and "t.jsonl.gz" in stats.errors[0]
+
+
+def test_windows_are_bounded_by_count_and_bytes():
+    from megatiny.data.io import RawItem
+    from megatiny.data.stage import batched, pmap
+
+    items = [RawItem("jsonl", b"x" * n, str(i)) for i, n in enumerate([10, 10, 100, 5, 5, 5])]
+    sizes = [[len(it.data) for it in b] for b in batched(items, 4, max_bytes=50)]
+    assert sizes == [[10, 10, 100], [5, 5, 5]]
+    assert [len(b) for b in batched(range(7), 3)] == [3, 3, 1]
+    # ordered results for any worker count
+    assert list(pmap(abs, range(-50, 50), workers=2, window=7)) == [abs(i) for i in range(-50, 50)]

@@ -12,6 +12,7 @@ its end, and this bounds the cost of huge documents. Kept documents gain `lang` 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,22 @@ BACKENDS = ("lingua-fast", "lingua", "langid")
 DEFAULT_BACKEND = "langid"
 
 
+@functools.cache
+def _load_model(backend: str):
+    """The backend's model, loaded once per process (langid unpickles ~1 s; lingua builds)."""
+    if backend == "langid":
+        from langid.langid import LanguageIdentifier as LangId
+        from langid.langid import model
+
+        return LangId.from_modelstring(model, norm_probs=True)
+    from lingua import LanguageDetectorBuilder
+
+    b = LanguageDetectorBuilder.from_all_languages()
+    if backend == "lingua-fast":
+        b = b.with_low_accuracy_mode()
+    return b.build()
+
+
 class LanguageIdentifier:
     def __init__(self, backend: str = DEFAULT_BACKEND, max_chars: int = 2000):
         if backend not in BACKENDS:
@@ -30,18 +47,10 @@ class LanguageIdentifier:
         self.backend = backend
         self.max_chars = max_chars
         if backend == "langid":
-            from langid.langid import LanguageIdentifier as LangId
-            from langid.langid import model
-
-            self._langid = LangId.from_modelstring(model, norm_probs=True)
+            self._langid = _load_model(backend)
             self._langid.nb_classprobs = self._sparse_classprobs
         else:
-            from lingua import LanguageDetectorBuilder
-
-            b = LanguageDetectorBuilder.from_all_languages()
-            if backend == "lingua-fast":
-                b = b.with_low_accuracy_mode()
-            self._lingua = b.build()
+            self._lingua = _load_model(backend)
 
     def _sparse_classprobs(self, fv):
         """langid's log P(doc | lang) over the document's few non-zero features only.

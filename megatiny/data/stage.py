@@ -44,15 +44,29 @@ class Result:
     payload: Any = None  # stage-specific data for `decide` (a MinHash signature, a match...)
 
 
-def batched(items: Iterable, n: int) -> Iterator[list]:
-    buf = []
+def _nbytes(x) -> int:
+    if isinstance(x, RawItem):
+        return len(x.data)
+    if isinstance(x, list):
+        return sum(_nbytes(y) for y in x)
+    return 0
+
+
+def batched(items: Iterable, n: int, max_bytes: int | None = None) -> Iterator[list]:
+    """Lists of up to n items, cut early once they hold max_bytes of raw input."""
+    buf, size = [], 0
     for x in items:
         buf.append(x)
-        if len(buf) >= n:
+        if max_bytes is not None:
+            size += _nbytes(x)
+        if len(buf) >= n or (max_bytes is not None and size >= max_bytes):
             yield buf
-            buf = []
+            buf, size = [], 0
     if buf:
         yield buf
+
+
+WINDOW_BYTES = 64 << 20  # raw input per window in flight (two windows at most)
 
 
 def pmap(
@@ -63,7 +77,8 @@ def pmap(
     initargs: tuple = (),
     window: int = 1024,
 ) -> Iterator:
-    """Ordered map over forked workers with at most two windows of items in flight."""
+    """Ordered map over forked workers with at most two windows of items in flight (a window
+    is `window` items or WINDOW_BYTES of raw input, whichever comes first)."""
     if workers <= 1:
         if initializer is not None:
             initializer(*initargs)
@@ -72,7 +87,7 @@ def pmap(
         return
     with mp.get_context("fork").Pool(workers, _child_init, (initializer, initargs)) as pool:
         pending: deque = deque()
-        for batch in batched(items, window):
+        for batch in batched(items, window, WINDOW_BYTES):
             chunk = max(1, len(batch) // (4 * workers))
             pending.append(pool.map_async(fn, batch, chunksize=chunk))
             if len(pending) >= 2:
@@ -193,7 +208,7 @@ def run_stage(
             r
             for batch in pmap(
                 work,
-                batched(items, batch_size),
+                batched(items, batch_size, WINDOW_BYTES // 4),
                 workers,
                 initializer,
                 initargs,
