@@ -151,3 +151,20 @@ def test_windows_are_bounded_by_count_and_bytes():
     assert [len(b) for b in batched(range(7), 3)] == [3, 3, 1]
     # ordered results for any worker count
     assert list(pmap(abs, range(-50, 50), workers=2, window=7)) == [abs(i) for i in range(-50, 50)]
+
+
+def test_json_array_file(tmp_path):
+    recs = [{"text": "first", "id": 1}, {"text": "second", "id": 2}, {"no_text": 3}]
+    (tmp_path / "arr.json").write_text(json.dumps(recs, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))
+    out = []
+    for it in iter_raw([str(tmp_path / "arr.json"), str(tmp_path / "lines.json")]):
+        try:
+            out.append(parse_item(it)[0])
+        except BadItem as e:
+            out.append(e.args[0])
+    assert out == [recs[0], recs[1], "missing_text", recs[0], recs[1]]
+    (tmp_path / "broken.json").write_text('[{"text": "x"},')
+    stats = ReadStats()
+    assert list(iter_raw([str(tmp_path / "broken.json")], stats)) == []
+    assert "broken.json starts like a JSON array but does not parse" in stats.errors[0]

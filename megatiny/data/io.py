@@ -1,7 +1,8 @@
 """Streaming document I/O: many files and globs, JSONL / plain text, gzip / zstd, atomic output.
 
-A *raw item* is what one input unit holds before parsing: one line of a JSONL file, or one whole
-`.txt` file (one document per text file). Parsing (`parse_item`) happens in the stage workers, so
+A *raw item* is what one input unit holds before parsing: one line of a JSONL file, one element
+of a `.json` file that holds a JSON array (such a file is read whole), or one whole `.txt` file
+(one document per text file). Parsing (`parse_item`) happens in the stage workers, so
 JSON decoding is parallel too; a bad item becomes a drop reason, never an exception:
 
     invalid_utf8   the bytes are not UTF-8 (JSONL line; a .txt file is decoded with U+FFFD
@@ -129,6 +130,10 @@ def iter_raw(paths: list[str], stats: ReadStats | None = None) -> Iterator[RawIt
                     if data.strip():
                         yield RawItem("txt", data, path)
                 else:
+                    first = f.peek(64)[:64].lstrip() if hasattr(f, "peek") else b""
+                    if first.startswith(b"[") and _strip_compression(path).endswith(".json"):
+                        yield from _json_array(path, f, stats)
+                        continue
                     for lineno, line in enumerate(f, 1):
                         stats.bytes += len(line)
                         if line.strip():
@@ -138,6 +143,18 @@ def iter_raw(paths: list[str], stats: ReadStats | None = None) -> Iterator[RawIt
         else:
             if stats.bytes == n_before:
                 stats.empty_files += 1
+
+
+def _json_array(path: str, f, stats: ReadStats) -> Iterator[RawItem]:
+    """A `.json` file holding one JSON array of records (read whole: arrays do not stream)."""
+    data = f.read()
+    stats.bytes += len(data)
+    try:
+        records = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"{path} starts like a JSON array but does not parse: {e}") from e
+    for i, rec in enumerate(records):
+        yield RawItem("jsonl", json.dumps(rec, ensure_ascii=False).encode("utf-8"), f"{path}[{i}]")
 
 
 class BadItem(Exception):
