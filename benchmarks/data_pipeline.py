@@ -2,7 +2,7 @@
 and dedup / decontam accuracy on generated corpora with planted duplicates and passages.
 
     launch/prepare_demo_data.sh                       # once: .demo/raw/shakespeare.jsonl + tokenizer
-    .venv/bin/python benchmarks/data_pipeline.py      # table + benchmarks/data_pipeline.json/.png
+    .venv/bin/python benchmarks/data_pipeline.py      # table + runs/bench/data_pipeline.json/.png
     .venv/bin/python benchmarks/data_pipeline.py --input my.jsonl --tokenizer tok/ --workers 1 4
 
 Each stage runs on the same input (the demo corpus by default, before any filtering), so the
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--input", default=".demo/raw/shakespeare.jsonl")
     ap.add_argument("--tokenizer", default=".demo/tokenizer")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--out", default="benchmarks/data_pipeline.json")
+    ap.add_argument("--out", default="runs/bench/data_pipeline.json", help="JSON (+ .png)")
     ap.add_argument("--no-accuracy", action="store_true")
     args = ap.parse_args(argv)
     if not os.path.isfile(args.input) or not os.path.exists(args.tokenizer):
