@@ -209,6 +209,9 @@ def test_bad_input_gives_clear_errors(assets, tmp_path):
         finetune(cls_config(assets, d / "o", train=str(d / "empty.jsonl")))
     with pytest.raises(FinetuneError, match="3 distinct labels.*--num-classes=4"):
         finetune(cls_config(assets, d / "o", num_classes=4))
+    ints = write_jsonl(d / "i.jsonl", [{"text": "ball", "label": 0}, {"text": "chip", "label": 3}])
+    with pytest.raises(FinetuneError, match=r"integer label 3 is outside \[0, 3\)"):
+        finetune(cls_config(assets, d / "o", train=ints, valid=None, num_classes=3))
     no_output = write_jsonl(d / "c.jsonl", [{"instruction": "say hi"}])
     with pytest.raises(FinetuneError, match="has no 'output' field"):
         finetune(cls_config(assets, d / "o", task="instruction", train=no_output))
