@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--max-doc-length", type=int, default=1024)
     parser.add_argument("--blend-samples", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
