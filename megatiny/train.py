@@ -359,7 +359,7 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
             meter.add_step()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}")
+                bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
             step = trainer.step
             if step % tc.log_interval == 0 or step == tc.steps:
                 m = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
