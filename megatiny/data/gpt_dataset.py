@@ -15,8 +15,8 @@ skipping data. The rule, step by step:
    None).
 3. Separate final epoch. With E > 1, let S' = ((E-1) * tokens_per_epoch - extra) // seq_length
    samples come from the first E-1 epochs and per_epoch = (tokens_per_epoch - extra) // seq_length;
-   if num_samples - S' < int(0.80 * per_epoch), the last epoch is shuffled on its own (so the few
-   samples taken from it are not mixed into every part of the run).
+   if num_samples - S' < int(0.80 * per_epoch), the last epoch is shuffled on its own, so the
+   first S' samples cover the full epochs evenly and the partly used epoch comes after them.
 4. One `numpy.random.RandomState(seed)`, used in this order:
    document_index = the split's ids repeated E times (int32) and shuffled — in two independent
    blocks (first E-1 epochs, then the last) when the final epoch is separate;
