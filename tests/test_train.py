@@ -284,3 +284,22 @@ def test_torchrun_end_to_end(tmp_path):
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in records if "split" not in r] == [2, 4, 6]
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["latest", "step_3", "step_6"]
+
+
+def test_throughput_tflops_and_mfu(monkeypatch):
+    from megatiny import metrics
+
+    clock = iter([10.0, 12.0, 12.0])  # reset at construction, measure, reset after measure
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    meter = metrics.Throughput(tokens_per_step=1000, flops_per_token=6e9, world_size=2, peak=2.0)
+    meter.add_step()
+    meter.add_step()
+    m = meter.measure()  # 2 steps x 1000 tokens in 2 s
+    assert m["tokens_per_second"] == 1000.0 and m["step_time_s"] == 1.0
+    assert m["tflops_per_device"] == pytest.approx(1000 * 6e9 / 2 / 1e12)
+    assert m["mfu"] == pytest.approx(3.0 / 2.0)
+    assert metrics.peak_tflops(torch.device("cpu")) is None
+    assert metrics.peak_tflops(torch.device("cpu"), 123.0) == 123.0
+    line = metrics.format_line(5, 10, {**m, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5,
+                                        "peak_memory_gib": 0.1})  # fmt: skip
+    assert "step      5/10" in line and "MFU 150.0%" in line and "tok/s 1,000" in line
