@@ -303,3 +303,35 @@ def test_throughput_tflops_and_mfu(monkeypatch):
     line = metrics.format_line(5, 10, {**m, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5,
                                         "peak_memory_gib": 0.1})  # fmt: skip
     assert "step      5/10" in line and "MFU 150.0%" in line and "tok/s 1,000" in line
+
+
+def test_adamw_groups_skip_norms_biases_embeddings():
+    from megatiny.model import GPT
+    from megatiny.optim import param_groups
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_layers=2, n_heads=4))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = (sorted(names[id(p)] for p in g["params"]) for g in param_groups(model, 0.1))
+    assert all(n.endswith(".weight") and "norm" not in n for n in decay)
+    assert "embed.weight" in no_decay and "pos_embed.weight" in no_decay
+    assert any(n.endswith(".bias") for n in no_decay) and any("norm" in n for n in no_decay)
+    assert len(decay) + len(no_decay) == len(names)  # every parameter once (tied head included)
+    groups = param_groups(model, 0.1, decay_embeddings=True, decay_norms_and_biases=True)
+    assert len(groups) == 1 and len(groups[0]["params"]) == len(names)
+
+
+def test_warmup_cosine_schedule():
+    from megatiny.optim import WarmupCosine
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosine(opt, max_lr=1.0, min_lr=0.1, warmup_steps=2, decay_steps=6)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.1 + 0.9 * (1 + np.cos(np.pi / 4)) / 2, 0.55,
+                                 0.1 + 0.9 * (1 + np.cos(3 * np.pi / 4)) / 2, 0.1, 0.1])  # fmt: skip
+    again = WarmupCosine(opt, 1.0, 0.1, 2, 6)
+    again.load_state_dict(sched.state_dict())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and again.last_step == 8
