@@ -204,15 +204,21 @@ class Trainer:
 
 
 def build_model(cfg: Config, ctx) -> torch.nn.Module:
-    """The single-device GPT from the run seed (identical on every rank), then its TP shard."""
+    """The single-device GPT from the run seed (identical on every rank), then its TP shard.
+
+    Under TP the full model is only described (meta device) and `parallelize` generates each
+    weight from its deterministic per-parameter init and keeps this rank's slice, so a rank
+    never holds the whole model."""
     from megatiny.model import GPT
 
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model)
-    if ctx.tp_size > 1:
-        from megatiny.parallel.parallelize import parallelize
+    if ctx.tp_size == 1:
+        return GPT(cfg.model).to(ctx.device)
+    from megatiny.parallel.parallelize import parallelize
 
-        model = parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    model = parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
     return model.to(ctx.device)
 
 
