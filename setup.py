@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "zstandard==0.25.0",
     "langid==1.1.6",
     "lingua-language-detector==2.1.1",
+    "cld3-py==3.1.0",
     "matplotlib==3.11.2",
     "triton==3.9.0",
 ]

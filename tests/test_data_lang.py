@@ -21,7 +21,7 @@ def _accuracy(backend):
     return sum(lid.identify(r["text"])[0] == r["lang"] for r in recs) / len(recs)
 
 
-@pytest.mark.parametrize("backend", ["lingua-fast", "langid"])
+@pytest.mark.parametrize("backend", ["langid", "cld3", "lingua-fast"])
 def test_accuracy_at_least_98_percent(backend):
     recs = _sample()
     assert len({r["lang"] for r in recs}) >= 5 and min(len(r["text"]) for r in recs) >= 50

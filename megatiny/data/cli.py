@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--keep", default="en", help="comma-separated ISO 639-1 codes, or 'all'")
     p.add_argument("--min-score", type=float, default=0.5)
-    p.add_argument("--backend", default="langid", choices=["langid", "lingua-fast", "lingua"])
+    p.add_argument("--backend", default="cld3", choices=["cld3", "langid", "lingua-fast", "lingua"])
     p.add_argument("--max-chars", type=int, default=2000, help="characters looked at per document")
 
     p = _sub(sub, "quality", "Gopher-style quality heuristics")

@@ -1,9 +1,10 @@
 """Language identification and the `filter-lang` stage.
 
 Backends (all offline, measured in docs/data.md and `benchmarks/lang_id.py`):
-    langid       langid.py (naive Bayes over byte n-grams, 97 languages): default, fastest
+    langid       langid.py (naive Bayes over byte n-grams, 97 languages)
     lingua-fast  lingua-language-detector, low-accuracy mode (trigram models, ~80 MB)
     lingua       lingua high-accuracy mode (1- to 5-gram models, ~1.2 GB, best on short text)
+    cld3         Google's Compact Language Detector v3 (small neural net, cld3-py wheel): default
 
 `identify(text) -> (iso639-1 code, score in [0, 1])`; "und" when nothing is detected. Only the
 first `max_chars` characters are looked at: the language of a document is settled long before
@@ -20,8 +21,10 @@ import numpy as np
 from megatiny.data.io import BadItem, RawItem, dump_record, parse_item
 from megatiny.data.stage import Result, run_stage
 
-BACKENDS = ("lingua-fast", "lingua", "langid")
-DEFAULT_BACKEND = "langid"
+BACKENDS = ("langid", "cld3", "lingua-fast", "lingua")
+DEFAULT_BACKEND = "cld3"
+# CLD3 still uses a few withdrawn ISO 639-1 codes.
+_CLD3_LEGACY = {"iw": "he", "jw": "jv", "in": "id", "ji": "yi"}
 
 
 @functools.cache
@@ -32,6 +35,10 @@ def _load_model(backend: str):
         from langid.langid import model
 
         return LangId.from_modelstring(model, norm_probs=True)
+    if backend == "cld3":
+        import gcld3
+
+        return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=8192)
     from lingua import LanguageDetectorBuilder
 
     b = LanguageDetectorBuilder.from_all_languages()
@@ -49,6 +56,8 @@ class LanguageIdentifier:
         if backend == "langid":
             self._langid = _load_model(backend)
             self._langid.nb_classprobs = self._sparse_classprobs
+        elif backend == "cld3":
+            self._cld3 = _load_model(backend)
         else:
             self._lingua = _load_model(backend)
 
@@ -68,6 +77,10 @@ class LanguageIdentifier:
         if self.backend == "langid":
             lang, score = self._langid.classify(text)
             return lang, float(score)
+        if self.backend == "cld3":
+            r = self._cld3.FindLanguage(text=text)
+            lang = _CLD3_LEGACY.get(r.language, r.language.split("-")[0])
+            return (lang, float(r.probability)) if lang != "und" else ("und", 0.0)
         values = self._lingua.compute_language_confidence_values(text)
         if not values or values[0].value <= 0.0:
             return "und", 0.0

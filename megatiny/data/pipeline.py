@@ -10,7 +10,7 @@ Config (YAML, every key optional; the values shown are the defaults):
     text_key: text
     workers: 2                 # default: min(cores, 8)
     keep_intermediate: true    # false deletes OUT.<stage>.jsonl once the next stage is done
-    filter_lang: {enabled: true, keep: [en], min_score: 0.5, backend: langid, max_chars: 2000}
+    filter_lang: {enabled: true, keep: [en], min_score: 0.5, backend: cld3, max_chars: 2000}
     quality: {enabled: true, min_words: 50, ...}           # see megatiny/data/quality.py
     dedup: {enabled: true, exact: true, near: true, threshold: 0.8, num_perm: 128, ngram: 3}
     decontam: {benchmarks: [], ngram: 13}
@@ -40,7 +40,7 @@ DEFAULTS: dict = {
         "enabled": True,
         "keep": ["en"],
         "min_score": 0.5,
-        "backend": "langid",
+        "backend": "cld3",
         "max_chars": 2000,
     },
     "quality": {"enabled": True},
@@ -92,7 +92,7 @@ def _lang_cfg(d: dict, text_key: str) -> LangFilterConfig:
     return LangFilterConfig(
         keep=tuple(keep) if keep else None,
         min_score=float(d.get("min_score", 0.5)),
-        backend=d.get("backend", "langid"),
+        backend=d.get("backend", "cld3"),
         max_chars=int(d.get("max_chars", 2000)),
         text_key=text_key,
     )
