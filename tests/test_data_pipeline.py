@@ -51,7 +51,6 @@ def raw(tmp_path):
     return tmp_path
 
 
-@pytest.mark.slow
 def test_pipeline_cli_end_to_end(raw, tmp_path, capsys):
     (tmp_path / "data.yaml").write_text(
         "workers: 2\n"
