@@ -3,10 +3,7 @@
 TRITON_INTERPRET=1 must be set before triton is first imported (Triton fixes interpreted vs
 compiled at import time): it is set here, the kernels imported, and the variable restored so it
 does not leak into other test modules; the autouse fixture sets it again while these tests run
-(Triton imports some submodules lazily at the first launch). When an earlier test module already
-imported triton compiled (torch._dynamo does, e.g. via transformers), these tests are skipped here
-and run instead in a fresh process by
-tests/test_kernels_compile.py::test_interpreter_tests_in_fresh_process.
+(Triton imports some submodules lazily at the first launch).
 """
 
 import os
@@ -22,13 +19,8 @@ if _saved is None:
 else:
     os.environ["TRITON_INTERPRET"] = _saved
 
-
-# Skipped only when this process cannot interpret Triton; then a fresh process runs this module.
-pytestmark = pytest.mark.skipif(
-    not interpreter_ready(),
-    reason="triton was imported compiled before this module: run by "
-    "test_kernels_compile.py::test_interpreter_tests_in_fresh_process",
-)
+# tests/conftest.py switches the interpreter on before anything imports triton.
+assert interpreter_ready(), "triton was imported compiled before TRITON_INTERPRET=1 was set"
 
 
 @pytest.fixture(autouse=True)
