@@ -1,39 +1,22 @@
 """The whole tiny GPT with ``fused_kernels`` on equals it off (logits, loss, every gradient).
 
-Runs the Triton kernels under the interpreter (fp32). TRITON_INTERPRET=1 must be set before triton
-is first imported (Triton fixes interpreted vs compiled at import time): it is set here, the kernels imported, and the variable restored so it
-does not leak into other test modules; the autouse fixture sets it again while these tests run
-(Triton imports some submodules lazily at the first launch).
+Runs the Triton kernels under the interpreter (fp32): tests/conftest.py sets TRITON_INTERPRET=1
+before triton is first imported (Triton fixes interpreted vs compiled at import time).
 """
 
-import os
+import megatiny.kernels.cross_entropy
+import megatiny.kernels.layernorm
+import megatiny.kernels.softmax
+import pytest
+import torch
+from megatiny.kernels import interpreter_ready
 
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-import megatiny.kernels.cross_entropy  # noqa: E402
-import megatiny.kernels.layernorm  # noqa: E402
-import megatiny.kernels.softmax  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from megatiny.kernels import interpreter_ready  # noqa: E402
+from megatiny.config import ModelConfig
+from megatiny.model import GPT
 
-from megatiny.config import ModelConfig  # noqa: E402
-from megatiny.model import GPT  # noqa: E402
-
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-# tests/conftest.py switches the interpreter on before anything imports triton.
 assert interpreter_ready(), "triton was imported compiled before TRITON_INTERPRET=1 was set"
 
 V = 61  # not a power of two: the cross-entropy rows are ragged
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

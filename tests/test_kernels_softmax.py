@@ -1,31 +1,14 @@
 """Fused scale-mask-softmax kernels vs their torch references, under the Triton interpreter (fp32).
 
-TRITON_INTERPRET=1 must be set before triton is first imported (Triton fixes interpreted vs
-compiled at import time): it is set here, the kernels imported, and the variable restored so it
-does not leak into other test modules; the autouse fixture sets it again while these tests run
-(Triton imports some submodules lazily at the first launch).
+tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported (Triton fixes
+interpreted vs compiled at import time), so the kernels run on CPU tensors here.
 """
 
-import os
+import pytest
+import torch
+from megatiny.kernels import interpreter_ready, softmax
 
-_saved = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from megatiny.kernels import interpreter_ready, softmax  # noqa: E402
-
-if _saved is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _saved
-
-# tests/conftest.py switches the interpreter on before anything imports triton.
 assert interpreter_ready(), "triton was imported compiled before TRITON_INTERPRET=1 was set"
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 SHAPES = [(2, 3, 5, 7), (1, 1, 1, 1), (3, 6, 6), (4, 9), (2, 2, 3, 17), (1, 2, 1, 13)]
