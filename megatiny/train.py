@@ -149,16 +149,22 @@ class Trainer:
         )  # fmt: skip
         if self.ddp is not None:  # dp x cp > 1: wait for the last gradient buckets
             self.ddp.finish_grad_sync()
+        skip = None
+        if ctx.pp_size > 1:  # tied embedding: first + last stage gradients summed, counted once
+            from megatiny.parallel.pipeline import replicated_parameter_ids, sync_tied_grads
+
+            sync_tied_grads(self.model.chunks, ctx, self.ddp)
+            skip = replicated_parameter_ids(self.model.chunks, ctx)
         if ctx.pp_size > 1:  # the loss lives on the last stage
             loss = loss.to(ctx.device)
             dist.broadcast(loss, src=ctx.pp_ranks[-1], group=ctx.pp_group)
         loss = self._all_reduce_mean(loss, ctx.dp_group)
         if hasattr(self.optimizer, "clip_grad_norm"):
-            grad_norm = self.optimizer.clip_grad_norm(tc.grad_clip, ctx)
+            grad_norm = self.optimizer.clip_grad_norm(tc.grad_clip, ctx, skip)
         else:
             from megatiny.optim import clip_grad_norm_
 
-            grad_norm = clip_grad_norm_(self.model, tc.grad_clip, ctx)
+            grad_norm = clip_grad_norm_(self.model, tc.grad_clip, ctx, skip)
         lr = self.scheduler.lr
         finite = torch.tensor(
             float(math.isfinite(loss.item()) and math.isfinite(float(grad_norm))),
@@ -186,7 +192,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(())
         try:
-            for i in range(tc.eval_iters):
+            for i in range(tc.eval_iters if ctx.pp_size == 1 else 0):
                 idx = micro_batch_indices(0, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, i)
                 with self.autocast():
                     total += (
@@ -194,6 +200,14 @@ class Trainer:
                         .float()
                         .cpu()
                     )
+            if ctx.pp_size > 1:  # the pipeline schedule runs the micro-batches, forward only
+                batches = [
+                    collate(self.valid_data, micro_batch_indices(
+                        0, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, i), ctx.device)
+                    for i in range(tc.eval_iters)
+                ]  # fmt: skip
+                mean = self.schedule(self.model, batches, forward_only=True, autocast=self.autocast)
+                total = mean.float().cpu() * tc.eval_iters
         finally:
             self.model.train()
         loss = self._all_reduce_mean(total / tc.eval_iters, ctx.dp_group).item()
@@ -213,13 +227,19 @@ def build_model(cfg: Config, ctx) -> torch.nn.Module:
 
     torch.manual_seed(cfg.train.seed)
     if ctx.tp_size == 1:
-        return GPT(cfg.model).to(ctx.device)
-    from megatiny.parallel.parallelize import parallelize
+        model = GPT(cfg.model).to(ctx.device)
+    else:
+        from megatiny.parallel.parallelize import parallelize
 
-    with torch.device("meta"):
-        model = GPT(cfg.model)
-    model = parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
-    return model.to(ctx.device)
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        model = parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
+        model = model.to(ctx.device)
+    if ctx.pp_size > 1:  # this rank's stages, under the single-device parameter names
+        from megatiny.parallel.pipeline import build_pipeline
+
+        model = build_pipeline(model, ctx, cfg.parallel.virtual_pipeline_size)
+    return model
 
 
 def build_data(cfg: Config, ctx, dp: int):
@@ -260,40 +280,59 @@ def build_data(cfg: Config, ctx, dp: int):
     return datasets
 
 
-def check_supported(cfg: Config) -> None:
-    """Layouts the loop does not run yet fail here, before any process group work."""
+def check_supported(cfg: Config, world_size: int | None = None) -> None:
+    """Layouts the loop cannot run fail here, before any process group work."""
+    from megatiny.parallel.pipeline import validate_pipeline
+
     p = cfg.parallel
-    unsupported = [(p.pp > 1, f"parallel.pp={p.pp}"), (p.cp > 1, f"parallel.cp={p.cp}"),
-                   (p.zero1, "parallel.zero1=true"),
-                   (bool(p.virtual_pipeline_size), "parallel.virtual_pipeline_size")]  # fmt: skip
-    names = [name for bad, name in unsupported if bad]
-    if names:
+    if p.cp > 1:
         raise ConfigError(
-            f"megatiny train does not run {', '.join(names)} yet (pipeline / context / ZeRO-1 "
-            "schedules are not wired into the loop); use tp and dp"
+            f"megatiny train does not run parallel.cp={p.cp} yet (no context-parallel attention); "
+            "use tp, pp and dp"
         )
+    micro_batches = None
+    if world_size is not None:
+        micro_batches = cfg.train.accumulation_steps(p.data_parallel_size(world_size))
+    try:  # layers vs pp * virtual stages; the interleaved schedule's micro-batch count
+        validate_pipeline(cfg.model.n_layers, p.pp, p.virtual_pipeline_size,
+                          num_microbatches=micro_batches)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from None
 
 
 def build_trainer(cfg: Config, ctx) -> Trainer:
     from megatiny.optim import build_optimizer, build_scheduler
 
-    check_supported(cfg)
+    check_supported(cfg, ctx.world_size)
     dp = ctx.dp_size
     model = build_model(cfg, ctx)
-    optimizer = build_optimizer(model, cfg.train)
+    from megatiny.parallel.data_parallel import build_data_parallel
+
+    # Gradients averaged over dp x cp in buckets, overlapped with the backward pass (None when
+    # dp x cp == 1 without ZeRO-1); ZeRO-1 reduce-scatters them into per-rank slices instead.
+    p = cfg.parallel
+    ddp = build_data_parallel(model, ctx, shard=p.zero1, bucket_mb=p.ddp_bucket_mb)
+    if p.zero1:
+        from megatiny.parallel.zero import ZeroOptimizer
+
+        optimizer = ZeroOptimizer.from_train_config(ddp, model, cfg.train)
+    else:
+        optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     train_data, valid_data = build_data(cfg, ctx, dp)
-    ddp = None
-    if ctx.dp_size * ctx.cp_size > 1:
-        from megatiny.parallel.data_parallel import DistributedDataParallel
+    schedule = forward_backward_no_pipelining
+    if ctx.pp_size > 1:  # 1F1B, or interleaved 1F1B with virtual_pipeline_size chunks per rank
+        from megatiny.parallel.schedules import as_trainer_schedule, build_schedule
 
-        # Gradients averaged over dp x cp in buckets, overlapped with the backward pass.
-        ddp = DistributedDataParallel(model, ctx, bucket_mb=cfg.parallel.ddp_bucket_mb)
+        schedule = as_trainer_schedule(build_schedule(
+            ctx, model.chunks, cfg.train.micro_batch_size, cfg.data.seq_length,
+            sequence_parallel=p.sequence_parallel,
+        ))  # fmt: skip
     # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp rank.
     torch.manual_seed(cfg.train.seed + 1 + 100 * ctx.pp_rank + 10_000 * ctx.dp_rank)
     return Trainer(
         cfg, ctx, model, optimizer, scheduler, train_data, valid_data,
-        accumulation=cfg.train.accumulation_steps(dp), ddp=ddp,
+        accumulation=cfg.train.accumulation_steps(dp), schedule=schedule, ddp=ddp,
     )  # fmt: skip
 
 
@@ -433,7 +472,7 @@ def main(args) -> int:
             cfg.train.resume = args.resume
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size)  # before any process group exists
-        check_supported(cfg)
+        check_supported(cfg, world_size)
         cfg.data.check_exists()
     except (ConfigError, ValueError) as e:
         print(f"megatiny train: config error: {e}", file=sys.stderr)

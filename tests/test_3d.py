@@ -173,3 +173,60 @@ def test_checkpoint_saved_at_2x2x2_resumes_at_other_layouts(tmp_path, zero):
         loss, norm = out[0][0]
         assert loss == pytest.approx(ref_losses[2], rel=2e-5), layout
         assert norm == pytest.approx(ref_norms[2], rel=2e-4), layout
+
+
+# ---- the training loop (megatiny.train) with pp / dp / ZeRO-1 / interleaving --------------------
+
+
+def _loop_losses(tmp_path, name, world, *overrides):
+    from tests.test_train import make_corpus, run_training
+    from tests.test_train import tiny_config as train_config
+
+    prefix = make_corpus(tmp_path)
+    cfg = train_config(
+        prefix,
+        tmp_path / name,
+        "train.steps=3",
+        "train.global_batch_size=8",
+        "train.grad_clip=0.5",
+        *overrides,
+        n_layers=4,
+    )
+    out = run_training(cfg, world_size=world, timeout=300)
+    return out[0]["losses"], out[0]["eval"]["loss"]
+
+
+@pytest.mark.slow
+def test_train_loop_runs_3d_layouts_with_single_process_losses(tmp_path):
+    ref_losses, _ = _loop_losses(tmp_path, "ref", 1)
+    # Evaluation reads eval_iters micro-batches per dp rank: compare with the same dp (=2).
+    dp2_losses, ref_eval = _loop_losses(tmp_path, "dp2", 2)
+    assert dp2_losses == pytest.approx(ref_losses, rel=2e-5)
+    layouts = [
+        (4, ["parallel.pp=2", "parallel.virtual_pipeline_size=2", "parallel.zero1=true"]),
+        (8, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
+    ]
+    for world, overrides in layouts:
+        losses, eval_loss = _loop_losses(tmp_path, f"w{world}", world, *overrides)
+        assert losses == pytest.approx(ref_losses, rel=2e-5), overrides
+        assert eval_loss == pytest.approx(ref_eval, rel=2e-5), overrides
+
+
+def test_train_rejects_bad_pipeline_layouts_before_any_process_group(tmp_path):
+    from megatiny.config import ConfigError
+    from megatiny.train import check_supported
+    from tests.test_train import tiny_config as train_config
+
+    cfg = train_config("unused", tmp_path, "parallel.pp=4", n_layers=6)
+    with pytest.raises(ConfigError, match="n_layers=6 is not divisible by pp"):
+        check_supported(cfg, world_size=4)
+    cfg = train_config(
+        "unused",
+        tmp_path,
+        "parallel.pp=2",
+        "parallel.virtual_pipeline_size=2",
+        "train.global_batch_size=6",
+        n_layers=4,
+    )  # 6 samples / (micro 2 x dp 1) = 3 micro-batches: not a multiple of pp=2
+    with pytest.raises(ConfigError, match="multiple of pp=2"):
+        check_supported(cfg, world_size=2)
