@@ -390,7 +390,10 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     )  # fmt: skip
     bar = progress_bar(tc.steps, trainer.step, enabled=rank0 and tc.progress_bar)
     say = bar.write if bar is not None else (lambda m: print(m, flush=True))
-    last_checkpoint, last_eval = None, None
+    last_checkpoint = meta["path"] if resume_from is not None else None
+    last_eval = None
+    if trainer.step >= tc.steps and rank0:
+        say(f"nothing to train: the checkpoint is at step {trainer.step} >= train.steps={tc.steps}")
     try:
         while trainer.step < tc.steps:
             try:
@@ -424,6 +427,8 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
             if (tc.save_interval and step % tc.save_interval == 0) or step == tc.steps:
                 last_checkpoint = save()
                 meter.reset()
+        if last_eval is None:  # e.g. resumed at the final step: still report where the model is
+            last_eval = trainer.evaluate()
     finally:
         if bar is not None:
             bar.close()

@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch._dynamo  # noqa: F401 - optimizers import it lazily; once here, not once per fork
 import torch.distributed as dist
 
 

@@ -36,6 +36,18 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert read_meta(str(part / "checkpoints" / "step_6"))["consumed_samples"] == 12
 
 
+def test_resume_at_the_final_step_reports_the_model(tmp_path):
+    """`--resume auto` on a finished run trains nothing but still reports its checkpoint and a
+    validation loss (not NaN / None)."""
+    prefix = make_corpus(tmp_path)
+    run_dir = tmp_path / "run"
+    first = run_training(tiny_config(prefix, run_dir, "train.steps=2"))[0]
+    again = run_training(tiny_config(prefix, run_dir, "train.steps=2", "train.resume=auto"))[0]
+    assert again["losses"] == [] and again["step"] == 2
+    assert again["checkpoint"] == first["checkpoint"]
+    assert again["eval"]["loss"] == pytest.approx(first["eval"]["loss"], rel=1e-6)
+
+
 def test_atomic_layout_and_keep_last_k(tmp_path):
     prefix = make_corpus(tmp_path)
     run_dir = tmp_path / "run"
