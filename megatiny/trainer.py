@@ -1,0 +1,327 @@
+"""One rank's training step and how it is built (`build_trainer`); the loop, checkpoints and
+the command line are in megatiny/train.py, which re-exports everything here.
+
+One optimizer step (`train_step`):
+
+    micro_batches = the dp rank's share of the global batch, split into `accumulation` pieces
+    loss          = schedule(model, micro_batches)     forward + backward of every micro-batch,
+                                                       each backward scaled by 1/accumulation
+    grads         averaged over the dp (x cp) group (bucketed, overlapped: DistributedDataParallel)
+    grad_norm     = the global norm over TP / PP shards, replicated parameters counted once
+    clip, AdamW step, lr schedule step
+
+so global batch = micro_batch_size x accumulation x dp and the update equals that of one device
+seeing the whole global batch. `schedule` is a function; the default runs the micro-batches one
+after the other on a single pipeline stage (pipeline schedules plug in with the same signature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatiny.config import Config, ConfigError
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---- micro-batches and the schedule -----------------------------------------------------------
+
+
+def micro_batch_indices(consumed: int, micro: int, dp_rank: int, dp_size: int, index: int):
+    """Global sample indices of micro-batch `index` of the step that starts at sample `consumed`.
+
+    Megatron's pretraining sampler order: the step's samples are consumed in slabs of
+    micro x dp consecutive indices; dp rank d takes the d-th micro-sized slice of each slab.
+    """
+    start = consumed + index * micro * dp_size + dp_rank * micro
+    return range(start, start + micro)
+
+
+def collate(dataset, indices, device) -> dict[str, torch.Tensor]:
+    samples = [dataset[i % len(dataset)] for i in indices]
+    batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in ("input_ids", "labels")}
+    batch["loss_mask"] = torch.stack([s["loss_mask"] for s in samples]).float().to(device)
+    return batch
+
+
+def compute_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy of one micro-batch (labels already shifted)."""
+    return model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+
+
+def forward_backward_no_pipelining(model, micro_batches, *, loss_fn=compute_loss, grad_sync=None,
+                                   autocast=contextlib.nullcontext) -> torch.Tensor:  # fmt: skip
+    """Forward + backward each micro-batch in turn; gradients accumulate in `.grad`.
+
+    Returns the mean micro-batch loss (detached). `grad_sync(is_last)` returns a context that
+    suppresses (False) or allows (True) the DP gradient reduction during that backward.
+    """
+    n = len(micro_batches)
+    total = torch.zeros(())
+    for i, batch in enumerate(micro_batches):
+        sync = grad_sync(i == n - 1) if grad_sync is not None else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                loss = loss_fn(model, batch)
+            (loss / n).backward()
+        total = total + loss.detach().float().cpu()
+    return total / n
+
+
+@dataclass
+class Trainer:
+    """Everything one rank needs to run steps; built by `build_trainer`."""
+
+    cfg: Config
+    ctx: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_data: object
+    valid_data: object
+    accumulation: int
+    schedule: object = forward_backward_no_pipelining
+    loss_fn: object = compute_loss
+    ddp: object = None
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    losses: list = field(default_factory=list)
+
+    @property
+    def autocast(self):
+        precision = self.cfg.train.precision
+        device = self.ctx.device
+        use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        if not use_bf16:
+            return contextlib.nullcontext
+        # fp32 master weights: parameters and optimizer state stay fp32, matmuls run in bf16.
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        micro = self.cfg.train.micro_batch_size
+        return [
+            collate(
+                self.train_data,
+                micro_batch_indices(
+                    self.consumed_samples, micro, self.ctx.dp_rank, self.ctx.dp_size, i
+                ),
+                self.ctx.device,
+            )
+            for i in range(self.accumulation)
+        ]
+
+    def _all_reduce_mean(self, value: torch.Tensor, group) -> torch.Tensor:
+        value = value.to(self.ctx.device)
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(value, group=group)
+            value = value / dist.get_world_size(group)
+        return value.cpu()
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns loss, grad_norm, lr, skipped."""
+        ctx, tc = self.ctx, self.cfg.train
+        self.optimizer.zero_grad(set_to_none=self.ddp is None)
+        if self.ddp is not None:
+            self.ddp.zero_grad()
+        grad_sync = None
+        if self.ddp is not None:
+            grad_sync = lambda last: contextlib.nullcontext() if last else self.ddp.no_sync()  # noqa: E731
+        loss = self.schedule(
+            self.model, self.micro_batches(), loss_fn=self.loss_fn, grad_sync=grad_sync,
+            autocast=self.autocast,
+        )  # fmt: skip
+        if self.ddp is not None:  # dp x cp > 1: wait for the last gradient buckets
+            self.ddp.finish_grad_sync()
+        skip = None
+        if ctx.pp_size > 1:  # tied embedding: first + last stage gradients summed, counted once
+            from megatiny.parallel.pipeline import replicated_parameter_ids, sync_tied_grads
+
+            sync_tied_grads(self.model.chunks, ctx, self.ddp)
+            skip = replicated_parameter_ids(self.model.chunks, ctx)
+        if ctx.pp_size > 1:  # the loss lives on the last stage
+            loss = loss.to(ctx.device)
+            dist.broadcast(loss, src=ctx.pp_ranks[-1], group=ctx.pp_group)
+        loss = self._all_reduce_mean(loss, ctx.dp_group)
+        if hasattr(self.optimizer, "clip_grad_norm"):
+            grad_norm = self.optimizer.clip_grad_norm(tc.grad_clip, ctx, skip)
+        else:
+            from megatiny.optim import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(self.model, tc.grad_clip, ctx, skip)
+        lr = self.scheduler.lr
+        finite = torch.tensor(
+            float(math.isfinite(loss.item()) and math.isfinite(float(grad_norm))),
+            device=ctx.device,
+        )
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same branch
+        skipped = finite.item() < 1
+        if skipped:
+            if tc.nan_policy == "stop":
+                raise NonFiniteLoss(f"loss {loss.item()} / grad norm {float(grad_norm)}")
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.consumed_samples += tc.global_batch_size_for(ctx.dp_size)
+        self.losses.append(loss.item())
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss over `eval_iters` micro-batches per dp rank (a fixed set of
+        samples, so successive evaluations are comparable), and its perplexity exp(loss)."""
+        tc, ctx = self.cfg.train, self.ctx
+        self.model.eval()
+        total = torch.zeros(())
+        try:
+            for i in range(tc.eval_iters if ctx.pp_size == 1 else 0):
+                idx = micro_batch_indices(0, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, i)
+                with self.autocast():
+                    total += (
+                        self.loss_fn(self.model, collate(self.valid_data, idx, ctx.device))
+                        .float()
+                        .cpu()
+                    )
+            if ctx.pp_size > 1:  # the pipeline schedule runs the micro-batches, forward only
+                batches = [
+                    collate(self.valid_data, micro_batch_indices(
+                        0, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, i), ctx.device)
+                    for i in range(tc.eval_iters)
+                ]  # fmt: skip
+                mean = self.schedule(self.model, batches, forward_only=True, autocast=self.autocast)
+                total = mean.float().cpu() * tc.eval_iters
+        finally:
+            self.model.train()
+        loss = self._all_reduce_mean(total / tc.eval_iters, ctx.dp_group).item()
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+
+def build_model(cfg: Config, ctx) -> torch.nn.Module:
+    """The single-device GPT from the run seed (identical on every rank), then its TP shard.
+
+    Under TP the full model is only described (meta device) and `parallelize` generates each
+    weight from its deterministic per-parameter init and keeps this rank's slice, so a rank
+    never holds the whole model."""
+    from megatiny.model import GPT
+
+    torch.manual_seed(cfg.train.seed)
+    if ctx.tp_size == 1:
+        model = GPT(cfg.model).to(ctx.device)
+    else:
+        from megatiny.parallel.parallelize import parallelize
+
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        model = parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
+        model = model.to(ctx.device)
+    if ctx.pp_size > 1:  # this rank's stages, under the single-device parameter names
+        from megatiny.parallel.pipeline import build_pipeline
+
+        model = build_pipeline(model, ctx, cfg.parallel.virtual_pipeline_size)
+    return model
+
+
+def build_data(cfg: Config, ctx, dp: int):
+    """(train, valid) datasets. Rank 0 builds (and caches) the sample indices first, so the other
+    ranks only read the cache."""
+    tc, dc = cfg.train, cfg.data
+    num_samples = {
+        "train": tc.steps * tc.global_batch_size_for(dp),
+        "valid": tc.eval_iters * tc.micro_batch_size * dp,
+        "test": tc.micro_batch_size * dp,
+    }
+
+    def build():
+        if isinstance(dc.path, str):
+            from megatiny.data.gpt_dataset import GPTDataset
+
+            kw = dict(
+                split=dc.split, seq_length=dc.seq_length, seed=tc.seed, cache_dir=dc.cache_dir
+            )
+            return tuple(
+                GPTDataset(dc.path, num_samples=num_samples[name], split_name=name, **kw)
+                for name in ("train", "valid")
+            )
+        from megatiny.data.gpt_dataset import build_datasets
+
+        train, valid, _ = build_datasets([str(x) for x in dc.path], dc.split, dc.seq_length,
+                                         num_samples, tc.seed)  # fmt: skip
+        return train, valid
+
+    try:
+        if ctx.rank == 0:
+            datasets = build()
+        dist.barrier()
+        if ctx.rank != 0:
+            datasets = build()
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
+    return datasets
+
+
+def check_supported(cfg: Config, world_size: int | None = None) -> None:
+    """Layouts the loop cannot run fail here, before any process group work."""
+    from megatiny.parallel.pipeline import validate_pipeline
+
+    p = cfg.parallel
+    if p.cp > 1:
+        raise ConfigError(
+            f"megatiny train does not run parallel.cp={p.cp} yet (no context-parallel attention); "
+            "use tp, pp and dp"
+        )
+    micro_batches = None
+    if world_size is not None:
+        micro_batches = cfg.train.accumulation_steps(p.data_parallel_size(world_size))
+    try:  # layers vs pp * virtual stages; the interleaved schedule's micro-batch count
+        validate_pipeline(cfg.model.n_layers, p.pp, p.virtual_pipeline_size,
+                          num_microbatches=micro_batches)  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from None
+
+
+def build_trainer(cfg: Config, ctx) -> Trainer:
+    from megatiny.optim import build_optimizer, build_scheduler
+
+    check_supported(cfg, ctx.world_size)
+    dp = ctx.dp_size
+    model = build_model(cfg, ctx)
+    from megatiny.parallel.data_parallel import build_data_parallel
+
+    # Gradients averaged over dp x cp in buckets, overlapped with the backward pass (None when
+    # dp x cp == 1 without ZeRO-1); ZeRO-1 reduce-scatters them into per-rank slices instead.
+    p = cfg.parallel
+    ddp = build_data_parallel(model, ctx, shard=p.zero1, bucket_mb=p.ddp_bucket_mb)
+    if p.zero1:
+        from megatiny.parallel.zero import ZeroOptimizer
+
+        optimizer = ZeroOptimizer.from_train_config(ddp, model, cfg.train)
+    else:
+        optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    train_data, valid_data = build_data(cfg, ctx, dp)
+    schedule = forward_backward_no_pipelining
+    if ctx.pp_size > 1:  # 1F1B, or interleaved 1F1B with virtual_pipeline_size chunks per rank
+        from megatiny.parallel.schedules import as_trainer_schedule, build_schedule
+
+        schedule = as_trainer_schedule(build_schedule(
+            ctx, model.chunks, cfg.train.micro_batch_size, cfg.data.seq_length,
+            sequence_parallel=p.sequence_parallel,
+        ))  # fmt: skip
+    # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp rank.
+    torch.manual_seed(cfg.train.seed + 1 + 100 * ctx.pp_rank + 10_000 * ctx.dp_rank)
+    return Trainer(
+        cfg, ctx, model, optimizer, scheduler, train_data, valid_data,
+        accumulation=cfg.train.accumulation_steps(dp), schedule=schedule, ddp=ddp,
+    )  # fmt: skip
