@@ -209,27 +209,32 @@ class Trainer:
 
 
 def build_model(cfg: Config, ctx) -> torch.nn.Module:
-    """The single-device GPT from the run seed (identical on every rank), then its TP shard.
+    """This rank's part of the single-device GPT from the run seed: its TP shard of its pipeline
+    stages.
 
-    Under TP the full model is only described (meta device) and `parallelize` generates each
-    weight from its deterministic per-parameter init and keeps this rank's slice, so a rank
-    never holds the whole model."""
+    Unless the model fits whole (tp = pp = 1), it is only described (meta device), pruned to
+    this rank's stages (`keep_stages`), then each kept weight is generated from its
+    deterministic per-parameter init (`materialize`; `parallelize` keeps only this rank's TP
+    slice), so a rank never holds the whole model and its weights equal the same-seed
+    single-device model's."""
     from megatiny.model import GPT
 
     torch.manual_seed(cfg.train.seed)
+    if ctx.tp_size == 1 and ctx.pp_size == 1:
+        return GPT(cfg.model).to(ctx.device)
+    from megatiny.parallel.parallelize import materialize, parallelize
+    from megatiny.parallel.pipeline import build_pipeline, keep_stages
+
+    v = cfg.parallel.virtual_pipeline_size
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    keep_stages(model, ctx, v)
     if ctx.tp_size == 1:
-        model = GPT(cfg.model).to(ctx.device)
+        materialize(model, ctx.device)
     else:
-        from megatiny.parallel.parallelize import parallelize
-
-        with torch.device("meta"):
-            model = GPT(cfg.model)
-        model = parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
-        model = model.to(ctx.device)
-    if ctx.pp_size > 1:  # this rank's stages, under the single-device parameter names
-        from megatiny.parallel.pipeline import build_pipeline
-
-        model = build_pipeline(model, ctx, cfg.parallel.virtual_pipeline_size)
+        parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
+    if ctx.pp_size > 1:  # this rank's chunks, under the single-device parameter names
+        model = build_pipeline(model, ctx, v)
     return model
 
 

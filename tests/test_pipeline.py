@@ -215,3 +215,81 @@ def test_activation_memory_of_each_schedule():
     assert run_ranks(_in_flight_worker, 4, args=("1f1b", 1, 8)) == [4, 3, 2, 1]  # p - r
     # Interleaved (v=2): 2(p-r-1) + (v-1)p warm-up chunk forwards + 1.
     assert run_ranks(_in_flight_worker, 4, args=("interleaved", 2, 8)) == [11, 9, 7, 5]
+
+
+def _build_model_worker(tp, pp, v, tie):
+    """build_model's rank-local model vs the old path (the whole same-seed GPT, then its TP
+    shard, then this rank's stages), and the weights it generated on the way."""
+    from megatiny.config import Config, ParallelConfig
+    from megatiny.parallel.parallelize import full_parameters, parallelize
+    from megatiny.trainer import build_model
+
+    cfg = Config(
+        model=tiny_config(tie_embeddings=tie),
+        parallel=ParallelConfig(tp=tp, pp=pp, virtual_pipeline_size=v),
+    )
+    ctx = ParallelContext.initialize(tp=tp, pp=pp)
+    generated = []  # (name, numel) of every weight initialised while building
+    initial_value = GPT.initial_value
+
+    def recording(self, name, shape, dtype=torch.float32):
+        generated.append((name, torch.Size(shape).numel()))
+        return initial_value(self, name, shape, dtype)
+
+    GPT.initial_value = recording
+    try:
+        model = build_model(cfg, ctx)
+    finally:
+        GPT.initial_value = initial_value
+    torch.manual_seed(cfg.train.seed)
+    full = GPT(cfg.model)
+    full_numel = sum(p.numel() for p in full.parameters())
+    single = {n: p.detach().clone() for n, p in full.named_parameters()}
+    old = parallelize(full, ctx) if tp > 1 else full
+    old = build_pipeline(old, ctx, v)
+    got = {n: p.detach() for n, p in model.named_parameters()}
+    gathered = {}  # TP shards gathered back to single-device shapes (collective over TP)
+    for chunk in model.chunks:
+        gathered.update(full_parameters(chunk) if tp > 1 else dict(chunk.named_parameters()))
+    want = {n: p.detach() for n, p in old.named_parameters()}
+    return {
+        "names": (sorted(got), sorted(want)),
+        "equal_old": all(torch.equal(got[n], want[n]) for n in want if n in got),
+        "equal_single": all(torch.equal(t, single[n]) for n, t in gathered.items()),
+        "gathered": sorted(gathered),
+        "generated": sorted(n for n, _ in generated),
+        "generated_numel": sum(k for _, k in generated),
+        "numel": sum(p.numel() for p in model.parameters()),
+        "stage_numel": sum(p.numel() for p in old.parameters()),
+        "stage_full_numel": sum(single[n].numel() for n in want),
+        "full_numel": full_numel,
+        "chunks": len(model.chunks),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tp, pp, v, tie",
+    [
+        (1, 2, None, False),
+        (1, 4, None, True),
+        (1, 2, 2, True),
+        (2, 2, None, False),
+        (2, 2, 2, True),
+    ],
+)
+def test_build_model_allocates_only_own_stages(tp, pp, v, tie):
+    out = run_ranks(_build_model_worker, tp * pp, args=(tp, pp, v, tie), timeout=180)
+    names = set()
+    for r in out:
+        got, want = r["names"]
+        assert got == want == r["gathered"]
+        assert r["equal_old"] and r["equal_single"]
+        assert r["chunks"] == (v or 1)
+        # Only this rank's stages were ever generated (the old path generated every weight),
+        # each weight once, and the rank keeps just its (TP share of its) stages.
+        assert r["generated"] == got
+        assert r["generated_numel"] == r["stage_full_numel"] < r["full_numel"]
+        assert r["numel"] == r["stage_numel"]
+        names |= set(got)
+    assert names == {n for n, _ in GPT(tiny_config(tie_embeddings=tie)).named_parameters()}

@@ -114,6 +114,22 @@ def _row(src, name, linear: nn.Linear, group, sp, device):
     return layer
 
 
+def materialize(model, device) -> nn.Module:
+    """Give every parameter of `model` a real tensor on `device`, in place, and return it:
+    parameters on the meta device get their deterministic initial value (`initial_value`, so
+    the same weights as the same-seed model built on a real device), the others are moved.
+
+    With `keep_stages` (megatiny.parallel.pipeline) first, a pipeline rank allocates only its
+    own stages' parameters; under TP `parallelize` calls this for the replicated ones."""
+    src = _Source(model)
+    for name, p in list(model.named_parameters()):
+        if p.is_meta or p.device != torch.device(device):
+            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            module = model.get_submodule(owner)
+            setattr(module, leaf, _param(src.full(name, p), device))
+    return model
+
+
 def parallelize(model, ctx, sequence_parallel: bool = False):
     """Shard `model` (a megatiny GPT) in place for this rank's TP group and return it.
 
@@ -160,12 +176,7 @@ def parallelize(model, ctx, sequence_parallel: bool = False):
     if getattr(model, "norm_f", None) is not None:
         model.norm_f.weight_transform = grad_sum
 
-    # Replicated parameters: generate meta ones whole, move the rest to the device.
-    for name, p in list(model.named_parameters()):
-        if p.is_meta or p.device != device:
-            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-            module = model.get_submodule(owner)
-            setattr(module, leaf, _param(src.full(name, p), device))
+    materialize(model, device)  # replicated parameters: norms, positions
     model.tp_group = group
     model.sequence_parallel = sp
     model.sharded_rng = rng.fork if sp else model.sharded_rng

@@ -9,7 +9,8 @@ Split. The n_layers decoder blocks are cut into S = pp * v consecutive pieces ("
 stages"), evenly (n_layers % S == 0) or by an explicit list of S layer counts. Virtual stage s
 lives on pipeline rank s % pp as its model chunk s // pp, so with v > 1 every rank holds v
 non-adjacent pieces (interleaved 1F1B). The first virtual stage also owns the embeddings, the
-last one the final norm, the head and the loss.
+last one the final norm, the head and the loss. `keep_stages` prunes a meta-device GPT to this
+rank's stages before `parallelize` / `materialize`, so a rank allocates only its own weights.
 
 A chunk is the single-device GPT object with the modules it does not own set to None and its
 `blocks` holding only its layers *under their global index* ("blocks.5.attn.qkv.weight" on any
@@ -95,34 +96,85 @@ def _shallow_copy(model: nn.Module) -> nn.Module:
     return chunk
 
 
+def _rank_stages(n_layers: int, ctx, virtual_pipeline_size, layer_split) -> list[tuple]:
+    """(virtual stage s, first layer, end layer) of each of this pipeline rank's chunks."""
+    pp, v = ctx.pp_size, virtual_pipeline_size or 1
+    split = validate_pipeline(n_layers, pp, v, layer_split)
+    starts = [sum(split[:s]) for s in range(pp * v + 1)]
+    return [(s, starts[s], starts[s + 1]) for s in (c * pp + ctx.pp_rank for c in range(v))]
+
+
+def _block(model: nn.Module, i: int) -> nn.Module:
+    block = model.blocks._modules.get(str(i))  # by global index: the model may be pruned
+    if block is None:
+        raise ValueError(
+            f"the model has no block {i}: it was pruned by keep_stages for another layout; "
+            "pass build_pipeline the same ctx, virtual_pipeline_size and layer_split"
+        )
+    return block
+
+
+def keep_stages(
+    model: nn.Module,
+    ctx,
+    virtual_pipeline_size: int | None = None,
+    layer_split: list[int] | None = None,
+) -> nn.Module:
+    """Prune a GPT in place to the modules of this pipeline rank's stages and return it.
+
+    Meant for a model built on the meta device, before `materialize` / `parallelize`, so a rank
+    allocates and initialises only its own parameters (each generated from the deterministic
+    per-parameter init, hence equal to the same-seed single-device model's). `blocks` keeps
+    only this rank's layers under their global index; the embeddings stay on the first stage
+    (the token embedding also on the last when tied), norm_f / lm_head on the last. Then call
+    `build_pipeline` with the same arguments. A no-op at pp == 1.
+    """
+    if ctx.pp_size == 1:
+        return model
+    stages = _rank_stages(model.config.n_layers, ctx, virtual_pipeline_size, layer_split)
+    last = ctx.pp_size * (virtual_pipeline_size or 1) - 1
+    first_rank = any(s == 0 for s, _, _ in stages)
+    last_rank = any(s == last for s, _, _ in stages)
+    blocks = nn.ModuleList()
+    for _, lo, hi in stages:
+        for i in range(lo, hi):
+            blocks.add_module(str(i), _block(model, i))
+    model.blocks = blocks
+    if not first_rank:
+        model.pos_embed = None
+        if not (last_rank and model.config.tie_embeddings):
+            model.embed = None
+    if not last_rank:
+        model.norm_f = None
+        model.lm_head = None
+    return model
+
+
 def build_pipeline_chunks(
     model: nn.Module,
     ctx,
     virtual_pipeline_size: int | None = None,
     layer_split: list[int] | None = None,
 ) -> list[nn.Module]:
-    """This pipeline rank's model chunks (v of them), cut from a single-device or TP-sharded GPT.
+    """This pipeline rank's model chunks (v of them), cut from a single-device or TP-sharded GPT
+    (whole, or already pruned to this rank's stages by `keep_stages`).
 
     Each chunk gets `is_first_chunk` / `is_last_chunk` (first/last virtual stage of the whole
     pipeline), `virtual_stage` and `layer_range` attributes.
     """
-    pp, rank = ctx.pp_size, ctx.pp_rank
-    v = virtual_pipeline_size or 1
-    split = validate_pipeline(len(model.blocks), pp, v, layer_split)
+    pp, v = ctx.pp_size, virtual_pipeline_size or 1
+    stages = _rank_stages(model.config.n_layers, ctx, v, layer_split)
     if pp == 1:
         model.is_first_chunk = model.is_last_chunk = True
         model.virtual_stage, model.layer_range = 0, (0, len(model.blocks))
         return [model]
-    starts = [sum(split[:s]) for s in range(pp * v + 1)]
-    tied = model.lm_head is None
+    tied = model.config.tie_embeddings
     chunks = []
-    for c in range(v):
-        s = c * pp + rank
-        lo, hi = starts[s], starts[s + 1]
+    for s, lo, hi in stages:
         chunk = _shallow_copy(model)
         blocks = nn.ModuleList()
         for i in range(lo, hi):
-            blocks.add_module(str(i), model.blocks[i])  # keep the global layer index in names
+            blocks.add_module(str(i), _block(model, i))  # keep the global layer index in names
         chunk.blocks = blocks
         chunk.is_first_chunk, chunk.is_last_chunk = s == 0, s == pp * v - 1
         chunk.virtual_stage, chunk.layer_range = s, (lo, hi)
