@@ -44,27 +44,31 @@ def reference(model, data):
     return losses, grads, params
 
 
+def accumulate_local_batch(ddp, forward, x, y, rank, world):
+    """This rank's slice of the global batch in ACCUM micro-batches, gradients synced only on the
+    last one; returns the rank's mean loss (a tensor) after the sync has finished."""
+    per_rank = GLOBAL_BATCH // world
+    xs, ys = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    local = torch.zeros(())
+    for i, (xm, ym) in enumerate(zip(xs.chunk(ACCUM), ys.chunk(ACCUM))):
+        with no_sync_unless(ddp, i == ACCUM - 1):
+            loss = nn.functional.mse_loss(forward(xm), ym) / ACCUM
+            loss.backward()
+        local += loss.detach()
+    ddp.finish_grad_sync()
+    return local
+
+
 def _ddp_worker(bucket_mb):
     rank, world = dist.get_rank(), dist.get_world_size()
     model, data = make_model(), make_data()
     ref = reference(copy.deepcopy(model), data)
     ddp = DistributedDataParallel(model, None, bucket_mb=bucket_mb, record_events=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    per_rank = GLOBAL_BATCH // world
     losses, grads, params = [], [], []
     for x, y in data:
         opt.zero_grad()  # set_to_none: DDP must re-home the fresh grads into its buffer
-        xs, ys = (
-            x[rank * per_rank : (rank + 1) * per_rank],
-            y[rank * per_rank : (rank + 1) * per_rank],
-        )
-        local = torch.zeros(())
-        for i, (xm, ym) in enumerate(zip(xs.chunk(ACCUM), ys.chunk(ACCUM))):
-            with no_sync_unless(ddp, i == ACCUM - 1):
-                loss = nn.functional.mse_loss(ddp(xm), ym) / ACCUM
-                loss.backward()
-            local += loss.detach()
-        ddp.finish_grad_sync()
+        local = accumulate_local_batch(ddp, ddp, x, y, rank, world)
         dist.all_reduce(local)
         losses.append(local.item() / world)
         grads.append([p.grad.clone() for p in model.parameters()])

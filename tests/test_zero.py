@@ -8,10 +8,16 @@ import torch._dynamo  # noqa: F401  AdamW imports it lazily: once here, not per 
 import torch.distributed as dist
 from torch import nn
 
-from megatiny.parallel.data_parallel import DistributedDataParallel, no_sync_unless
+from megatiny.parallel.data_parallel import DistributedDataParallel
 from megatiny.parallel.zero import ZeroOptimizer
 from tests.dist import run_ranks
-from tests.test_data_parallel import ACCUM, GLOBAL_BATCH, STEPS, make_data, make_model
+from tests.test_data_parallel import (
+    GLOBAL_BATCH,
+    STEPS,
+    accumulate_local_batch,
+    make_data,
+    make_model,
+)
 
 MAX_NORM = 0.05  # small enough that clipping is active in every step
 
@@ -42,20 +48,9 @@ def _zero_worker(bucket_mb):
     ref = reference(copy.deepcopy(model), data)
     ddp = DistributedDataParallel(model, None, bucket_mb=bucket_mb, shard=True)
     opt = ZeroOptimizer(ddp, groups(model), lr=1e-2)
-    per_rank = GLOBAL_BATCH // world
     losses, norms = [], []
     for x, y in data:
-        xs, ys = (
-            x[rank * per_rank : (rank + 1) * per_rank],
-            y[rank * per_rank : (rank + 1) * per_rank],
-        )
-        local = torch.zeros(())
-        for i, (xm, ym) in enumerate(zip(xs.chunk(ACCUM), ys.chunk(ACCUM))):
-            with no_sync_unless(ddp, i == ACCUM - 1):
-                loss = nn.functional.mse_loss(model(xm), ym) / ACCUM
-                loss.backward()
-            local += loss.detach()
-        ddp.finish_grad_sync()
+        local = accumulate_local_batch(ddp, model, x, y, rank, world)
         norms.append(opt.clip_grad_norm(MAX_NORM).item())
         opt.step()
         opt.zero_grad()
