@@ -15,9 +15,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import torch
+
+from megatiny.fsutil import atomic_write
 
 # HBM bandwidth in GB/s by device name (SXM parts); override with --peak-gbs.
 PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0}
@@ -111,20 +112,6 @@ def print_table(rows, peak):
         print(f"(% peak of {peak:.0f} GB/s HBM bandwidth; 'x eager' = eager time / triton time)")
 
 
-def _atomic_write(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def plot(rows, path, peak, title):
     import matplotlib
 
@@ -154,7 +141,7 @@ def plot(rows, path, peak, title):
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def main(argv=None):
@@ -185,7 +172,7 @@ def main(argv=None):
     print_table(rows, peak)
     if args.json:
         payload = dict(device=name, dtype=args.dtype, peak_gbs=peak, rows=rows)
-        _atomic_write(args.json, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+        atomic_write(args.json, lambda f: f.write(json.dumps(payload, indent=1).encode()))
         print(f"wrote {args.json}")
     if args.plot:
         plot(rows, args.plot, peak, f"megatiny.kernels on {name} ({args.dtype})")

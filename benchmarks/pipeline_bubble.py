@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatiny.fsutil import atomic_path
 from megatiny.parallel import ParallelContext  # noqa: E402
 from megatiny.parallel.schedules import build_schedule  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
@@ -134,12 +134,8 @@ def plot(rows, path, pp):
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def main(argv=None):

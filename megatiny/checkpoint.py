@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from megatiny.fsutil import atomic_write_text
+
 LATEST = "latest"
 META = "meta.json"
 # The fields that define parameter shapes; a checkpoint must agree on all of them to load.
@@ -246,15 +248,6 @@ def resolve(path: str) -> str | None:
     return None
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -303,12 +296,12 @@ def save_checkpoint(
             "world_size": ctx.world_size if distributed else 1,
             **(extra or {}),
         }
-        _write_atomic(os.path.join(tmp, META), json.dumps(meta, indent=1))
+        atomic_write_text(os.path.join(tmp, META), json.dumps(meta, indent=1))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(checkpoint_dir)
-        _write_atomic(os.path.join(checkpoint_dir, LATEST), name + "\n")
+        atomic_write_text(os.path.join(checkpoint_dir, LATEST), name + "\n")
         _prune(checkpoint_dir, keep)
     _barrier(distributed)
     return final

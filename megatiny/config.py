@@ -306,13 +306,11 @@ class Config:
 
     def save_yaml(self, path: str) -> None:
         """Write the resolved config atomically (temp file, fsync, rename)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from megatiny.fsutil import atomic_write
+
+        atomic_write(
+            path, lambda f: yaml.safe_dump(self.to_dict(), f, sort_keys=False), "w", "utf-8"
+        )
 
 
 def load_config(path: str | None, overrides: list[str] | tuple = ()) -> Config:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,6 +49,7 @@ from megatiny.finetune_model import (
     load_pretrained,
     predict,
 )
+from megatiny.fsutil import atomic_path, atomic_write
 
 __all__ = [
     "HEAD_FILE",
@@ -118,12 +118,7 @@ def _sum(values: list[float], ctx) -> list[float]:
 
 
 def _write_json(path: str, obj) -> None:
-    fdesc, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fdesc, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w", "utf-8")
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -292,12 +287,8 @@ def _save(cfg, body, model, task, ctx, rank0, save_model, losses, evals) -> None
             from safetensors.torch import save_file
 
             head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-            fdesc, tmp = tempfile.mkstemp(prefix=".tmp-", dir=cfg.output)
-            os.close(fdesc)
-            save_file(head, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(cfg.output, HEAD_FILE))
+            with atomic_path(os.path.join(cfg.output, HEAD_FILE)) as tmp:
+                save_file(head, tmp)
             _write_json(os.path.join(cfg.output, LABELS_FILE), task.labels.to_dict())
         summary = {"config": asdict(cfg), "final_loss": losses[-1], "evals": evals}
         _write_json(os.path.join(cfg.output, SUMMARY_FILE), summary)

@@ -24,6 +24,7 @@ import tempfile
 import torch
 
 from megatiny.config import ModelConfig
+from megatiny.fsutil import atomic_path, atomic_write
 from megatiny.model import GPT
 
 MODEL_FILE = "model.safetensors"
@@ -212,20 +213,6 @@ def to_hf(model: GPT):
 # --- safetensors checkpoints ------------------------------------------------------------------
 
 
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_model(model: GPT, directory: str) -> None:
     """Write `directory/model.safetensors` and `directory/model_config.json`, each atomically."""
     from safetensors.torch import save_file
@@ -234,13 +221,12 @@ def save_model(model: GPT, directory: str) -> None:
         raise ValueError("save_model needs the single-device model; save before parallelize()")
     os.makedirs(directory, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(os.path.join(directory, MODEL_FILE), lambda p: save_file(state, p))
-
-    def write_config(p):
-        with open(p, "w") as f:
-            json.dump(model.config.to_dict(), f, indent=2)
-
-    _atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
+    with atomic_path(os.path.join(directory, MODEL_FILE)) as tmp:
+        save_file(state, tmp)
+    config = model.config.to_dict()
+    atomic_write(
+        os.path.join(directory, CONFIG_FILE), lambda f: json.dump(config, f, indent=2), "w"
+    )
 
 
 def load_model(directory: str, device: str | torch.device = "cpu") -> GPT:

@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 
@@ -49,6 +48,7 @@ import torch
 
 from megatiny.data import helpers
 from megatiny.data.indexed import IndexedDataset
+from megatiny.fsutil import atomic_write
 
 SPLIT_NAMES = ("train", "valid", "test")
 PAD = -1  # never a real token id; padded positions get loss_mask 0
@@ -94,20 +94,6 @@ def data_fingerprint(indexed: IndexedDataset) -> dict:
         "num_tokens": int(lengths.sum(dtype=np.int64)),
         "lengths_sha256": hashlib.sha256(lengths.tobytes()).hexdigest(),
     }
-
-
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _crc(array: np.ndarray) -> int:
@@ -158,13 +144,13 @@ class IndexCache:
         try:
             os.makedirs(self.directory, exist_ok=True)
             for name, array in arrays.items():
-                _atomic_write(self.path(name), lambda f, a=array: np.save(f, a, allow_pickle=False))
+                atomic_write(self.path(name), lambda f, a=array: np.save(f, a, allow_pickle=False))
             record = {
                 "description": self.description,
                 "crc32": {name: _crc(a) for name, a in arrays.items()},
             }
             text = json.dumps(record, indent=1, sort_keys=True).encode()
-            _atomic_write(self.description_path, lambda f: f.write(text))
+            atomic_write(self.description_path, lambda f: f.write(text))
         except OSError as error:
             warnings.warn(f"cannot cache index arrays in {self.directory}: {error}", stacklevel=3)
 

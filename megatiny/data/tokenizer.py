@@ -16,6 +16,8 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 
+from megatiny.fsutil import atomic_path
+
 EOD_TOKEN = "<|endoftext|>"
 # EOS spellings of other common tokenizers, tried when <|endoftext|> is absent.
 _EOD_FALLBACKS = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
@@ -59,12 +61,8 @@ class Tokenizer:
     def save(self, path: str) -> str:
         """Save as `tokenizer.json` (path may be a directory); atomic. Returns the file path."""
         out = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = f"{out}.tmp-{os.getpid()}"
-        self._tok.save(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            self._tok.save(tmp)
         self.path = out
         return out
 
