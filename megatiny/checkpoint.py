@@ -52,7 +52,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled", categ
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint is missing, incomplete, unsafe to load, or from another model shape."""
 
 
 # ---- layout-free state dicts ----------------------------------------------------------------

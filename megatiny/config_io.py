@@ -5,6 +5,7 @@ and `model.vocab_size=auto` (the vocabulary of data.tokenizer). Used by `Config.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import typing
@@ -78,15 +79,12 @@ def coerce(value, section_cls, name: str, key: str):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             if isinstance(value, str):
-                try:
+                with contextlib.suppress(ValueError):
                     return int(value.replace("_", ""))
-                except ValueError:
-                    try:
-                        f = float(value)
-                        if f.is_integer():
-                            return int(f)
-                    except ValueError:
-                        pass
+                with contextlib.suppress(ValueError):
+                    f = float(value)  # "1e3" is an int here
+                    if f.is_integer():
+                        return int(f)
             continue
         if target is float:
             if isinstance(value, int | float) and not isinstance(value, bool):

@@ -28,7 +28,7 @@ from megatiny.config import Config, ConfigError
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became NaN or inf; `train.nan_policy` decides between stopping and skipping."""
 
 
 # ---- micro-batches and the schedule -----------------------------------------------------------

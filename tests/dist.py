@@ -11,6 +11,7 @@ one thread, and `torch.distributed.get_rank()` tells the rank. A rank that raise
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -28,7 +29,7 @@ import torch.distributed as dist
 
 
 class RankError(RuntimeError):
-    pass
+    """A rank raised, died without a result, or did not finish in time."""
 
 
 def free_port() -> int:
@@ -64,10 +65,8 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, env, pg_timeout):
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
-            try:
+            with contextlib.suppress(Exception):  # teardown after a failure must not mask it
                 dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def run_ranks(
