@@ -1,4 +1,4 @@
-"""Install megatiny. `kernels/` is installed as `megatiny.kernels`."""
+"""Install megatiny."""
 
 import os
 import subprocess
@@ -83,15 +83,13 @@ class NinjaBuildExt(build_ext):
 EXT_MODULES = [Extension("megatiny._C", sources=["csrc/helpers.cpp"], language="c++")]
 CMDCLASS = {"build_ext": NinjaBuildExt}
 
-packages = find_packages(include=["megatiny", "megatiny.*"]) + ["megatiny.kernels"]
 
 setup(
     name="megatiny",
     version="0.1.0",
     description="A small Megatron-style model-parallel LLM training codebase",
     python_requires=">=3.10",
-    packages=packages,
-    package_dir={"megatiny.kernels": "kernels"},
+    packages=find_packages(include=["megatiny", "megatiny.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     ext_modules=EXT_MODULES,

@@ -7,7 +7,7 @@
 Measures tokens/s of full optimizer steps (forward, backward over the micro-batches of the
 global batch, gradient clipping, AdamW) on synthetic token batches:
   * reference  benchmarks/nanogpt_ref.py, a plain single-file GPT-2 loop (1 process)
-  * megatiny   `Trainer.train_step` of megatiny.train at tp=1 (1 process)
+  * megatiny   `Trainer.train_step` of megatiny.training.loop at tp=1 (1 process)
   * megatiny   tp=2 on 2 gloo ranks (2 processes; tokens/s of the whole job)
 Single-process runs use --threads intra-op threads (default 1, as each rank of the tp=2 run).
 Reference and megatiny tp=1 alternate for --repeats rounds; the table shows the median, and the
@@ -72,9 +72,9 @@ def _init_single(port: int) -> None:
 
 def megatiny_tokens_per_second(cfg: Config, tp: int, steps: int, warmup: int) -> float:
     """Run on an initialized default group of tp ranks; returns tokens/s of the whole job."""
-    from megatiny.optim import build_optimizer, build_scheduler
     from megatiny.parallel import ParallelContext
-    from megatiny.train import Trainer, build_model
+    from megatiny.training.optim import build_optimizer, build_scheduler
+    from megatiny.training.step import Trainer, build_model
 
     ctx = ParallelContext.initialize(tp=tp)
     try:

@@ -15,10 +15,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatiny.data.cli",
         "corpus pipeline: filter-lang, dedup, decontam, tokenizer, tokenize",
     ),
-    "train": ("megatiny.train", "pretrain a GPT under torchrun"),
+    "train": ("megatiny.training.loop", "pretrain a GPT under torchrun"),
     "generate": ("megatiny.generate", "sample text from a checkpoint"),
     "finetune": (
-        "megatiny.finetune",
+        "megatiny.finetune.cli",
         "fine-tune a pretrained checkpoint: classification head or instruction SFT",
     ),
     "convert": ("megatiny.hf", "convert checkpoints to / from Hugging Face transformers"),

@@ -249,12 +249,12 @@ def load_model(directory: str, device: str | torch.device = "cpu") -> GPT:
 
 
 def load_any(path: str) -> GPT:
-    """A model directory from save_model, or a training checkpoint when megatiny.checkpoint
+    """A model directory from save_model, or a training checkpoint when megatiny.training.checkpoint
     provides load_model_for_inference."""
     if os.path.isfile(os.path.join(path, MODEL_FILE)):
         return load_model(path)
     try:
-        from megatiny.checkpoint import load_model_for_inference
+        from megatiny.training.checkpoint import load_model_for_inference
     except ImportError:
         load_model_for_inference = None
     if load_model_for_inference is None:

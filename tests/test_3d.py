@@ -12,7 +12,6 @@ import torch.distributed as dist
 from torch import nn
 
 from megatiny.model import GPT
-from megatiny.optim import clip_grad_norm_, param_groups
 from megatiny.parallel import ParallelContext
 from megatiny.parallel.data_parallel import DistributedDataParallel
 from megatiny.parallel.parallelize import parallelize
@@ -24,6 +23,7 @@ from megatiny.parallel.pipeline import (
 )
 from megatiny.parallel.schedules import build_schedule
 from megatiny.parallel.zero import ZeroOptimizer
+from megatiny.training.optim import clip_grad_norm_, param_groups
 from tests.dist import run_ranks
 from tests.test_pipeline import MICRO, SEQ, micro_batches, tiny_config
 
@@ -147,7 +147,7 @@ def test_3d_interleaved_and_gpipe_on_8_ranks(tp, pp, dp, sp, schedule):
 
 def _checkpoint_worker(layout, zero, path, steps):
     """Train `steps` (a range) at `layout`, loading from / saving to `path` around them."""
-    from megatiny.checkpoint import load_checkpoint, save_checkpoint
+    from megatiny.training.checkpoint import load_checkpoint, save_checkpoint
 
     tp, pp, dp, v = layout
     ctx = ParallelContext.initialize(tp=tp, pp=pp, dp=dp)
@@ -175,7 +175,7 @@ def test_checkpoint_saved_at_2x2x2_resumes_at_other_layouts(tmp_path, zero):
         assert norm == pytest.approx(ref_norms[2], rel=2e-4), layout
 
 
-# ---- the training loop (megatiny.train) with pp / dp / ZeRO-1 / interleaving --------------------
+# ---- the training loop (megatiny.training.loop) with pp / dp / ZeRO-1 / interleaving --------------------
 
 
 def _loop_losses(tmp_path, name, world, *overrides):
@@ -214,7 +214,7 @@ def test_train_loop_runs_3d_layouts_with_single_process_losses(tmp_path):
 
 def test_train_rejects_bad_pipeline_layouts_before_any_process_group(tmp_path):
     from megatiny.config import ConfigError
-    from megatiny.train import check_supported
+    from megatiny.training.step import check_supported
     from tests.test_train import tiny_config as train_config
 
     cfg = train_config("unused", tmp_path, "parallel.pp=4", n_layers=6)

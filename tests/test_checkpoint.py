@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatiny.checkpoint import (
+from megatiny.training.checkpoint import (
     CheckpointError,
     SafeFileSystemReader,
     load_model_for_inference,

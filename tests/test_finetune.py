@@ -12,8 +12,8 @@ import torch
 from megatiny.cli import main as cli_main
 from megatiny.config import ModelConfig
 from megatiny.data.tokenizer import load_tokenizer, train_tokenizer
-from megatiny.finetune import FinetuneConfig, finetune, load_classifier, predict
-from megatiny.finetune_data import (
+from megatiny.finetune.cli import FinetuneConfig, finetune, load_classifier, predict
+from megatiny.finetune.data import (
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
     FinetuneError,
@@ -158,7 +158,7 @@ def test_instruction_sft_learns_and_output_generates(assets, tmp_path, capsys):
 
 
 def test_training_checkpoint_is_accepted_as_body(assets, tmp_path):
-    from megatiny.checkpoint import save_checkpoint
+    from megatiny.training.checkpoint import save_checkpoint
 
     body = load_model(assets["base"])
     save_checkpoint(str(tmp_path / "run" / "checkpoints"), 7, body, None)
@@ -227,7 +227,7 @@ def test_bad_input_gives_clear_errors(assets, tmp_path):
     with pytest.raises(FinetuneError, match="(?i)different model shape.*size mismatch"):
         finetune(cls_config(assets, d / "o", checkpoint=str(other)))
     # The same for a training checkpoint whose meta.json names another shape.
-    from megatiny.checkpoint import save_checkpoint
+    from megatiny.training.checkpoint import save_checkpoint
 
     step = save_checkpoint(str(d / "run" / "checkpoints"), 1, wide, None)
     meta = json.load(open(os.path.join(step, "meta.json")))

@@ -7,9 +7,9 @@ interpreted vs compiled at import time), so the kernels run on CPU tensors here.
 import pytest
 import torch
 import torch.distributed as dist
+
 from megatiny.kernels import cross_entropy as ce
 from megatiny.kernels import interpreter_ready
-
 from tests.dist import run_ranks
 
 assert interpreter_ready(), "triton was imported compiled before TRITON_INTERPRET=1 was set"

@@ -4,14 +4,14 @@ Runs the Triton kernels under the interpreter (fp32): tests/conftest.py sets TRI
 before triton is first imported (Triton fixes interpreted vs compiled at import time).
 """
 
+import pytest
+import torch
+
 import megatiny.kernels.cross_entropy
 import megatiny.kernels.layernorm
 import megatiny.kernels.softmax
-import pytest
-import torch
-from megatiny.kernels import interpreter_ready
-
 from megatiny.config import ModelConfig
+from megatiny.kernels import interpreter_ready
 from megatiny.model import GPT
 
 assert interpreter_ready(), "triton was imported compiled before TRITON_INTERPRET=1 was set"

@@ -6,6 +6,7 @@ interpreted vs compiled at import time), so the kernels run on CPU tensors here.
 
 import pytest
 import torch
+
 from megatiny.kernels import interpreter_ready, softmax
 
 assert interpreter_ready(), "triton was imported compiled before TRITON_INTERPRET=1 was set"

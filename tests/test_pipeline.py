@@ -222,7 +222,7 @@ def _build_model_worker(tp, pp, v, tie):
     shard, then this rank's stages), and the weights it generated on the way."""
     from megatiny.config import Config, ParallelConfig
     from megatiny.parallel.parallelize import full_parameters, parallelize
-    from megatiny.trainer import build_model
+    from megatiny.training.step import build_model
 
     cfg = Config(
         model=tiny_config(tie_embeddings=tie),

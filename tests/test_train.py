@@ -59,7 +59,7 @@ def tiny_config(prefix, run_dir, *overrides, **model) -> Config:
 
 def _train_on_ranks(cfg):
     from megatiny.parallel import ParallelContext
-    from megatiny.train import train
+    from megatiny.training.loop import train
 
     p = cfg.parallel
     ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, cp=p.cp)
@@ -112,7 +112,7 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
     losses = out[0]["losses"]
     assert losses != ref  # bf16 rounding changes the numbers ...
     np.testing.assert_allclose(losses, ref, rtol=3e-2)  # ... but not the training
-    from megatiny.checkpoint import load_model_for_inference
+    from megatiny.training.checkpoint import load_model_for_inference
 
     model, _ = load_model_for_inference(str(tmp_path / "b"))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -148,9 +148,9 @@ def test_global_batch_is_micro_x_accumulation_x_dp(tmp_path):
 
 def _clip_on_ranks(model_kw, max_norm):
     from megatiny.model import GPT
-    from megatiny.optim import clip_grad_norm_
     from megatiny.parallel import ParallelContext
     from megatiny.parallel.parallelize import parallelize
+    from megatiny.training.optim import clip_grad_norm_
 
     ctx = ParallelContext.initialize(tp=dist.get_world_size())
     try:
@@ -214,7 +214,7 @@ def test_recompute_modes_give_identical_gradients():
 
 
 def _nan_run(cfg, bad_step):
-    import megatiny.train as T
+    import megatiny.training.loop as T
     from megatiny.parallel import ParallelContext
 
     ctx = ParallelContext.initialize()
@@ -287,7 +287,7 @@ def test_torchrun_end_to_end(tmp_path):
 
 
 def test_throughput_tflops_and_mfu(monkeypatch):
-    from megatiny import metrics
+    from megatiny.training import metrics
 
     clock = iter([10.0, 12.0, 12.0])  # reset at construction, measure, reset after measure
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
@@ -307,7 +307,7 @@ def test_throughput_tflops_and_mfu(monkeypatch):
 
 def test_adamw_groups_skip_norms_biases_embeddings():
     from megatiny.model import GPT
-    from megatiny.optim import param_groups
+    from megatiny.training.optim import param_groups
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_layers=2, n_heads=4))
@@ -322,7 +322,7 @@ def test_adamw_groups_skip_norms_biases_embeddings():
 
 
 def test_warmup_cosine_schedule():
-    from megatiny.optim import WarmupCosine
+    from megatiny.training.optim import WarmupCosine
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = WarmupCosine(opt, max_lr=1.0, min_lr=0.1, warmup_steps=2, decay_steps=6)

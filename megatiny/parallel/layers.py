@@ -412,3 +412,18 @@ def vocab_parallel_cross_entropy(
             f"targets must be in [0, {limit}) or ignore_index={ignore_index}, got min {lo} max {hi}"
         )
     return _VocabParallelCrossEntropy.apply(logits_shard, target, group, ignore_index, vocab_size)
+
+
+def tp_sharded_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that are split over the TP group (each rank holds a different slice).
+
+    Column-parallel weight and bias, row-parallel weight and vocab-parallel embedding are split;
+    everything else (norms, row-parallel bias, position embedding) is replicated over TP.
+    """
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+        elif isinstance(module, RowParallelLinear | VocabParallelEmbedding):
+            ids.add(id(module.weight))
+    return ids

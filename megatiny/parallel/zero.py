@@ -91,17 +91,6 @@ class ZeroOptimizer:
         self.optimizer = optimizer_cls(inner_groups, **optimizer_kwargs)
         self._consolidated: _ConsolidatedState | None = None
 
-    @classmethod
-    def from_train_config(cls, ddp: DistributedDataParallel, model: nn.Module, train_config):
-        """AdamW over `megatiny.optim.param_groups(model, ...)` with a TrainConfig's settings."""
-        from megatiny.optim import param_groups
-
-        tc = train_config
-        groups = param_groups(
-            model, tc.weight_decay, tc.decay_norms_and_biases, tc.decay_embeddings
-        )
-        return cls(ddp, groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, foreach=True)
-
     @property
     def param_groups(self):
         return self.optimizer.param_groups
@@ -139,7 +128,7 @@ class ZeroOptimizer:
         tp_rank = getattr(ctx, "tp_rank", 0)
         sharded = set()
         if tp_size > 1:
-            from megatiny.optim import tp_sharded_parameter_ids
+            from megatiny.parallel.layers import tp_sharded_parameter_ids
 
             sharded = tp_sharded_parameter_ids(self.ddp.module)
         total = torch.zeros((), dtype=torch.float32, device=self.master.device)

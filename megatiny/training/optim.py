@@ -21,6 +21,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from megatiny.parallel.layers import tp_sharded_parameter_ids
+
 
 def _is_embedding(module: nn.Module) -> bool:
     # Covers nn.Embedding and VocabParallelEmbedding without importing the parallel package.
@@ -55,14 +57,19 @@ def param_groups(
     return groups
 
 
-def build_optimizer(model: nn.Module, train_config) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, ...)` with the hyper-parameters of a TrainConfig."""
+def build_optimizer(model: nn.Module, train_config, zero1_ddp=None):
+    """AdamW over `param_groups(model, ...)` with the hyper-parameters of a TrainConfig; with
+    `zero1_ddp` (the model's DistributedDataParallel wrapper) a ZeRO-1 optimizer that shards
+    AdamW's state over the DP group."""
     tc = train_config
     groups = param_groups(model, tc.weight_decay, tc.decay_norms_and_biases, tc.decay_embeddings)
     # foreach keeps the update a handful of kernels; fused AdamW is CUDA-only.
-    return torch.optim.AdamW(
-        groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps, foreach=True
-    )
+    kwargs = {"lr": tc.lr, "betas": (tc.beta1, tc.beta2), "eps": tc.adam_eps, "foreach": True}
+    if zero1_ddp is not None:
+        from megatiny.parallel.zero import ZeroOptimizer
+
+        return ZeroOptimizer(zero1_ddp, groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 class WarmupCosine:
@@ -132,27 +139,6 @@ def unique_parameters(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Par
             seen.add(id(p))
             out.append(p)
     return out
-
-
-def tp_sharded_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters that are split over the TP group (each rank holds a different slice).
-
-    Column-parallel weight and bias, row-parallel weight and vocab-parallel embedding are split;
-    everything else (norms, row-parallel bias, position embedding) is replicated over TP.
-    """
-    from megatiny.parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-    )
-
-    ids = set()
-    for module in model.modules():
-        if isinstance(module, ColumnParallelLinear):
-            ids.update(id(p) for p in module.parameters(recurse=False))
-        elif isinstance(module, RowParallelLinear | VocabParallelEmbedding):
-            ids.add(id(module.weight))
-    return ids
 
 
 @torch.no_grad()

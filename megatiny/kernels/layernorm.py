@@ -21,6 +21,7 @@ added to the norm's input gradient inside the backward kernel.
 import torch
 import triton
 import triton.language as tl
+
 from megatiny.kernels import check_launchable, jit
 
 # Widest row the kernels take: the backward keeps w, x, dy, dh and the dw/db partial sums of a whole

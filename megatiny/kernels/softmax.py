@@ -21,6 +21,7 @@ in chunks with an online max/sum.
 import torch
 import triton
 import triton.language as tl
+
 from megatiny.kernels import check_launchable, jit, num_warps_for
 
 MASK_FILL = -10000.0

@@ -4,7 +4,7 @@
 
 `train` runs (or resumes) the loop: steps, logging, evaluation, checkpoints. One optimizer step
 (`Trainer.train_step`: micro-batches, schedule, gradient sync, clipping, AdamW) and the building of
-model, data and optimizer live in megatiny/trainer.py; their names are re-exported here.
+model, data and optimizer live in megatiny/training/step.py.
 """
 
 from __future__ import annotations
@@ -14,34 +14,7 @@ import sys
 import time
 
 from megatiny.config import Config, ConfigError
-from megatiny.trainer import (
-    NonFiniteLoss,
-    Trainer,
-    build_data,
-    build_model,
-    build_trainer,
-    check_supported,
-    collate,
-    compute_loss,
-    forward_backward_no_pipelining,
-    micro_batch_indices,
-)
-
-__all__ = [
-    "NonFiniteLoss",
-    "Trainer",
-    "add_arguments",
-    "build_data",
-    "build_model",
-    "build_trainer",
-    "check_supported",
-    "collate",
-    "compute_loss",
-    "forward_backward_no_pipelining",
-    "main",
-    "micro_batch_indices",
-    "train",
-]
+from megatiny.training.step import NonFiniteLoss, Trainer, build_trainer, check_supported
 
 EXAMPLE = """example:
   torchrun --standalone --nproc-per-node 2 -m megatiny train \\
@@ -55,8 +28,8 @@ EXAMPLE = """example:
 def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     """Run (or resume) the configured training on this rank; returns a summary dict with the
     per-step `losses`, the last `eval`, `run_dir`, `checkpoint` (last saved) and `step`."""
-    from megatiny.checkpoint import load_checkpoint, resolve, save_checkpoint
-    from megatiny.metrics import (
+    from megatiny.training.checkpoint import load_checkpoint, resolve, save_checkpoint
+    from megatiny.training.metrics import (
         MetricsWriter,
         Throughput,
         format_line,
@@ -182,7 +155,7 @@ def _ensure_env() -> None:
 
 
 def main(args) -> int:
-    from megatiny.checkpoint import CheckpointError
+    from megatiny.training.checkpoint import CheckpointError
 
     try:
         cfg = Config.from_yaml(args.config, args.overrides)

@@ -6,7 +6,7 @@
         --train alpaca.json --output runs/sft          # then: megatiny generate --checkpoint runs/sft
 
 The body is a pretrained GPT: a training checkpoint (run / checkpoints / step dir, read with
-`megatiny.checkpoint.load_model_for_inference`) or a model directory (`model.safetensors` +
+`megatiny.training.checkpoint.load_model_for_inference`) or a model directory (`model.safetensors` +
 `model_config.json`, `megatiny.hf`). Data formats and the loss mask: megatiny/finetune_data.py;
 the classifier model and its loading: megatiny/finetune_model.py.
 
@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatiny import finetune_data as fd
-from megatiny.finetune_data import FinetuneError
-from megatiny.finetune_model import (
+from megatiny.finetune import data as fd
+from megatiny.finetune.data import FinetuneError
+from megatiny.finetune.model import (
     HEAD_FILE,
     LABELS_FILE,
     SequenceClassifier,
@@ -162,9 +162,9 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
     per-step `losses`, every `evals` record, and the `output` directory."""
     from megatiny.data.tokenizer import load_tokenizer
     from megatiny.hf import save_model
-    from megatiny.metrics import MetricsWriter, progress_bar
-    from megatiny.optim import WarmupCosine, clip_grad_norm_, param_groups
     from megatiny.parallel.comm import all_reduce_grads
+    from megatiny.training.metrics import MetricsWriter, progress_bar
+    from megatiny.training.optim import WarmupCosine, clip_grad_norm_, param_groups
 
     tp = ctx.tp_size if ctx is not None else 1
     dp, dp_rank = (ctx.dp_size, ctx.dp_rank) if ctx is not None else (1, 0)
@@ -337,7 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from megatiny.checkpoint import CheckpointError
+    from megatiny.training.checkpoint import CheckpointError
 
     fields = set(FinetuneConfig.__dataclass_fields__)
     kw = {k: v for k, v in vars(args).items() if k in fields}

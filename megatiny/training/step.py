@@ -1,5 +1,5 @@
 """One rank's training step and how it is built (`build_trainer`); the loop, checkpoints and
-the command line are in megatiny/train.py, which re-exports everything here.
+the command line are in megatiny/training/loop.py.
 
 One optimizer step (`train_step`):
 
@@ -153,7 +153,7 @@ class Trainer:
         if hasattr(self.optimizer, "clip_grad_norm"):
             grad_norm = self.optimizer.clip_grad_norm(tc.grad_clip, ctx, skip)
         else:
-            from megatiny.optim import clip_grad_norm_
+            from megatiny.training.optim import clip_grad_norm_
 
             grad_norm = clip_grad_norm_(self.model, tc.grad_clip, ctx, skip)
         lr = self.scheduler.lr
@@ -297,7 +297,7 @@ def check_supported(cfg: Config, world_size: int | None = None) -> None:
 
 
 def build_trainer(cfg: Config, ctx) -> Trainer:
-    from megatiny.optim import build_optimizer, build_scheduler
+    from megatiny.training.optim import build_optimizer, build_scheduler
 
     check_supported(cfg, ctx.world_size)
     dp = ctx.dp_size
@@ -308,12 +308,7 @@ def build_trainer(cfg: Config, ctx) -> Trainer:
     # dp x cp == 1 without ZeRO-1); ZeRO-1 reduce-scatters them into per-rank slices instead.
     p = cfg.parallel
     ddp = build_data_parallel(model, ctx, shard=p.zero1, bucket_mb=p.ddp_bucket_mb)
-    if p.zero1:
-        from megatiny.parallel.zero import ZeroOptimizer
-
-        optimizer = ZeroOptimizer.from_train_config(ddp, model, cfg.train)
-    else:
-        optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero1 else None)
     scheduler = build_scheduler(optimizer, cfg.train)
     train_data, valid_data = build_data(cfg, ctx, dp)
     schedule = forward_backward_no_pipelining

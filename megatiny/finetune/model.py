@@ -15,8 +15,8 @@ import os
 import torch
 from torch import nn
 
-from megatiny import finetune_data as fd
-from megatiny.finetune_data import FinetuneError
+from megatiny.finetune import data as fd
+from megatiny.finetune.data import FinetuneError
 
 HEAD_FILE, LABELS_FILE = "classifier_head.safetensors", "labels.json"
 
@@ -54,8 +54,8 @@ def load_pretrained(path: str) -> nn.Module:
     """The single-device GPT of a model dir or training checkpoint, with clear errors."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatiny.checkpoint import CheckpointError
     from megatiny.hf import load_any
+    from megatiny.training.checkpoint import CheckpointError
 
     if not os.path.exists(path):
         raise FinetuneError(f"--checkpoint {path} does not exist")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+
 from megatiny.kernels import check_launchable, jit, num_warps_for
 
 # Columns per chunk for long rows; rows up to this length are processed in one chunk.

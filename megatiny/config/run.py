@@ -1,7 +1,7 @@
 """Configuration dataclasses. Each validates itself in `__post_init__` with a message that says
 what is wrong and what to change.
 
-`ModelConfig` describes one GPT (megatiny/model_config.py, re-exported here); the GPT-2 and Llama
+`ModelConfig` describes one GPT (megatiny/config/model.py); the GPT-2 and Llama
 families are presets. `Config` is a whole training run (model, parallel, train, data sections),
 loaded from YAML with dotted `section.key=value` overrides (`Config.from_yaml(path, overrides)`;
 the parsing and type conversion live in megatiny/config_io.py).
@@ -14,24 +14,14 @@ from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
-from megatiny.config_io import (
+from megatiny.config.io import (
     ConfigError,
     coerce,
     parse_override,
     tokenizer_vocab_size,
     unknown_key_message,
 )
-from megatiny.model_config import ModelConfig
-
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "ParallelConfig",
-    "TrainConfig",
-    "load_config",
-]
+from megatiny.config.model import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Training configuration: parallel layout, optimizer/loop, data; YAML + dotted overrides.
