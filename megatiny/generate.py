@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatiny.model import KVCache
+from megatiny.parallel.parallelize import is_sequence_parallel, tp_group_of
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None):
@@ -82,7 +83,7 @@ def generate(
     """prompt [b, s] (or a list of ids) -> [b, s + n] with n <= max_new_tokens new tokens.
     Stops early once every row has produced `eos_id` (rows that finished keep emitting it)."""
     _check_args(temperature, top_k, top_p, max_new_tokens)
-    if model.sequence_parallel:
+    if is_sequence_parallel(model):
         raise ValueError(
             "generation needs a model parallelized with sequence_parallel=False (a single new "
             "token cannot be split over the sequence)"
@@ -101,7 +102,7 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    group = model.tp_group
+    group = tp_group_of(model)
     src = dist.get_global_rank(group, 0) if group is not None else None
     was_training = model.training
     model.eval()

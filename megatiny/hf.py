@@ -26,6 +26,7 @@ import torch
 from megatiny.config import ModelConfig
 from megatiny.fsutil import atomic_path, atomic_write
 from megatiny.model import GPT
+from megatiny.parallel.parallelize import tp_group_of
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -194,7 +195,7 @@ def to_hf(model: GPT):
     """A transformers GPT2LMHeadModel / LlamaForCausalLM with `model`'s weights (eval mode)."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-    if model.tp_group is not None:
+    if tp_group_of(model) is not None:
         raise ValueError("to_hf needs the single-device model; export before parallelize()")
     hf_config = _hf_config(model.config)
     cls = GPT2LMHeadModel if family(model.config) == "gpt2" else LlamaForCausalLM
@@ -217,7 +218,7 @@ def save_model(model: GPT, directory: str) -> None:
     """Write `directory/model.safetensors` and `directory/model_config.json`, each atomically."""
     from safetensors.torch import save_file
 
-    if model.tp_group is not None:
+    if tp_group_of(model) is not None:
         raise ValueError("save_model needs the single-device model; save before parallelize()")
     os.makedirs(directory, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -13,17 +13,16 @@ Weight layouts are chosen for tensor parallelism (megatiny/parallel/parallelize.
   features, then head 1's, ...). Splitting each segment evenly over tp splits by heads.
 - SwiGLU's `mlp.fc` is fused [gate | up]; split as two segments it stays [gate_r | up_r] per rank.
 
-`parallelize(model, ctx)` swaps the linears/embedding for their parallel versions, sets the
-attention modules' local head counts, and sets `tp_group` / `sequence_parallel` on the model so the
-head computes a vocab-parallel loss; everything else here is unchanged. Without it the
-`tp_group` branches are never taken.
+This file knows no parallelism. `parallelize(model, ctx)` (megatiny/parallel/parallelize.py)
+swaps modules for parallel ones that carry the communication: linears, the token and position
+embeddings, the norms (under sequence parallelism), the dropouts on sharded activations, the
+attention core (its dropout draws per-rank masks) and `output` (logits and loss over a vocabulary
+split across ranks). `GPT.forward` runs the same code before and after.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import zlib
 
 import torch
@@ -32,65 +31,49 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megatiny.config import ModelConfig
-
-
-def _use_kernels(enabled: bool, x: torch.Tensor) -> bool:
-    """The Triton kernels run on CUDA tensors, or on CPU under the Triton interpreter
-    (TRITON_INTERPRET=1 when triton was imported); plain torch when triton is unavailable."""
-    if not enabled or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    try:
-        from megatiny.kernels import kernels_usable
-    except ImportError:
-        return False
-    return kernels_usable(x)
+from megatiny.kernels import use_kernels
 
 
 class LayerNorm(nn.Module):
-    """y = (x - mean) / sqrt(var + eps) * w (+ b), over the last dim.
-
-    `weight_transform`, when set (parallelize does under sequence parallelism), wraps the weights
-    on use: copy_to_tp is the identity forward and all-reduces their gradient over TP backward,
-    since each rank saw only its sequence shard."""
+    """y = (x - mean) / sqrt(var + eps) * w (+ b), over the last dim."""
 
     def __init__(self, dim: int, eps: float, bias: bool, fused: bool = False):
         super().__init__()
         self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-        self.weight_transform = None
 
-    def forward(self, x):
-        w, b = self.weight, self.bias
-        if self.weight_transform is not None:
-            w = self.weight_transform(w)
-            b = None if b is None else self.weight_transform(b)
-        if _use_kernels(self.fused, x):
+    def normalize(self, x, weight, bias):
+        if use_kernels(self.fused, x):
             from megatiny.kernels.layernorm import layer_norm
 
-            return layer_norm(x, w, b, self.eps)
-        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+            return layer_norm(x, weight, bias, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+
+    def forward(self, x):
+        return self.normalize(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 (as HF Llama). See LayerNorm for
-    `weight_transform`."""
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 (as HF Llama)."""
 
     def __init__(self, dim: int, eps: float, fused: bool = False):
         super().__init__()
         self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(dim))
-        self.weight_transform = None
+        self.bias = None
 
-    def forward(self, x):
-        w = self.weight if self.weight_transform is None else self.weight_transform(self.weight)
-        if _use_kernels(self.fused, x):
+    def normalize(self, x, weight, bias=None):
+        if use_kernels(self.fused, x):
             from megatiny.kernels.layernorm import rms_norm
 
-            return rms_norm(x, w, self.eps)
+            return rms_norm(x, weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * xf.to(x.dtype)
+        return weight * xf.to(x.dtype)
+
+    def forward(self, x):
+        return self.normalize(x, self.weight)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -132,7 +115,7 @@ def attention_core(q, k, v, *, causal_offset=0, dropout_p=0.0, fused=False):
     TRITON_INTERPRET=1), megatiny.kernels' fused scaled causal softmax."""
     n, g = q.shape[1], k.shape[1]
     s, t = q.shape[2], k.shape[2]
-    if fused and _use_kernels(True, q):
+    if use_kernels(fused, q):
         from megatiny.kernels.softmax import scaled_causal_softmax
 
         if g != n:
@@ -153,6 +136,20 @@ def attention_core(q, k, v, *, causal_offset=0, dropout_p=0.0, fused=False):
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa
     )
+
+
+class CoreAttention(nn.Module):
+    """The attention core as a module (no parameters): `attention_core` with the model's dropout
+    and kernel choice. A module so that parallelize can wrap it (dropout on sharded heads draws
+    per-rank masks) and context parallelism can replace it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dropout_p, self.fused = config.dropout, config.fused_kernels
+
+    def forward(self, q, k, v, causal_offset: int = 0):
+        p = self.dropout_p if self.training else 0.0
+        return attention_core(q, k, v, causal_offset=causal_offset, dropout_p=p, fused=self.fused)
 
 
 class KVCache:
@@ -179,8 +176,7 @@ class CausalSelfAttention(nn.Module):
     """Fused QKV projection, (rotary,) attention core, output projection.
 
     `n_heads` / `n_kv_heads` are the heads this module computes: all of them on one device, the
-    rank's share (n/tp, g/tp) after parallelize. `sharded_rng` is a context-manager factory for the
-    dropout on sharded heads (parallelize sets it so TP ranks draw different masks)."""
+    rank's share (n/tp, g/tp) after parallelize."""
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -189,11 +185,9 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.d_model, config.q_dim + 2 * config.kv_dim, bias=config.bias)
         self.proj = nn.Linear(config.q_dim, config.d_model, bias=config.bias)
-        self.dropout_p = config.dropout
+        self.core = CoreAttention(config)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.fused = config.fused_kernels
         self.selective_recompute = config.recompute == "selective"
-        self.sharded_rng = contextlib.nullcontext
 
     def forward(self, x, rope=None, kv_cache: KVCache | None = None, offset: int = 0):
         qkv = self.qkv(x)  # [b, s, (n + 2g) d]; under SP the input was gathered to the full s
@@ -207,16 +201,10 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)
-        p = self.dropout_p if self.training else 0.0
-
-        def core(q, k, v):
-            with self.sharded_rng():
-                return attention_core(q, k, v, causal_offset=offset, dropout_p=p, fused=self.fused)
-
         if self.selective_recompute and torch.is_grad_enabled():
-            y = checkpoint(core, q, k, v, use_reentrant=False)
+            y = checkpoint(self.core, q, k, v, offset, use_reentrant=False)
         else:
-            y = core(q, k, v)
+            y = self.core(q, k, v, offset)
         y = y.transpose(1, 2).reshape(b, s, n * d)
         return self.resid_dropout(self.proj(y))
 
@@ -255,6 +243,29 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class LMOutput(nn.Module):
+    """The output layer (no parameters of its own): logits = h W^T, with W the LM head's weight or,
+    tied, the token embedding's; `loss` gives the per-token cross-entropy (0 where labels == -100).
+    parallelize swaps in a vocabulary-parallel version (megatiny.parallel.layers.VocabParallelOutput)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fused = config.fused_kernels
+
+    def logits(self, h, weight):
+        return F.linear(h, weight)
+
+    def loss(self, h, weight, labels):
+        logits = self.logits(h, weight)
+        if use_kernels(self.fused, logits):
+            from megatiny.kernels.cross_entropy import cross_entropy
+
+            return cross_entropy(logits.flatten(0, -2), labels.flatten()).view_as(labels)
+        return F.cross_entropy(
+            logits.flatten(0, -2).float(), labels.flatten(), reduction="none"
+        ).view_as(labels)
+
+
 class GPT(nn.Module):
     """The model. `forward(input_ids)` -> logits [b, s, V]; `forward(input_ids, labels=labels)`
     -> mean cross-entropy over positions with labels != -100 (times `loss_mask` when given).
@@ -263,8 +274,9 @@ class GPT(nn.Module):
     token that follows input_ids[:, i], so no shift happens here.
 
     Attributes: `config`, `embed` (token embedding), `pos_embed` (learned positions or None),
-    `blocks`, `norm_f`, `lm_head` (None when tied). Pipeline stages call `embed_tokens`,
-    `run_blocks`, `head_logits` / `head_loss` directly.
+    `blocks`, `norm_f`, `lm_head` (None when tied), `output` (logits and loss from the final
+    hidden states; a task such as classification swaps in its own). Pipeline stages call
+    `embed_tokens`, `run_blocks`, `head_logits` / `head_loss` directly.
 
     Initialisation is deterministic per parameter: `init_seed` is drawn from torch's global RNG
     at construction, and each parameter's full tensor is generated by `initial_value(name, shape)`
@@ -292,10 +304,7 @@ class GPT(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        # Set by parallelize(); None / False on a single device.
-        self.tp_group = None
-        self.sequence_parallel = False
-        self.sharded_rng = contextlib.nullcontext  # dropout on sequence shards under SP
+        self.output = LMOutput(config)
         if not self.embed.weight.is_meta:
             self.init_weights()
 
@@ -341,91 +350,50 @@ class GPT(nn.Module):
                     f"model disagree: set vocab_size >= {hi + 1} or re-tokenize"
                 )
 
-    def _positions(self, input_ids, position_ids, offset):
-        if position_ids is None:
-            s = input_ids.shape[-1]
-            position_ids = torch.arange(offset, offset + s, device=input_ids.device)[None]
-        return position_ids
+    @staticmethod
+    def positions(input_ids, offset: int = 0):
+        """The default position ids [1, s]: offset .. offset + s - 1."""
+        s = input_ids.shape[-1]
+        return torch.arange(offset, offset + s, device=input_ids.device)[None]
 
     def embed_tokens(self, input_ids, position_ids=None, offset: int = 0):
-        """[b, s] token ids -> hidden states [b, s, h] ([b, s/tp, h] under sequence parallelism)."""
+        """[b, s] token ids -> hidden states [b, s, h]."""
         self._check_inputs(input_ids, offset)
         h = self.embed(input_ids)
         if self.pos_embed is not None:
-            pos = self.pos_embed(self._positions(input_ids, position_ids, offset))
-            if self.sequence_parallel:
-                from megatiny.parallel.comm import scatter_to_sp
-
-                pos = scatter_to_sp(pos, self.tp_group, dim=1)
-            h = h + pos
-        with self.sharded_rng():
-            return self.drop(h)
+            if position_ids is None:
+                position_ids = self.positions(input_ids, offset)
+            h = h + self.pos_embed(position_ids)
+        return self.drop(h)
 
     def run_blocks(self, h, position_ids=None, kv_cache: KVCache | None = None, offset: int = 0):
-        """The decoder blocks. `position_ids` are the full-sequence positions (needed for RoPE);
-        by default offset .. offset + s - 1."""
+        """The decoder blocks. `position_ids` are the positions of the whole sequence (RoPE needs
+        them); by default offset .. offset + h.shape[1] - 1, so pass them when `h` is only a
+        part of the sequence (as a sequence-parallel shard is)."""
         rope = None
         if self.config.position == "rope":
             if position_ids is None:
-                s = h.shape[1] * (self._tp_size() if self.sequence_parallel else 1)
-                position_ids = torch.arange(offset, offset + s, device=h.device)[None]
+                position_ids = torch.arange(offset, offset + h.shape[1], device=h.device)[None]
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         full = self.config.recompute == "full" and torch.is_grad_enabled() and kv_cache is None
         for block in self.blocks:
-            with self.sharded_rng():
-                if full:
-                    h = checkpoint(block, h, rope, use_reentrant=False)
-                else:
-                    h = block(h, rope, kv_cache, offset)
+            if full:
+                h = checkpoint(block, h, rope, use_reentrant=False)
+            else:
+                h = block(h, rope, kv_cache, offset)
         return h
 
-    def _tp_size(self) -> int:
-        return 1 if self.tp_group is None else torch.distributed.get_world_size(self.tp_group)
-
-    def _logits_local(self, h):
-        """norm_f + head: full logits on one device, this rank's vocab slice under TP."""
-        h = self.norm_f(h)
-        if self.lm_head is not None:
-            return self.lm_head(h)  # a ColumnParallelLinear under TP: handles SP/copy itself
-        if self.tp_group is not None:
-            from megatiny.parallel.comm import copy_to_tp, gather_from_sp
-
-            if self.sequence_parallel:
-                h = gather_from_sp(h, self.tp_group, dim=1)
-            else:
-                h = copy_to_tp(h, self.tp_group)
-        return F.linear(h, self.embed.weight)
+    def head_weight(self) -> torch.Tensor:
+        """W of logits = h W^T: the LM head's weight, or the token embedding's when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def head_logits(self, h):
-        """Hidden states -> full logits [b, s, V] (gathered over TP on every rank)."""
-        logits = self._logits_local(h)
-        if self.tp_group is not None:
-            from megatiny.parallel.comm import gather_from_tp
-
-            logits = gather_from_tp(logits, self.tp_group)[..., : self.config.vocab_size]
-        return logits
+        """Hidden states -> logits [b, s, V] over the whole vocabulary."""
+        return self.output.logits(self.norm_f(h), self.head_weight())
 
     def head_loss(self, h, labels, loss_mask=None):
-        """Mean per-token cross-entropy over labels != -100 (weighted by loss_mask). Under TP the
-        vocab-parallel cross-entropy is used, never gathering the logits."""
-        logits = self._logits_local(h)
-        if self.tp_group is not None:
-            if _use_kernels(self.config.fused_kernels, logits):
-                from megatiny.kernels.cross_entropy import vocab_parallel_cross_entropy
-            else:
-                from megatiny.parallel.layers import vocab_parallel_cross_entropy
-
-            per_token = vocab_parallel_cross_entropy(
-                logits, labels, self.tp_group, vocab_size=self.config.vocab_size
-            )
-        elif _use_kernels(self.config.fused_kernels, logits):
-            from megatiny.kernels.cross_entropy import cross_entropy
-
-            per_token = cross_entropy(logits.flatten(0, -2), labels.flatten()).view_as(labels)
-        else:
-            per_token = F.cross_entropy(
-                logits.flatten(0, -2).float(), labels.flatten(), reduction="none"
-            ).view_as(labels)
+        """Mean per-token cross-entropy over labels != -100 (weighted by loss_mask)."""
+        per_token = self.output.loss(self.norm_f(h), self.head_weight(), labels)
         mask = (labels != -100).to(per_token.dtype)
         if loss_mask is not None:
             mask = mask * loss_mask.to(per_token.dtype)
@@ -433,6 +401,8 @@ class GPT(nn.Module):
 
     def forward(self, input_ids, labels=None, position_ids=None, loss_mask=None, kv_cache=None):
         offset = 0 if kv_cache is None else kv_cache.length
+        if position_ids is None:
+            position_ids = self.positions(input_ids, offset)
         h = self.embed_tokens(input_ids, position_ids, offset)
         h = self.run_blocks(h, position_ids, kv_cache, offset)
         if labels is None:

@@ -2,7 +2,7 @@
 Llama presets, and the sizes derived from it (exact parameter count, training FLOPs per token).
 Validates itself in `__post_init__` with a message that says what is wrong and what to change.
 
-Re-exported by megatiny.config, the usual import path.
+`divisors` and `ModelConfig.check_tp` are the one divisibility check for tensor parallelism.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """The positive divisors of n, ascending."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -76,7 +77,7 @@ class ModelConfig:
         _choices("position", self.position, ("learned", "rope"))
         _choices("recompute", self.recompute, ("none", "selective", "full"))
         if self.d_model % self.n_heads:
-            good = [h for h in _divisors(self.d_model) if h <= 4 * self.n_heads]
+            good = [h for h in divisors(self.d_model) if h <= 4 * self.n_heads]
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                 f"choose n_heads in {good} or a d_model that is a multiple of {self.n_heads}"
@@ -86,7 +87,7 @@ class ModelConfig:
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
-                f"choose n_kv_heads in {_divisors(self.n_heads)}"
+                f"choose n_kv_heads in {divisors(self.n_heads)}"
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(
@@ -143,6 +144,22 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     # -- derived sizes -------------------------------------------------------------------------
+
+    def tp_sizes(self) -> list[int]:
+        """The tensor-parallel sizes this model splits over: the common divisors of n_heads,
+        n_kv_heads and ffn_hidden (the vocabulary is padded to fit any tp)."""
+        fields = (self.n_heads, self.n_kv_heads, self.ffn_hidden)
+        return [t for t in divisors(self.n_heads) if all(n % t == 0 for n in fields)]
+
+    def check_tp(self, tp: int, prefix: str = "") -> None:
+        """Raise a ValueError naming the field and the tp values that work for every field."""
+        for name in ("n_heads", "n_kv_heads", "ffn_hidden"):
+            n = getattr(self, name)
+            if n % tp:
+                raise ValueError(
+                    f"{prefix}{name}={n} is not divisible by tp={tp}; choose tp in "
+                    f"{self.tp_sizes()} (or change {prefix}{name})"
+                )
 
     @property
     def head_dim(self) -> int:

@@ -209,19 +209,10 @@ class Config:
             build_grid(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        heads = [("model.n_heads", m.n_heads)]
-        if getattr(m, "n_kv_heads", None):
-            heads.append(("model.n_kv_heads", m.n_kv_heads))
-        for name, value in heads:
-            if value % p.tp:
-                ok = [k for k in range(1, value + 1) if value % k == 0]
-                raise ConfigError(
-                    f"{name}={value} is not divisible by parallel.tp={p.tp}; choose tp in {ok}"
-                )
-        if m.ffn_hidden % p.tp:
-            raise ConfigError(
-                f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={p.tp}"
-            )
+        try:
+            m.check_tp(p.tp, prefix="model.")
+        except ValueError as e:
+            raise ConfigError(str(e).replace("tp=", "parallel.tp=", 1)) from None
         if d.seq_length > m.max_seq_len:
             raise ConfigError(
                 f"data.seq_length={d.seq_length} exceeds model.max_seq_len={m.max_seq_len}; "

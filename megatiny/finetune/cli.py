@@ -50,6 +50,7 @@ from megatiny.finetune.model import (
     predict,
 )
 from megatiny.fsutil import atomic_path, atomic_write
+from megatiny.parallel.parallelize import tp_group_of
 
 __all__ = [
     "HEAD_FILE",
@@ -273,7 +274,7 @@ def _save(cfg, body, model, task, ctx, rank0, save_model, losses, evals) -> None
     from megatiny.model import GPT
 
     single = body
-    if body.tp_group is not None:
+    if tp_group_of(body) is not None:
         from megatiny.parallel.parallelize import full_parameters
 
         state = full_parameters(body)  # collective over TP

@@ -17,6 +17,7 @@ from torch import nn
 
 from megatiny.finetune import data as fd
 from megatiny.finetune.data import FinetuneError
+from megatiny.parallel.parallelize import is_sequence_parallel, tp_group_of
 
 HEAD_FILE, LABELS_FILE = "classifier_head.safetensors", "labels.json"
 
@@ -41,11 +42,12 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids, lengths):
         body = self.body
         h = body.norm_f(body.run_blocks(body.embed_tokens(input_ids)))
-        if body.sequence_parallel:
+        group = tp_group_of(body)
+        if is_sequence_parallel(body):
             from megatiny.parallel.comm import gather_from_sp
 
             # The head is replicated: every rank computes the full gradient, so backward splits.
-            h = gather_from_sp(h, body.tp_group, dim=1, tensor_parallel_output_grad=False)
+            h = gather_from_sp(h, group, dim=1, tensor_parallel_output_grad=False)
         last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
         return self.head(last)
 

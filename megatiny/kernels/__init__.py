@@ -15,6 +15,8 @@ imported (Triton decides at import time whether ``@triton.jit`` builds compiled 
 functions, including its own ``tl.max``/``tl.sum``). Nothing in this package sets that variable.
 """
 
+import os
+
 import torch
 
 
@@ -41,6 +43,17 @@ def jit(fn):
     from triton.runtime.jit import JITFunction
 
     return InterpretedFunction(fn) if interpreter_ready() else JITFunction(fn)
+
+
+def use_kernels(enabled: bool, x: torch.Tensor) -> bool:
+    """Whether a module with ``fused_kernels=enabled`` should run the kernels on ``x``: on CUDA
+    tensors, or on CPU under the Triton interpreter; plain torch when triton is unavailable."""
+    if not enabled or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        return kernels_usable(x)
+    except ImportError:
+        return False
 
 
 def kernels_usable(x: torch.Tensor) -> bool:

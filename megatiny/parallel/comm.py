@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn).
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); every
+# module calls these two names, so the fallback for older torch lives only here.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _size(group) -> int:
@@ -64,7 +65,7 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     # The collective concatenates along dim 0, so move `dim` to the front and back.
     xt = x.movedim(dim, 0).contiguous()
     out = torch.empty((p * xt.shape[0],) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, xt, group=group)
+    all_gather_single(out, xt, group=group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -81,7 +82,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
         )
     xt = x.movedim(dim, 0).contiguous()
     out = torch.empty((xt.shape[0] // p,) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, xt, group=group)
+    reduce_scatter_single(out, xt, group=group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -110,34 +111,8 @@ class _ReduceFromTP(torch.autograd.Function):
         return dy, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """Y_i = X[..., i*n/p:(i+1)*n/p]; dX = [dY_0 | ... | dY_{p-1}] (last dim)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _all_gather(dy, ctx.group, -1), None
-
-
-class _GatherFromTP(torch.autograd.Function):
-    """Y = [X_0 | ... | X_{p-1}] (last dim); dX_i = dY[..., i-th slice]."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, -1)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _split(dy, ctx.group, -1), None
-
-
-class _ScatterToSP(torch.autograd.Function):
-    """Y_i = X[:, i-th sequence slice]; dX = [dY_0 | ... | dY_{p-1}] along `dim`."""
+class _Split(torch.autograd.Function):
+    """Y_i = X[i-th slice along `dim`]; dX = [dY_0 | ... | dY_{p-1}] (all-gather)."""
 
     @staticmethod
     def forward(ctx, x, group, dim):
@@ -149,7 +124,7 @@ class _ScatterToSP(torch.autograd.Function):
         return _all_gather(dy, ctx.group, ctx.dim), None, None
 
 
-class _GatherFromSP(torch.autograd.Function):
+class _Gather(torch.autograd.Function):
     """Y = [X_0 | ... | X_{p-1}] along `dim`.
 
     Backward: dX_i = (sum_j dY_j)[i-th slice] (reduce-scatter) when every rank's consumer of Y is
@@ -194,24 +169,24 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 def scatter_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's slice of the last dim forward, all-gather backward."""
-    return _ScatterToTP.apply(x, group)
+    return _Split.apply(x, group, -1)
 
 
 def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather the last dim forward, keep this rank's slice backward."""
-    return _GatherFromTP.apply(x, group)
+    return _Gather.apply(x, group, -1, False)
 
 
 def scatter_to_sp(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """Keep this rank's slice of `dim` (the sequence) forward, all-gather backward."""
-    return _ScatterToSP.apply(x, group, dim)
+    return _Split.apply(x, group, dim)
 
 
 def gather_from_sp(
     x: torch.Tensor, group, dim: int = 1, tensor_parallel_output_grad: bool = True
 ) -> torch.Tensor:
     """All-gather `dim` forward; reduce-scatter (or split, see above) backward."""
-    return _GatherFromSP.apply(x, group, dim, tensor_parallel_output_grad)
+    return _Gather.apply(x, group, dim, tensor_parallel_output_grad)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:

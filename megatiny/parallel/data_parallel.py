@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatiny.parallel.comm import reduce_scatter_single
+
 
 def resolve_dp_group(ctx):
     """The gradient-averaging group of `ctx`: a ParallelContext (dp x cp), a group, or None=WORLD."""
@@ -221,7 +223,7 @@ class DistributedDataParallel:
         if self.shard:
             off = self.shard_offset(bucket)
             out = self.shard_grad[off : off + bucket.numel // self.dp_size]
-            bucket.handle = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
+            bucket.handle = reduce_scatter_single(out, flat, group=self.group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(flat, group=self.group, async_op=True)
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatiny.config.model import divisors
+
 DIMS = ("tp", "cp", "dp", "pp")  # fastest-varying first
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ def build_grid(
         if world_size % model:
             raise ValueError(
                 f"world_size={world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {model}; "
-                f"choose tp*pp*cp in {_divisors(world_size)} or launch a multiple of {model} ranks"
+                f"choose tp*pp*cp in {divisors(world_size)} or launch a multiple of {model} ranks"
             )
         dp = world_size // model
     elif model * dp != world_size:

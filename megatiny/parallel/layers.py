@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatiny.config.model import divisors
 from megatiny.parallel.comm import (
     copy_to_tp,
     gather_from_sp,
@@ -25,14 +26,10 @@ from megatiny.parallel.comm import (
 )
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _check_divisible(what: str, n: int, tp: int) -> None:
     if n % tp:
         raise ValueError(
-            f"{what}={n} is not divisible by tp={tp}; choose tp in {_divisors(n)} (or change {what})"
+            f"{what}={n} is not divisible by tp={tp}; choose tp in {divisors(n)} (or change {what})"
         )
 
 
@@ -52,14 +49,57 @@ def _min_max(ids: torch.Tensor) -> tuple[int, int]:
     return lo, hi
 
 
-def _init_weight_(weight: torch.Tensor, fan_in: int) -> None:
-    # nn.Linear's default init, with the fan-in of the full (unsharded) layer.
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    with torch.no_grad():
-        weight.uniform_(-bound, bound)
+def _param(t: torch.Tensor, device) -> nn.Parameter:
+    return nn.Parameter(t.to(device).contiguous().clone())
 
 
-class ColumnParallelLinear(nn.Module):
+class _ParallelLinear(nn.Module):
+    """What the column- and row-parallel linears share: the group, the (sharded) parameters,
+    nn.Linear's default init with the full layer's fan-in, and cutting from a full nn.Linear."""
+
+    def __init__(self, in_features, out_features, group, weight_shape, bias_shape, device, dtype):
+        super().__init__()
+        self.group = group
+        self.tp = dist.get_world_size(group)
+        self.tp_rank = dist.get_rank(group)
+        self.in_features, self.out_features = in_features, out_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(weight_shape, **factory))
+        self.bias = nn.Parameter(torch.empty(bias_shape, **factory)) if bias_shape else None
+        if self.weight.device.type != "meta":
+            bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.uniform_(-bound, bound)
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
+        return self.shard(full)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, weight=None, bias=None, **kw):
+        """Cut this rank's shard from a full `nn.Linear` (weight [out, in]). `weight` / `bias`
+        replace the linear's full tensors (e.g. generated for a meta model, or padded); a meta
+        weight gives a meta shard, to be materialised later. `device` defaults to the weight's."""
+        w = linear.weight if weight is None else weight
+        b = linear.bias if bias is None else bias
+        device = kw.pop("device", w.device)
+        layer = cls(
+            linear.in_features, w.shape[0], group, bias=b is not None, device="meta",
+            dtype=kw.pop("dtype", w.dtype), **kw,
+        )  # fmt: skip
+        if w.is_meta:
+            return layer
+        with torch.no_grad():
+            layer.weight = _param(layer.shard(w.detach()), device)
+            if b is not None:
+                layer.bias = _param(layer.shard_bias(b.detach()), device)
+        return layer
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A's output rows split over p ranks: A = [A_1; ...; A_p], Y_i = X A_i^T + b_i.
 
     Input X is replicated (backward all-reduces dX: `copy_to_tp`) or, with `sequence_parallel`, a
@@ -83,27 +123,21 @@ class ColumnParallelLinear(nn.Module):
         dtype=None,
         splits: list[int] | None = None,
     ):
-        super().__init__()
-        self.group = group
-        self.tp = dist.get_world_size(group)
-        self.tp_rank = dist.get_rank(group)
-        self.in_features, self.out_features = in_features, out_features
-        self.splits = list(splits) if splits is not None else [out_features]
-        if sum(self.splits) != out_features:
-            raise ValueError(f"splits={self.splits} must sum to out_features={out_features}")
-        for i, seg in enumerate(self.splits):
-            name = "out_features" if len(self.splits) == 1 else f"splits[{i}]"
-            _check_divisible(name, seg, self.tp)
-        self.local_splits = [seg // self.tp for seg in self.splits]
+        tp = dist.get_world_size(group)
+        self_splits = list(splits) if splits is not None else [out_features]
+        if sum(self_splits) != out_features:
+            raise ValueError(f"splits={self_splits} must sum to out_features={out_features}")
+        for i, seg in enumerate(self_splits):
+            _check_divisible("out_features" if splits is None else f"splits[{i}]", seg, tp)
+        local = out_features // tp
+        super().__init__(
+            in_features, out_features, group, (local, in_features), local if bias else 0,
+            device, dtype,
+        )  # fmt: skip
+        self.splits = self_splits
+        self.local_splits = [seg // tp for seg in self.splits]
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features // self.tp, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features // self.tp, **factory)) if bias else None
-        if self.weight.device.type != "meta":
-            _init_weight_(self.weight, in_features)
-            if self.bias is not None:
-                _init_weight_(self.bias, in_features)
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full [out_features, ...] tensor (weight or bias), per segment."""
@@ -117,27 +151,6 @@ class ColumnParallelLinear(nn.Module):
         per_rank = gathered.chunk(self.tp, dim=dim)
         segs = [r.split(self.local_splits, dim=dim) for r in per_rank]
         return torch.cat([s[i] for i in range(len(self.splits)) for s in segs], dim=dim)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, group, splits: list[int] | None = None, **kw):
-        """Slice a full `nn.Linear` (weight [out, in]) into this rank's column shard."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            group,
-            bias=linear.bias is not None,
-            device=kw.pop("device", linear.weight.device),
-            dtype=kw.pop("dtype", linear.weight.dtype),
-            splits=splits,
-            **kw,
-        )
-        if linear.weight.is_meta:  # shapes only; materialize the shard later
-            return layer
-        with torch.no_grad():
-            layer.weight.copy_(layer.shard(linear.weight))
-            if linear.bias is not None:
-                layer.bias.copy_(layer.shard(linear.bias))
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -157,7 +170,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_ParallelLinear):
     """Y = X A^T + b with A's input columns split: A = [A_1 ... A_p], Y = sum_i X_i A_i^T + b.
 
     Input is this rank's feature block X_i [..., in/p] (`input_is_parallel`) or the full X, which is
@@ -178,50 +191,26 @@ class RowParallelLinear(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        self.group = group
-        self.tp = dist.get_world_size(group)
-        self.tp_rank = dist.get_rank(group)
-        _check_divisible("in_features", in_features, self.tp)
+        tp = dist.get_world_size(group)
+        _check_divisible("in_features", in_features, tp)
         if sequence_parallel and not input_is_parallel:
             raise ValueError(
                 "RowParallelLinear with sequence_parallel=True needs input_is_parallel=True "
                 "(its input comes from a ColumnParallelLinear)"
             )
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(
+            in_features, out_features, group, (out_features, in_features // tp),
+            out_features if bias else 0, device, dtype,
+        )  # fmt: skip
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        if self.weight.device.type != "meta":
-            _init_weight_(self.weight, in_features)
-            if self.bias is not None:
-                _init_weight_(self.bias, in_features)
 
     def shard(self, full_weight: torch.Tensor) -> torch.Tensor:
         """This rank's input columns of a full [out_features, in_features] weight."""
         return full_weight.chunk(self.tp, dim=1)[self.tp_rank]
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, group, **kw):
-        """Slice a full `nn.Linear` into this rank's row shard (bias copied whole)."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            group,
-            bias=linear.bias is not None,
-            device=kw.pop("device", linear.weight.device),
-            dtype=kw.pop("dtype", linear.weight.dtype),
-            **kw,
-        )
-        if linear.weight.is_meta:
-            return layer
-        with torch.no_grad():
-            layer.weight.copy_(layer.shard(linear.weight))
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+    def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
+        return full  # replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -293,19 +282,19 @@ class VocabParallelEmbedding(nn.Module):
         return out
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, group, **kw):
-        """Slice a full `nn.Embedding` into this rank's (padded) vocabulary shard."""
+    def from_embedding(cls, emb: nn.Embedding, group, weight=None, **kw):
+        """Cut this rank's (padded) vocabulary shard from a full `nn.Embedding` (or from the full
+        `weight` given, as `_ParallelLinear.from_linear`)."""
+        w = emb.weight if weight is None else weight
+        device = kw.pop("device", w.device)
         layer = cls(
-            emb.num_embeddings,
-            emb.embedding_dim,
-            group,
-            device=kw.pop("device", emb.weight.device),
-            dtype=kw.pop("dtype", emb.weight.dtype),
-            **kw,
-        )
-        if not emb.weight.is_meta:
-            with torch.no_grad():
-                layer.weight.copy_(layer.shard(emb.weight))
+            emb.num_embeddings, emb.embedding_dim, group, device="meta",
+            dtype=kw.pop("dtype", w.dtype), **kw,
+        )  # fmt: skip
+        if w.is_meta:
+            return layer
+        with torch.no_grad():
+            layer.weight = _param(layer.shard(w.detach()), device)
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -412,18 +401,3 @@ def vocab_parallel_cross_entropy(
             f"targets must be in [0, {limit}) or ignore_index={ignore_index}, got min {lo} max {hi}"
         )
     return _VocabParallelCrossEntropy.apply(logits_shard, target, group, ignore_index, vocab_size)
-
-
-def tp_sharded_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters that are split over the TP group (each rank holds a different slice).
-
-    Column-parallel weight and bias, row-parallel weight and vocab-parallel embedding are split;
-    everything else (norms, row-parallel bias, position embedding) is replicated over TP.
-    """
-    ids = set()
-    for module in model.modules():
-        if isinstance(module, ColumnParallelLinear):
-            ids.update(id(p) for p in module.parameters(recurse=False))
-        elif isinstance(module, RowParallelLinear | VocabParallelEmbedding):
-            ids.add(id(module.weight))
-    return ids

@@ -17,14 +17,20 @@ With GQA, query head i uses kv head i // (n/g); splitting both segments evenly k
 query heads with their kv heads. `forward(ids)` gathers the logits on every TP rank;
 `forward(ids, labels=)` returns the loss from the vocab-parallel cross-entropy.
 
+    output           VocabParallelOutput          (megatiny/parallel/modules.py)
+    attn.core        ShardedRNG                   attention dropout on sharded heads: per-rank masks
+
 Sequence parallelism (`sequence_parallel=True`): outside the column/row regions activations are
 sequence shards [b, s/p, h]; column-parallel inputs are all-gathered (backward reduce-scatter),
-row-parallel outputs are reduce-scattered. Norms and residual/embedding dropout run on shards
-(dropout under `TPRandom.fork()`, so each rank draws its own mask). Each rank's norm-weight
-gradient covers only its shard, so the norms wrap their weights in `copy_to_tp` (identity
-forward, all-reduce backward): the gradient is summed over TP inside autograd, and the training
-loop needs no extra call. Learned positions are computed for the full sequence and scattered
-(`scatter_to_sp`, backward all-gather), so their gradient is full on every rank too.
+row-parallel outputs are reduce-scattered. Norms and residual/embedding dropout run on shards:
+the dropouts are wrapped in `ShardedRNG` (each rank draws its own mask) and the norms become
+`SequenceParallel*Norm`, whose weights enter through `copy_to_tp` (identity forward, all-reduce
+backward): each rank's gradient covers only its shard, so it is summed over TP inside autograd
+and the training loop needs no extra call. Learned positions are computed for the full sequence
+and scattered (`SequenceParallelPositionEmbedding`), so their gradient is full on every rank.
+
+A task that replaces `model.output` (a classification head, say) gives its module a
+`parallelize(ctx, sequence_parallel) -> nn.Module` method; parallelize calls it.
 
 Meta device. A model built under `torch.device("meta")` is materialised shard by shard: for each
 replaced module the full weight is generated on the CPU from `model.initial_value(name, shape)`
@@ -37,34 +43,56 @@ Create the optimizer after parallelize(): the parameters are new tensors.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatiny.parallel.comm import copy_to_tp
+from megatiny.model import LMOutput
 from megatiny.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    _param,
 )
-from megatiny.parallel.random import TPRandom
+from megatiny.parallel.modules import (
+    SequenceParallelPositionEmbedding,
+    VocabParallelOutput,
+    sequence_parallel_norm,
+)
+from megatiny.parallel.random import ShardedRNG, TPRandom
+
+_TP_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelOutput)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def tp_group_of(model: nn.Module):
+    """The TP group `model` was parallelized over, or None for a single-device model."""
+    for module in model.modules():
+        if isinstance(module, _TP_MODULES):
+            return module.group
+    return None
 
 
-def check_tp(config, tp: int) -> None:
-    """Raise a ValueError naming the field and the valid tp values if `config` cannot be split."""
-    for name in ("n_heads", "n_kv_heads", "ffn_hidden"):
-        n = getattr(config, name)
-        if n % tp:
-            raise ValueError(
-                f"{name}={n} is not divisible by tp={tp}; choose tp in {_divisors(n)} "
-                f"(or change {name})"
-            )
+def is_sequence_parallel(model: nn.Module) -> bool:
+    return any(
+        getattr(m, "sequence_parallel", False)
+        for m in model.modules()
+        if isinstance(m, _TP_MODULES)
+    )
+
+
+def tp_sharded_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that are split over the TP group (each rank holds a different slice).
+
+    Column-parallel weight and bias, row-parallel weight and vocab-parallel embedding are split;
+    everything else (norms, row-parallel bias, position embedding) is replicated over TP.
+    """
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            ids.update(id(p) for p in module.parameters(recurse=False))
+        elif isinstance(module, RowParallelLinear | VocabParallelEmbedding):
+            ids.add(id(module.weight))
+    return ids
 
 
 class _Source:
@@ -80,38 +108,6 @@ class _Source:
         if p.is_meta:
             return self.model.initial_value(name, p.shape, p.dtype)
         return p.detach()
-
-
-def _param(t: torch.Tensor, device) -> nn.Parameter:
-    return nn.Parameter(t.to(device).contiguous().clone())
-
-
-def _column(src, name, linear: nn.Linear, group, sp, device, splits=None, pad_rows=0):
-    w = src.full(name + ".weight", linear.weight)
-    b = src.full(name + ".bias", linear.bias)
-    if pad_rows:
-        w = torch.cat([w, w.new_zeros(pad_rows, w.shape[1])])
-    layer = ColumnParallelLinear(
-        linear.in_features, w.shape[0], group, bias=b is not None, sequence_parallel=sp,
-        device="meta", dtype=w.dtype, splits=splits,
-    )  # fmt: skip
-    layer.weight = _param(layer.shard(w), device)
-    if b is not None:
-        layer.bias = _param(layer.shard(b), device)
-    return layer
-
-
-def _row(src, name, linear: nn.Linear, group, sp, device):
-    w = src.full(name + ".weight", linear.weight)
-    b = src.full(name + ".bias", linear.bias)
-    layer = RowParallelLinear(
-        linear.in_features, linear.out_features, group, bias=b is not None,
-        sequence_parallel=sp, device="meta", dtype=w.dtype,
-    )  # fmt: skip
-    layer.weight = _param(layer.shard(w), device)
-    if b is not None:
-        layer.bias = _param(b, device)
-    return layer
 
 
 def materialize(model, device) -> nn.Module:
@@ -134,52 +130,83 @@ def parallelize(model, ctx, sequence_parallel: bool = False):
     """Shard `model` (a megatiny GPT) in place for this rank's TP group and return it.
 
     Modules may be None (e.g. a pipeline stage without embedding or head) and are skipped."""
-    if model.tp_group is not None:
+    if tp_group_of(model) is not None:
         raise ValueError("model is already parallelized")
     config, group, tp, sp = model.config, ctx.tp_group, ctx.tp_size, sequence_parallel
-    check_tp(config, tp)
+    config.check_tp(tp)
     device = ctx.device
     src = _Source(model)
     rng = TPRandom(None, ctx)
-    grad_sum = functools.partial(copy_to_tp, group=group) if sp else None
+
+    def column(name, linear, splits=None, pad_rows=0):
+        weight, bias = (
+            src.full(name + ".weight", linear.weight),
+            src.full(name + ".bias", linear.bias),
+        )
+        if pad_rows:  # vocabulary padding of an untied head: zero rows
+            weight = torch.cat([weight, weight.new_zeros(pad_rows, weight.shape[1])])
+        return ColumnParallelLinear.from_linear(
+            linear, group, weight, bias, sequence_parallel=sp, device=device, splits=splits
+        )
+
+    def row(name, linear):
+        weight, bias = (
+            src.full(name + ".weight", linear.weight),
+            src.full(name + ".bias", linear.bias),
+        )
+        return RowParallelLinear.from_linear(
+            linear, group, weight, bias, sequence_parallel=sp, device=device
+        )
 
     padded_vocab = None
     if getattr(model, "embed", None) is not None:
-        full = src.full("embed.weight", model.embed.weight)
-        emb = VocabParallelEmbedding(
-            config.vocab_size, config.d_model, group, sequence_parallel=sp, device="meta",
-            dtype=full.dtype,
+        model.embed = VocabParallelEmbedding.from_embedding(
+            model.embed, group, src.full("embed.weight", model.embed.weight),
+            sequence_parallel=sp, device=device,
         )  # fmt: skip
-        emb.weight = _param(emb.shard(full), device)
-        model.embed = emb
-        padded_vocab = emb.padded_vocab_size
+        padded_vocab = model.embed.padded_vocab_size
+    if sp and getattr(model, "pos_embed", None) is not None:
+        model.pos_embed = SequenceParallelPositionEmbedding(model.pos_embed, group)
+    if sp and getattr(model, "drop", None) is not None:
+        model.drop = ShardedRNG(model.drop, rng)
 
     for index, block in model.blocks.named_children():  # pipeline chunks keep global indices
         prefix = f"blocks.{index}."
         attn, mlp = block.attn, block.mlp
         qkv_splits = [config.q_dim, config.kv_dim, config.kv_dim]
-        attn.qkv = _column(src, prefix + "attn.qkv", attn.qkv, group, sp, device, qkv_splits)
-        attn.proj = _row(src, prefix + "attn.proj", attn.proj, group, sp, device)
+        attn.qkv = column(prefix + "attn.qkv", attn.qkv, splits=qkv_splits)
+        attn.proj = row(prefix + "attn.proj", attn.proj)
         attn.n_heads, attn.n_kv_heads = config.n_heads // tp, config.n_kv_heads // tp
-        attn.sharded_rng = rng.fork
+        attn.core = ShardedRNG(attn.core, rng)
         fc_splits = [config.ffn_hidden] * 2 if config.activation == "swiglu" else None
-        mlp.fc = _column(src, prefix + "mlp.fc", mlp.fc, group, sp, device, fc_splits)
-        mlp.proj = _row(src, prefix + "mlp.proj", mlp.proj, group, sp, device)
-        block.norm1.weight_transform = block.norm2.weight_transform = grad_sum
+        mlp.fc = column(prefix + "mlp.fc", mlp.fc, splits=fc_splits)
+        mlp.proj = row(prefix + "mlp.proj", mlp.proj)
+        if sp:
+            attn.resid_dropout = ShardedRNG(attn.resid_dropout, rng)
+            mlp.dropout = ShardedRNG(mlp.dropout, rng)
+            block.norm1 = sequence_parallel_norm(block.norm1, group)
+            block.norm2 = sequence_parallel_norm(block.norm2, group)
 
     if getattr(model, "lm_head", None) is not None:
         if padded_vocab is None:  # a stage with the head but without the embedding
             multiple = tp * 128
             padded_vocab = -(-config.vocab_size // multiple) * multiple
         pad = padded_vocab - config.vocab_size
-        model.lm_head = _column(src, "lm_head", model.lm_head, group, sp, device, pad_rows=pad)
-    if getattr(model, "norm_f", None) is not None:
-        model.norm_f.weight_transform = grad_sum
+        model.lm_head = column("lm_head", model.lm_head, pad_rows=pad)
+    if sp and getattr(model, "norm_f", None) is not None:
+        model.norm_f = sequence_parallel_norm(model.norm_f, group)
+    output = getattr(model, "output", None)
+    if isinstance(output, LMOutput):
+        model.output = VocabParallelOutput(group, config.vocab_size, sp, output.fused)
+    elif output is not None:
+        if not hasattr(output, "parallelize"):
+            raise TypeError(
+                f"model.output is a {type(output).__name__}, which parallelize does not know: "
+                "give it a parallelize(ctx, sequence_parallel) method returning its TP version"
+            )
+        model.output = output.parallelize(ctx, sp)
 
-    materialize(model, device)  # replicated parameters: norms, positions
-    model.tp_group = group
-    model.sequence_parallel = sp
-    model.sharded_rng = rng.fork if sp else model.sharded_rng
+    materialize(model, device)  # replicated parameters: norms, positions, task heads
     return model
 
 
@@ -201,7 +228,7 @@ def full_parameters(model, grads: bool = False) -> dict[str, torch.Tensor]:
     single-device names and order, on every TP rank. For equivalence tests and for exporting a
     TP-trained model (`GPT(config).load_state_dict(full_parameters(model))`). Collective: call on
     every rank of the TP group."""
-    group, V = model.tp_group, model.config.vocab_size
+    group, V = tp_group_of(model), model.config.vocab_size
     out = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p.detach()

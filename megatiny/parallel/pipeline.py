@@ -114,6 +114,23 @@ def _block(model: nn.Module, i: int) -> nn.Module:
     return block
 
 
+def _prune(module: nn.Module, model: nn.Module, ranges, first: bool, last: bool) -> None:
+    """Give `module` the blocks of `ranges` (by global index, taken from `model`) and drop what
+    a stage without the first / last position does not run: embeddings on the first stage (the
+    token embedding also on the last when tied), norm_f / lm_head / output on the last."""
+    blocks = nn.ModuleList()
+    for lo, hi in ranges:
+        for i in range(lo, hi):
+            blocks.add_module(str(i), _block(model, i))  # keep the global layer index in names
+    module.blocks = blocks
+    if not first:
+        module.pos_embed = None
+        if not (last and model.config.tie_embeddings):
+            module.embed = None
+    if not last:
+        module.norm_f = module.lm_head = module.output = None
+
+
 def keep_stages(
     model: nn.Module,
     ctx,
@@ -135,18 +152,7 @@ def keep_stages(
     last = ctx.pp_size * (virtual_pipeline_size or 1) - 1
     first_rank = any(s == 0 for s, _, _ in stages)
     last_rank = any(s == last for s, _, _ in stages)
-    blocks = nn.ModuleList()
-    for _, lo, hi in stages:
-        for i in range(lo, hi):
-            blocks.add_module(str(i), _block(model, i))
-    model.blocks = blocks
-    if not first_rank:
-        model.pos_embed = None
-        if not (last_rank and model.config.tie_embeddings):
-            model.embed = None
-    if not last_rank:
-        model.norm_f = None
-        model.lm_head = None
+    _prune(model, model, [(lo, hi) for _, lo, hi in stages], first_rank, last_rank)
     return model
 
 
@@ -168,23 +174,12 @@ def build_pipeline_chunks(
         model.is_first_chunk = model.is_last_chunk = True
         model.virtual_stage, model.layer_range = 0, (0, len(model.blocks))
         return [model]
-    tied = model.config.tie_embeddings
     chunks = []
     for s, lo, hi in stages:
         chunk = _shallow_copy(model)
-        blocks = nn.ModuleList()
-        for i in range(lo, hi):
-            blocks.add_module(str(i), _block(model, i))  # keep the global layer index in names
-        chunk.blocks = blocks
         chunk.is_first_chunk, chunk.is_last_chunk = s == 0, s == pp * v - 1
         chunk.virtual_stage, chunk.layer_range = s, (lo, hi)
-        if not chunk.is_first_chunk:
-            chunk.pos_embed = None
-            if not (chunk.is_last_chunk and tied):
-                chunk.embed = None
-        if not chunk.is_last_chunk:
-            chunk.norm_f = None
-            chunk.lm_head = None
+        _prune(chunk, model, [(lo, hi)], chunk.is_first_chunk, chunk.is_last_chunk)
         chunks.append(chunk)
     return chunks
 
@@ -202,22 +197,18 @@ class PipelineModel(nn.Module):
         super().__init__()
         self.config = model.config
         self.chunks = chunks  # a plain list: the modules are registered below, once
-        for attr in ("embed", "pos_embed"):
-            setattr(
-                self,
-                attr,
-                next((getattr(c, attr) for c in chunks if getattr(c, attr) is not None), None),
-            )
+
+        def first_of(attr):
+            return next((getattr(c, attr) for c in chunks if getattr(c, attr) is not None), None)
+
+        self.embed, self.pos_embed = first_of("embed"), first_of("pos_embed")
         self.blocks = nn.ModuleList()
         for chunk in chunks:
             for name, block in chunk.blocks.named_children():
                 self.blocks.add_module(name, block)
-        for attr in ("norm_f", "lm_head"):
-            setattr(
-                self,
-                attr,
-                next((getattr(c, attr) for c in chunks if getattr(c, attr) is not None), None),
-            )
+        self.norm_f, self.lm_head, self.output = (
+            first_of(a) for a in ("norm_f", "lm_head", "output")
+        )
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(
@@ -241,6 +232,8 @@ def build_pipeline(
 def forward_step(chunk: nn.Module, input_tensor, batch: dict):
     """Run one model chunk on one micro-batch: hidden states out, or the mean loss on the last."""
     position_ids = batch.get("position_ids")
+    if position_ids is None:  # the whole sequence's positions, also when h is a shard (SP)
+        position_ids = chunk.positions(batch["input_ids"])
     if chunk.is_first_chunk:
         h = chunk.embed_tokens(batch["input_ids"], position_ids)
     else:

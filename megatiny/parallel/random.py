@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 _MASK63 = (1 << 63) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive ranks over the seed space
@@ -76,3 +77,16 @@ class TPRandom:
             yield
         finally:
             gen.set_state(saved)
+
+
+class ShardedRNG(nn.Module):
+    """Runs `module` (parameter-free: a dropout, the attention core) under `rng.fork()`, so each
+    TP rank draws its own random numbers: dropout on sharded heads, or on sequence shards."""
+
+    def __init__(self, module: nn.Module, rng: TPRandom):
+        super().__init__()
+        self.module, self.rng = module, rng
+
+    def forward(self, *args, **kwargs):
+        with self.rng.fork():
+            return self.module(*args, **kwargs)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatiny.parallel.comm import all_gather_single
 from megatiny.parallel.data_parallel import DistributedDataParallel
 
 
@@ -128,7 +129,7 @@ class ZeroOptimizer:
         tp_rank = getattr(ctx, "tp_rank", 0)
         sharded = set()
         if tp_size > 1:
-            from megatiny.parallel.layers import tp_sharded_parameter_ids
+            from megatiny.parallel.parallelize import tp_sharded_parameter_ids
 
             sharded = tp_sharded_parameter_ids(self.ddp.module)
         total = torch.zeros((), dtype=torch.float32, device=self.master.device)
@@ -184,7 +185,7 @@ class ZeroOptimizer:
                 tmp = torch.empty(bucket.numel, dtype=mine.dtype, device=mine.device)
                 staged.append((out, tmp))
                 out = tmp
-            handles.append(dist.all_gather_single(out, mine, group=ddp.group, async_op=True))
+            handles.append(all_gather_single(out, mine, group=ddp.group, async_op=True))
         for h in handles:
             h.wait()
         for out, tmp in staged:
@@ -247,7 +248,7 @@ class ZeroOptimizer:
         for bucket in ddp.buckets:
             soff = ddp.shard_offset(bucket)
             n = bucket.numel // ddp.dp_size
-            dist.all_gather_single(
+            all_gather_single(
                 flat[bucket.start : bucket.end], flat_shard[soff : soff + n], group=ddp.group
             )
         return flat

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from megatiny.parallel.layers import tp_sharded_parameter_ids
+from megatiny.parallel.parallelize import tp_sharded_parameter_ids
 
 
 def _is_embedding(module: nn.Module) -> bool:
