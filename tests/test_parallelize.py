@@ -2,6 +2,7 @@
 every parameter gradient (gathered to full shape) and AdamW trajectories — on gloo ranks."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,52 @@ def test_tp_not_dividing_heads_is_a_clear_error():
     odd = tiny("gpt2", d_model=48, n_heads=3)
     msg = run_ranks(_bad_tp, 2, args=(odd,))[0]
     assert msg.startswith("n_heads=3 is not divisible by tp=2; choose tp in [1, 3]")
+
+
+def test_tp_suggestions_divide_every_field():
+    # 9 query heads / 3 kv heads (SmolLM2-135M's shape): tp=9 would fail on kv heads, so it is
+    # not offered; only the values that divide n_heads, n_kv_heads and ffn_hidden are.
+    config = tiny("llama", d_model=72, n_heads=9, n_kv_heads=3, ffn_hidden=192)
+    assert config.tp_sizes() == [1, 3]
+    with pytest.raises(
+        ValueError, match=r"n_heads=9 is not divisible by tp=2; choose tp in \[1, 3\]"
+    ):
+        config.check_tp(2)
+    with pytest.raises(
+        ValueError, match=r"n_kv_heads=3 is not divisible by tp=9; choose tp in \[1, 3\]"
+    ):
+        config.check_tp(9)
+
+
+def test_model_file_knows_no_parallelism():
+    source = (Path(__file__).parents[1] / "megatiny" / "model.py").read_text()
+    imports = [line for line in source.splitlines() if line.lstrip().startswith(("import", "from"))]
+    assert not [line for line in imports if "parallel" in line], imports
+    for word in ("tp_group", "sequence_parallel", "sharded_rng"):
+        assert word not in source, word
+
+
+def _forward_is_unchanged(config, sp):
+    ctx = ParallelContext.initialize(tp=2)
+    model = parallelize(GPT(config), ctx, sequence_parallel=sp)
+    out = {
+        "class": type(model) is GPT,
+        "no_tp_attrs": not hasattr(model, "tp_group") and not hasattr(model, "sequence_parallel"),
+        "swapped": sorted({type(m).__name__ for m in model.modules()}),
+    }
+    ctx.destroy()
+    return out
+
+
+def test_parallelize_swaps_modules_not_code():
+    for rank in run_ranks(_forward_is_unchanged, 2, args=(tiny("gpt2", dropout=0.1), True)):
+        assert rank["class"] and rank["no_tp_attrs"]
+        for name in (
+            "VocabParallelEmbedding", "ColumnParallelLinear", "RowParallelLinear",
+            "VocabParallelOutput", "SequenceParallelLayerNorm",
+            "SequenceParallelPositionEmbedding", "ShardedRNG",
+        ):  # fmt: skip
+            assert name in rank["swapped"], name
 
 
 def _dropout_grads(config, sequence_parallel):
