@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatiny.data.dedup import ngram_hashes, normalize
-from megatiny.data.io import BadItem, RawItem, doc_name, dump_record, open_binary, parse_item
-from megatiny.data.stage import Result, run_stage
+from megatiny.data.io import doc_name, open_binary
+from megatiny.data.stage import DocumentFilter, Result
 
 
 def _strings(obj, fields: tuple[str, ...] | None, key: str | None = None):
@@ -147,84 +147,61 @@ class NgramIndex:
         return i, int(self.owner[pos[i]])
 
 
-_STATE: dict = {}
+class DecontamFilter(DocumentFilter):
+    """The `decontam` stage: drop documents with an n-gram in the benchmarks' `NgramIndex`."""
 
+    name = "decontam"
 
-def _init(cfg: DecontamConfig, index: NgramIndex) -> None:
-    _STATE.update(cfg=cfg, index=index, cache={})
+    def __init__(self, cfg: DecontamConfig):
+        if not cfg.benchmarks:
+            raise ValueError("decontam needs at least one --benchmark FILE (JSONL, JSON or text)")
+        self.cfg = cfg
+        self.text_key = cfg.text_key
+        self.index = NgramIndex.build(cfg.benchmarks, cfg.ngram, cfg.fields)
+        self.cache: dict = {}  # word -> hash, per worker
+        self.flagged: list[dict] = []
+        self.per_bench: dict[str, int] = {}
 
-
-def _work(item: RawItem) -> Result:
-    cfg: DecontamConfig = _STATE["cfg"]
-    index: NgramIndex = _STATE["index"]
-    n = len(item.data)
-    try:
-        rec, text = parse_item(item, cfg.text_key)
-    except BadItem as e:
-        return Result(e.args[0], nbytes=n, where=item.where)
-    cache = _STATE["cache"]
-    if len(cache) > 2_000_000:
-        cache.clear()
-    words = normalize(text).split()
-    m = index.first_match(words, cfg.ngram, cache)
-    if m is not None:
+    def judge(self, rec: dict, text: str, where: str) -> tuple[str | None, dict | None]:
+        if len(self.cache) > 2_000_000:
+            self.cache.clear()
+        words = normalize(text).split()
+        m = self.index.first_match(words, self.cfg.ngram, self.cache)
+        if m is None:
+            return None, None
         pos, owner = m
-        bench, item_id = index.items[owner]
+        bench, item_id = self.index.items[owner]
         hit = {
-            "doc": doc_name(rec, item.where),
+            "doc": doc_name(rec, where),
             "benchmark": bench,
             "item": item_id,
-            "ngram": " ".join(words[pos : pos + cfg.ngram]),
+            "ngram": " ".join(words[pos : pos + self.cfg.ngram]),
         }
-        return Result("contaminated", nbytes=n, where=item.where, payload=hit)
-    if item.kind == "jsonl":
-        out = item.data if item.data.endswith(b"\n") else item.data + b"\n"
-    else:
-        out = dump_record(rec)
-    return Result(None, out, n, item.where)
+        return "contaminated", hit
+
+    def observe(self, res: Result) -> None:
+        if res.drop == "contaminated":
+            name = res.payload["benchmark"]
+            self.per_bench[name] = self.per_bench.get(name, 0) + 1
+            if len(self.flagged) < self.cfg.max_report:
+                self.flagged.append(res.payload)
+
+    def report(self) -> dict:
+        cfg = self.cfg
+        return {
+            "config": {
+                "benchmarks": list(cfg.benchmarks),
+                "ngram": cfg.ngram,
+                "fields": list(cfg.fields) if cfg.fields else None,
+            },
+            **self.index.stats,
+            "flagged_per_benchmark": self.per_bench,
+            "flagged": self.flagged,
+        }
 
 
 def decontaminate(
-    inputs,
-    output: str,
-    cfg: DecontamConfig,
-    workers: int = 1,
-    report_path: str | None = None,
-    progress: bool = True,
+    inputs, output: str, cfg: DecontamConfig, workers=1, report_path=None, progress=True
 ) -> dict:
     """Drop documents that share an `cfg.ngram`-word n-gram with any benchmark passage."""
-    if not cfg.benchmarks:
-        raise ValueError("decontam needs at least one --benchmark FILE (JSONL, JSON or text)")
-    index = NgramIndex.build(cfg.benchmarks, cfg.ngram, cfg.fields)
-    _init(cfg, index)
-    flagged: list[dict] = []
-    per_bench: dict[str, int] = {}
-
-    def observe(res: Result) -> None:
-        if res.drop == "contaminated":
-            name = res.payload["benchmark"]
-            per_bench[name] = per_bench.get(name, 0) + 1
-            if len(flagged) < cfg.max_report:
-                flagged.append(res.payload)
-
-    def finish(rep) -> None:
-        rep.extra["config"] = {
-            "benchmarks": list(cfg.benchmarks),
-            "ngram": cfg.ngram,
-            "fields": list(cfg.fields) if cfg.fields else None,
-        }
-        rep.extra.update(index.stats)
-        rep.extra["flagged_per_benchmark"] = per_bench
-        rep.extra["flagged"] = flagged
-
-    return run_stage(
-        "decontam",
-        inputs,
-        output,
-        _work,
-        workers=workers,
-        observe=observe,
-        finish=finish,
-        report_path=report_path,
-        progress=progress,
-    )
+    return DecontamFilter(cfg).run(inputs, output, workers, report_path, progress)

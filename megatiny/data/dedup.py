@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from megatiny.data.io import BadItem, RawItem, doc_name, dump_record, parse_item
-from megatiny.data.stage import Result, run_stage
+from megatiny.data.io import doc_name
+from megatiny.data.stage import DocumentFilter, Result
 
 MERSENNE = np.uint64((1 << 61) - 1)
 _WORD = re.compile(r"\w+")
@@ -134,41 +134,6 @@ class DedupConfig:
     text_key: str = "text"
 
 
-_STATE: dict = {}
-
-
-def _init(cfg: DedupConfig) -> None:
-    _STATE["cfg"] = cfg
-    _STATE["hasher"] = MinHasher(cfg.num_perm, cfg.seed)
-    _STATE["cache"] = {}
-
-
-def doc_features(text: str, cfg: DedupConfig) -> tuple[bytes, np.ndarray | None]:
-    """(exact key, MinHash signature or None) of one document."""
-    norm = normalize(text)
-    sig = None
-    if cfg.near:
-        cache = _STATE.setdefault("cache", {})
-        if len(cache) > 2_000_000:  # bound the per-worker word-hash cache
-            cache.clear()
-        hasher = _STATE.get("hasher") or MinHasher(cfg.num_perm, cfg.seed)
-        sig = hasher.signature(shingle_hashes(norm.split(), cfg.ngram, cache))
-    return exact_key(norm), sig
-
-
-def _work(item: RawItem) -> Result:
-    cfg: DedupConfig = _STATE["cfg"]
-    n = len(item.data)
-    try:
-        rec, text = parse_item(item, cfg.text_key)
-    except BadItem as e:
-        return Result(e.args[0], nbytes=n, where=item.where)
-    out = item.data if item.kind == "jsonl" else dump_record(rec)
-    if not out.endswith(b"\n"):
-        out += b"\n"
-    return Result(None, out, n, item.where, (*doc_features(text, cfg), doc_name(rec, item.where)))
-
-
 class Deduplicator:
     """The sequential keep-first state: `check(key, sig, name) -> drop reason or None`."""
 
@@ -212,39 +177,47 @@ class Deduplicator:
         return None
 
 
+class DedupFilter(DocumentFilter):
+    """The `dedup` stage: signatures in the workers, the keep-first `Deduplicator` in order."""
+
+    name = "dedup"
+
+    def __init__(self, cfg: DedupConfig):
+        if not 0.0 < cfg.threshold <= 1.0:
+            raise ValueError(f"threshold={cfg.threshold} must be in (0, 1]")
+        self.cfg = cfg
+        self.text_key = cfg.text_key
+        self.hasher = MinHasher(cfg.num_perm, cfg.seed)
+        self.cache: dict = {}  # word -> hash, per worker
+        self.state = Deduplicator(cfg)
+
+    def features(self, text: str) -> tuple[bytes, np.ndarray | None]:
+        """(exact key, MinHash signature or None) of one document."""
+        norm = normalize(text)
+        sig = None
+        if self.cfg.near:
+            if len(self.cache) > 2_000_000:  # bound the per-worker word-hash cache
+                self.cache.clear()
+            sig = self.hasher.signature(shingle_hashes(norm.split(), self.cfg.ngram, self.cache))
+        return exact_key(norm), sig
+
+    def judge(self, rec: dict, text: str, where: str) -> tuple[None, tuple]:
+        return None, (*self.features(text), doc_name(rec, where))
+
+    def decide(self, res: Result) -> str | None:
+        key, sig, name = res.payload
+        return self.state.check(key, sig, name)
+
+    def report(self) -> dict:
+        extra: dict = {"config": asdict(self.cfg)}
+        if self.state.lsh is not None:
+            extra["lsh_bands"], extra["lsh_rows"] = self.state.lsh.b, self.state.lsh.r
+        extra["near_duplicate_examples"] = self.state.examples
+        return extra
+
+
 def dedup(
-    inputs,
-    output: str,
-    cfg: DedupConfig | None = None,
-    workers: int = 1,
-    report_path: str | None = None,
-    progress: bool = True,
+    inputs, output: str, cfg: DedupConfig | None = None, workers=1, report_path=None, progress=True
 ) -> dict:
     """Drop exact and near duplicates, keeping the first occurrence."""
-    cfg = cfg or DedupConfig()
-    if not 0.0 < cfg.threshold <= 1.0:
-        raise ValueError(f"threshold={cfg.threshold} must be in (0, 1]")
-    _init(cfg)
-    state = Deduplicator(cfg)
-
-    def decide(res: Result) -> str | None:
-        key, sig, name = res.payload
-        return state.check(key, sig, name)
-
-    def finish(rep) -> None:
-        rep.extra["config"] = asdict(cfg)
-        if state.lsh is not None:
-            rep.extra["lsh_bands"], rep.extra["lsh_rows"] = state.lsh.b, state.lsh.r
-        rep.extra["near_duplicate_examples"] = state.examples
-
-    return run_stage(
-        "dedup",
-        inputs,
-        output,
-        _work,
-        workers=workers,
-        decide=decide,
-        finish=finish,
-        report_path=report_path,
-        progress=progress,
-    )
+    return DedupFilter(cfg or DedupConfig()).run(inputs, output, workers, report_path, progress)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatiny.data.io import BadItem, RawItem, dump_record, parse_item
-from megatiny.data.stage import Result, run_stage
+from megatiny.data.stage import DocumentFilter, Result
 
 BACKENDS = ("langid", "cld3", "lingua-fast", "lingua")
 DEFAULT_BACKEND = "cld3"
@@ -97,65 +96,52 @@ class LangFilterConfig:
     text_key: str = "text"
 
 
-_STATE: dict = {}
+class LangFilter(DocumentFilter):
+    """The `filter-lang` stage; kept documents gain `lang` and `lang_score`."""
 
+    name = "filter-lang"
+    rewrites = True
 
-def _init(cfg: LangFilterConfig) -> None:
-    if _STATE.get("cfg") != cfg:
-        _STATE["cfg"] = cfg
-        _STATE["lid"] = LanguageIdentifier(cfg.backend, cfg.max_chars)
+    def __init__(self, cfg: LangFilterConfig):
+        self.cfg = cfg
+        self.text_key = cfg.text_key
+        # the models load once, here in the parent; forked workers share them copy-on-write
+        self.lid = LanguageIdentifier(cfg.backend, cfg.max_chars)
+        self.kept_langs: dict[str, int] = {}
 
+    def judge(self, rec: dict, text: str, where: str) -> tuple[str | None, str | None]:
+        lang, score = self.lid.identify(text)
+        if self.cfg.keep is not None and lang not in self.cfg.keep:
+            return f"lang_{lang}", None
+        if score < self.cfg.min_score:
+            return "lang_low_score", None
+        rec["lang"] = lang
+        rec["lang_score"] = round(score, 4)
+        return None, lang
 
-def _work(item: RawItem) -> Result:
-    cfg: LangFilterConfig = _STATE["cfg"]
-    n = len(item.data)
-    try:
-        rec, text = parse_item(item, cfg.text_key)
-    except BadItem as e:
-        return Result(e.args[0], nbytes=n, where=item.where)
-    lang, score = _STATE["lid"].identify(text)
-    if cfg.keep is not None and lang not in cfg.keep:
-        return Result(f"lang_{lang}", nbytes=n, where=item.where)
-    if score < cfg.min_score:
-        return Result("lang_low_score", nbytes=n, where=item.where)
-    rec["lang"] = lang
-    rec["lang_score"] = round(score, 4)
-    return Result(None, dump_record(rec), n, item.where, lang)
+    def decide(self, res: Result) -> None:
+        self.kept_langs[res.payload] = self.kept_langs.get(res.payload, 0) + 1
+
+    def report(self) -> dict:
+        cfg = self.cfg
+        return {
+            "config": {
+                "keep": list(cfg.keep) if cfg.keep else None,
+                "min_score": cfg.min_score,
+                "backend": cfg.backend,
+                "max_chars": cfg.max_chars,
+            },
+            "kept_by_lang": self.kept_langs,
+        }
 
 
 def filter_lang(
     inputs,
     output: str,
     cfg: LangFilterConfig | None = None,
-    workers: int = 1,
-    report_path: str | None = None,
-    progress: bool = True,
+    workers=1,
+    report_path=None,
+    progress=True,
 ) -> dict:
     """Keep documents whose identified language is in `cfg.keep` with score >= `cfg.min_score`."""
-    cfg = cfg or LangFilterConfig()
-    _init(cfg)  # load the models once in the parent; forked workers share them copy-on-write
-    kept_langs: dict[str, int] = {}
-
-    def decide(res: Result) -> None:
-        kept_langs[res.payload] = kept_langs.get(res.payload, 0) + 1
-
-    def finish(rep) -> None:
-        rep.extra["config"] = {
-            "keep": list(cfg.keep) if cfg.keep else None,
-            "min_score": cfg.min_score,
-            "backend": cfg.backend,
-            "max_chars": cfg.max_chars,
-        }
-        rep.extra["kept_by_lang"] = kept_langs
-
-    return run_stage(
-        "filter-lang",
-        inputs,
-        output,
-        _work,
-        workers=workers,
-        decide=decide,
-        finish=finish,
-        report_path=report_path,
-        progress=progress,
-    )
+    return LangFilter(cfg or LangFilterConfig()).run(inputs, output, workers, report_path, progress)

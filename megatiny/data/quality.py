@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from megatiny.data.io import BadItem, RawItem, dump_record, parse_item
-from megatiny.data.stage import Result, run_stage
+from megatiny.data.stage import DocumentFilter
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 _PUNCT = ".,;:!?\"'()[]{}«»“”‘’"
@@ -117,53 +116,31 @@ def check_quality(text: str, cfg: QualityConfig, lang: str | None = None) -> str
     return None
 
 
-_STATE: dict = {}
+class QualityFilter(DocumentFilter):
+    """The `quality` stage: drop a document by the first rule it fails (`check_quality`)."""
 
+    name = "quality"
 
-def _init(cfg: QualityConfig) -> None:
-    _STATE["cfg"] = cfg
+    def __init__(self, cfg: QualityConfig):
+        self.cfg = cfg
+        self.text_key = cfg.text_key
 
+    def judge(self, rec: dict, text: str, where: str) -> tuple[str | None, None]:
+        lang = rec.get("lang") if isinstance(rec.get("lang"), str) else None
+        reason = check_quality(text, self.cfg, lang)
+        return (None if reason is None else f"quality_{reason}"), None
 
-def _work(item: RawItem) -> Result:
-    cfg: QualityConfig = _STATE["cfg"]
-    n = len(item.data)
-    try:
-        rec, text = parse_item(item, cfg.text_key)
-    except BadItem as e:
-        return Result(e.args[0], nbytes=n, where=item.where)
-    lang = rec.get("lang") if isinstance(rec.get("lang"), str) else None
-    reason = check_quality(text, cfg, lang)
-    if reason is not None:
-        return Result(f"quality_{reason}", nbytes=n, where=item.where)
-    # Re-serialize only for .txt inputs; JSONL lines pass through byte for byte.
-    out = item.data if item.kind == "jsonl" else dump_record(rec)
-    if not out.endswith(b"\n"):
-        out += b"\n"
-    return Result(None, out, n, item.where)
+    def report(self) -> dict:
+        return {"config": asdict(self.cfg)}
 
 
 def filter_quality(
     inputs,
     output: str,
     cfg: QualityConfig | None = None,
-    workers: int = 1,
-    report_path: str | None = None,
-    progress: bool = True,
+    workers=1,
+    report_path=None,
+    progress=True,
 ) -> dict:
     """Drop documents that fail a quality rule (see module docstring)."""
-    cfg = cfg or QualityConfig()
-    _init(cfg)
-
-    def finish(rep) -> None:
-        rep.extra["config"] = asdict(cfg)
-
-    return run_stage(
-        "quality",
-        inputs,
-        output,
-        _work,
-        workers=workers,
-        finish=finish,
-        report_path=report_path,
-        progress=progress,
-    )
+    return QualityFilter(cfg or QualityConfig()).run(inputs, output, workers, report_path, progress)

@@ -1,4 +1,4 @@
-"""The loop every filtering stage shares: read -> parallel work -> (sequential decide) -> write.
+"""The loop every stage shares: read -> parallel work -> (sequential decide) -> write.
 
     items --(worker processes: parse + per-document work)--> results --(main: decide)--> output
 
@@ -8,6 +8,10 @@ order, and `decide(result)` — where a stage keeps global state, e.g. dedup's L
 in the main process, in order, so "keep the first occurrence" is deterministic for any worker
 count. Every stage writes its output atomically and a JSON report `*.<stage>.json`:
 documents in / kept / dropped by reason, bytes in / out, seconds, docs/s, MB/s.
+
+The document filters (filter-lang, quality, dedup, decontam) are `DocumentFilter`s: the worker
+side, parsing every item and writing what a filter keeps, is `_filter_item`, shared by all of
+them; a filter only says, per parsed document, `judge(rec, text, where) -> (drop, payload)`.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from tqdm import tqdm
 from megatiny.data.io import (
     COMPRESSED_EXTS,
     AtomicWriter,
+    BadItem,
     RawItem,
     ReadStats,
+    dump_record,
     expand_inputs,
     iter_raw,
+    parse_item,
     write_json_atomic,
 )
 
@@ -259,3 +266,76 @@ def run_stage(
         rep.bytes_out = writer.bytes
     rep.seconds = time.perf_counter() - rep.t0
     return rep.write(report_path)
+
+
+class DocumentFilter:
+    """A stage that keeps or drops whole documents; `run` drives it through `run_stage`.
+
+    A subclass sets `name` (the stage name: report `OUTPUT.<name>.json`, progress bar) and
+    `text_key`, and defines `judge`, which runs in the worker processes (the filter object is
+    inherited by fork, so per-worker caches can live on it). It may override `decide` (main
+    process, in input order, for documents `judge` kept), `observe` (every result) and `report`
+    (fields added to the report). A kept JSONL line is written byte for byte (a newline added
+    if missing) unless `rewrites` is set, when the record `judge` may have edited is written
+    as JSON; a kept `.txt` document is always written as its record, {text_key: text,
+    "source": file name} plus what `judge` added.
+    """
+
+    name = ""
+    text_key = "text"
+    rewrites = False
+
+    def judge(self, rec: dict, text: str, where: str) -> tuple[str | None, Any]:
+        """(drop reason or None to keep, payload for `decide` / `observe` / the report)."""
+        raise NotImplementedError
+
+    def decide(self, res: Result) -> str | None:
+        return None
+
+    def observe(self, res: Result) -> None:
+        pass
+
+    def report(self) -> dict:
+        return {}
+
+    def run(
+        self, inputs, output: str, workers: int = 1, report_path: str | None = None, progress=True
+    ) -> dict:
+        """Filter `inputs` into `output`; returns the report (also written to disk)."""
+        _ACTIVE[:] = [self]  # read by _filter_item, here and in the forked workers
+        try:
+            return run_stage(
+                self.name,
+                inputs,
+                output,
+                _filter_item,
+                workers=workers,
+                decide=self.decide,
+                observe=self.observe,
+                finish=lambda rep: rep.extra.update(self.report()),
+                report_path=report_path,
+                progress=progress,
+            )
+        finally:
+            _ACTIVE.clear()
+
+
+_ACTIVE: list[DocumentFilter] = []
+
+
+def _filter_item(item: RawItem) -> Result:
+    """Parse one item and let the running DocumentFilter judge it (the worker side)."""
+    stage = _ACTIVE[0]
+    n = len(item.data)
+    try:
+        rec, text = parse_item(item, stage.text_key)
+    except BadItem as e:
+        return Result(e.args[0], nbytes=n, where=item.where)
+    drop, payload = stage.judge(rec, text, item.where)
+    if drop is not None:
+        return Result(drop, nbytes=n, where=item.where, payload=payload)
+    if item.kind == "jsonl" and not stage.rewrites:
+        out = item.data if item.data.endswith(b"\n") else item.data + b"\n"
+    else:
+        out = dump_record(rec)
+    return Result(None, out, n, item.where, payload)
