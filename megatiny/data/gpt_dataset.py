@@ -378,10 +378,3 @@ class GPTDataset(torch.utils.data.Dataset):
             "loss_mask": torch.from_numpy(loss_mask),
             "position_ids": torch.from_numpy(position_ids),
         }
-
-
-def build_datasets(data_path, split, seq_length, num_samples, seed, cache_dir=None, **kwargs):
-    """(train, valid, test); see megatiny.data.blended.build_datasets."""
-    from megatiny.data.blended import build_datasets as build
-
-    return build(data_path, split, seq_length, num_samples, seed, cache_dir, **kwargs)

@@ -259,7 +259,7 @@ def build_data(cfg: Config, ctx, dp: int):
                 GPTDataset(dc.path, num_samples=num_samples[name], split_name=name, **kw)
                 for name in ("train", "valid")
             )
-        from megatiny.data.gpt_dataset import build_datasets
+        from megatiny.data.blended import build_datasets
 
         train, valid, _ = build_datasets([str(x) for x in dc.path], dc.split, dc.seq_length,
                                          num_samples, tc.seed)  # fmt: skip
