@@ -28,16 +28,13 @@ def _golden_idx(lengths, doc_idx, code, itemsize):
     return out
 
 
+# megatron.core.datasets.indexed_dataset.DType, in declaration order (values 1, 2, ...).
+MEGATRON_DTYPE_ENUM = "uint8 int8 int16 int32 int64 float64 float32 uint16".split()
+
+
 def test_dtype_codes_match_megatron():
     assert DTYPE_CODES == {
-        1: np.uint8,
-        2: np.int8,
-        3: np.int16,
-        4: np.int32,
-        5: np.int64,
-        6: np.float64,
-        7: np.float32,
-        8: np.uint16,
+        code: getattr(np, name) for code, name in enumerate(MEGATRON_DTYPE_ENUM, start=1)
     }
     assert optimal_dtype(50257) is np.uint16
     assert optimal_dtype(65500) is np.int32

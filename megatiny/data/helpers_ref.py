@@ -123,6 +123,32 @@ def _check_outputs(dataset_index, dataset_sample_index, size, name):
             raise ValueError(f"{name}: output arrays hold fewer than size = {size} entries")
 
 
+def _check_num_datasets(num_datasets: int, name: str) -> None:
+    if not 0 < num_datasets <= np.iinfo(np.int16).max:
+        raise ValueError(f"{name}: num_datasets must be in [1, 32767], got {num_datasets}")
+
+
+def _greedy_blend(dataset_index, dataset_sample_index, weights, size, limits=None) -> list[int]:
+    """Fill the first `size` slots: slot s goes to the dataset d maximising
+    weights[d] * max(s, 1) - taken[d] (lowest d on ties); with `limits`, dataset d leaves the
+    choice once it has given limits[d] samples. Returns taken (samples drawn per dataset)."""
+    taken = [0] * len(weights)
+    live = list(range(len(weights)))
+    chosen = [0] * size
+    counts = [0] * size
+    for s in range(size):
+        n = max(float(s), 1.0)
+        best = max(live, key=lambda d: (weights[d] * n - taken[d], -d))
+        chosen[s] = best
+        counts[s] = taken[best]
+        taken[best] += 1
+        if limits is not None and taken[best] == limits[best]:
+            live.remove(best)
+    dataset_index[:size] = chosen
+    dataset_sample_index[:size] = counts
+    return taken
+
+
 def build_blending_indices(
     dataset_index: np.ndarray,
     dataset_sample_index: np.ndarray,
@@ -139,10 +165,7 @@ def build_blending_indices(
     weights[d] * n (the chosen d had taken[d] <= weights[d] * s, as the errors sum to 0), so none
     is more than num_datasets - 1 behind. Weights are expected normalised (sum 1).
     """
-    if not 0 < num_datasets <= np.iinfo(np.int16).max:
-        raise ValueError(
-            f"build_blending_indices: num_datasets must be in [1, 32767], got {num_datasets}"
-        )
+    _check_num_datasets(num_datasets, "build_blending_indices")
     if size < 0:
         raise ValueError("build_blending_indices: size must be >= 0")
     w = np.ascontiguousarray(weights, dtype=np.float64)
@@ -150,20 +173,9 @@ def build_blending_indices(
         raise ValueError("build_blending_indices: weights must be 1-D with num_datasets entries")
     _check_outputs(dataset_index, dataset_sample_index, size, "build_blending_indices")
     w = [float(x) for x in w[:num_datasets]]
-    taken = [0] * num_datasets
-    chosen = [0] * size
-    counts = [0] * size
-    datasets = range(num_datasets)
-    for s in range(size):
-        n = max(float(s), 1.0)
-        best = max(datasets, key=lambda d: (w[d] * n - taken[d], -d))
-        chosen[s] = best
-        counts[s] = taken[best]
-        taken[best] += 1
-    dataset_index[:size] = chosen
-    dataset_sample_index[:size] = counts
+    taken = _greedy_blend(dataset_index, dataset_sample_index, w, size)
     if verbose:
-        for d in datasets:
+        for d in range(num_datasets):
             print(f"   dataset {d} weight: {w[d]} achieved: {taken[d] / size if size else 0.0}")
 
 
@@ -172,11 +184,7 @@ def build_exhaustive_blending_indices(
 ) -> None:
     """Like `build_blending_indices` with weights = sizes / sum(sizes), but draw exactly sizes[d]
     samples from dataset d (sum(sizes) slots); a dataset that is used up leaves the argmax."""
-    if not 0 < num_datasets <= np.iinfo(np.int16).max:
-        raise ValueError(
-            "build_exhaustive_blending_indices: num_datasets must be in [1, 32767], "
-            f"got {num_datasets}"
-        )
+    _check_num_datasets(num_datasets, "build_exhaustive_blending_indices")
     sizes = np.ascontiguousarray(sizes, dtype=np.int64)
     if sizes.ndim != 1 or len(sizes) < num_datasets:
         raise ValueError(
@@ -189,17 +197,4 @@ def build_exhaustive_blending_indices(
     total = sum(wanted)
     _check_outputs(dataset_index, dataset_sample_index, total, "build_exhaustive_blending_indices")
     weights = [n / float(total) for n in wanted]
-    taken = [0] * num_datasets
-    live = list(range(num_datasets))
-    chosen = [0] * total
-    counts = [0] * total
-    for s in range(total):
-        n = max(float(s), 1.0)
-        best = max(live, key=lambda d: (weights[d] * n - taken[d], -d))
-        chosen[s] = best
-        counts[s] = taken[best]
-        taken[best] += 1
-        if taken[best] == wanted[best]:
-            live.remove(best)
-    dataset_index[:total] = chosen
-    dataset_sample_index[:total] = counts
+    _greedy_blend(dataset_index, dataset_sample_index, weights, total, wanted)
