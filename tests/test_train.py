@@ -103,19 +103,66 @@ def test_loss_falls(tmp_path):
     assert out["eval"]["loss"] < out["losses"][0] - 1.0
 
 
-@pytest.mark.slow
+def _bf16_steps(cfg):
+    """Run a few steps of the live Trainer; report the dtypes the matmuls ran in and those of the
+    model parameters, the optimizer's parameters and its AdamW state."""
+    from megatiny.parallel import ParallelContext
+    from megatiny.training.step import build_trainer
+
+    ctx = ParallelContext.initialize()
+    try:
+        trainer = build_trainer(cfg, ctx)
+        matmul_dtypes = set()
+        for m in trainer.model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_hook(lambda mod, args, out: matmul_dtypes.add(out.dtype))
+        for _ in range(3):
+            trainer.train_step()
+        opt = trainer.optimizer
+        inner = getattr(opt, "optimizer", opt)  # ZeroOptimizer wraps an AdamW over fp32 slices
+        params = [p for g in opt.param_groups for p in g["params"]]
+        states = [inner.state[p] for p in params]
+        return {
+            "losses": trainer.losses,
+            "matmul": matmul_dtypes,
+            "model": {p.dtype for p in trainer.model.parameters()},
+            "optimizer_params": {p.dtype for p in params},
+            "with_state": (sum(bool(s) for s in states), len(states)),
+            "state": {
+                key: {s[key].dtype for s in states if key in s} for key in ("exp_avg", "exp_avg_sq")
+            },
+        }
+    finally:
+        ctx.destroy()
+
+
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
-    """precision=bf16 runs the matmuls under autocast; parameters and AdamW state stay fp32."""
+    """precision=bf16 runs the matmuls under bf16 autocast, while the live optimizer's parameters
+    (the master weights) and its AdamW state stay fp32; the losses stay close to fp32's."""
     prefix = make_corpus(tmp_path)
     ref = run_training(tiny_config(prefix, tmp_path / "a", "train.steps=3"))[0]["losses"]
-    out = run_training(tiny_config(prefix, tmp_path / "b", "train.steps=3", "train.precision=bf16"))
-    losses = out[0]["losses"]
-    assert losses != ref  # bf16 rounding changes the numbers ...
-    np.testing.assert_allclose(losses, ref, rtol=3e-2)  # ... but not the training
-    from megatiny.training.checkpoint import load_model_for_inference
+    cfg = tiny_config(prefix, tmp_path / "b", "train.steps=3", "train.precision=bf16")
+    (out,) = run_ranks(_bf16_steps, 1, args=(cfg,))
+    assert torch.bfloat16 in out["matmul"]  # autocast really ran ...
+    assert out["model"] == out["optimizer_params"] == {torch.float32}  # ... on fp32 masters
+    n_with_state, n_params = out["with_state"]
+    assert n_params > 0 and n_with_state == n_params  # every master weight was stepped
+    assert out["state"] == {"exp_avg": {torch.float32}, "exp_avg_sq": {torch.float32}}
+    assert out["losses"] != ref  # bf16 rounding changes the numbers ...
+    np.testing.assert_allclose(out["losses"], ref, rtol=3e-2)  # ... but not the training
 
-    model, _ = load_model_for_inference(str(tmp_path / "b"))
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+@pytest.mark.slow
+def test_bf16_zero1_keeps_fp32_master_shards(tmp_path):
+    """The same under ZeRO-1 (dp=2): each rank's fp32 master slice and its AdamW state."""
+    prefix = make_corpus(tmp_path)
+    cfg = tiny_config(prefix, tmp_path / "z", "train.steps=3", "train.precision=bf16",
+                      "parallel.zero1=true")  # fmt: skip
+    for out in run_ranks(_bf16_steps, 2, args=(cfg,)):
+        assert torch.bfloat16 in out["matmul"]
+        assert out["optimizer_params"] == {torch.float32}
+        assert out["with_state"][0] == out["with_state"][1] > 0
+        assert out["state"] == {"exp_avg": {torch.float32}, "exp_avg_sq": {torch.float32}}
 
 
 @pytest.mark.slow
@@ -214,20 +261,21 @@ def test_recompute_modes_give_identical_gradients():
 
 
 def _nan_run(cfg, bad_step):
-    import megatiny.training.loop as T
     from megatiny.parallel import ParallelContext
+    from megatiny.training.loop import train
+    from megatiny.training.step import NonFiniteLoss, build_trainer, compute_loss
 
     ctx = ParallelContext.initialize()
-    trainer = T.build_trainer(cfg, ctx)
+    trainer = build_trainer(cfg, ctx)
 
     def loss_fn(model, batch):
-        loss = T.compute_loss(model, batch)
+        loss = compute_loss(model, batch)
         return loss * float("nan") if trainer.step + 1 == bad_step else loss
 
     trainer.loss_fn = loss_fn
     try:
-        return T.train(cfg, ctx, trainer)
-    except T.NonFiniteLoss as e:
+        return train(cfg, ctx, trainer)
+    except NonFiniteLoss as e:
         return str(e)
     finally:
         ctx.destroy()
