@@ -233,7 +233,8 @@ def forward_step(chunk: nn.Module, input_tensor, batch: dict):
     """Run one model chunk on one micro-batch: hidden states out, or the mean loss on the last."""
     position_ids = batch.get("position_ids")
     if position_ids is None:  # the whole sequence's positions, also when h is a shard (SP)
-        position_ids = chunk.positions(batch["input_ids"])
+        ids = batch["input_ids"]
+        position_ids = torch.arange(ids.shape[-1], device=ids.device)[None]
     if chunk.is_first_chunk:
         h = chunk.embed_tokens(batch["input_ids"], position_ids)
     else:
