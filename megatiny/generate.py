@@ -157,6 +157,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from megatiny.hf import load_any
 
+    for flag, path in (("--checkpoint", args.checkpoint), ("--tokenizer", args.tokenizer)):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"{flag} {path} does not exist; give a run directory, model "
+                             "directory or checkpoint" if flag == "--checkpoint" else
+                             f"{flag} {path} does not exist; give the tokenizer directory")  # fmt: skip
     tokenizer = None
     if args.tokenizer:
         from megatiny.data.tokenizer import load_tokenizer

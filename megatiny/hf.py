@@ -284,6 +284,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     out = os.path.abspath(args.output)
+    if not os.path.exists(args.input):
+        raise SystemExit(
+            f"--input {args.input} does not exist; give a "
+            + (
+                "transformers model directory"
+                if args.from_hf
+                else "megatiny run or model directory"
+            )
+        )
     if os.path.exists(out) and os.listdir(out):
         raise SystemExit(f"--output {out} exists and is not empty; choose a new directory")
     if args.from_hf:

@@ -238,17 +238,6 @@ def test_convert_refuses_a_non_empty_output(tiny_model_and_tokenizer, tmp_path, 
     assert (out / "keep.txt").read_text() == "mine"
 
 
-# What currently escapes generate / convert on a missing path: CheckpointError (a RuntimeError),
-# FileNotFoundError and transformers' OSError. The xfails below turn into passes once those
-# commands catch them and print the message.
-ESCAPES = (RuntimeError, OSError)
-
-
-@pytest.mark.xfail(
-    raises=ESCAPES,
-    reason="megatiny/generate.py main() lets CheckpointError (missing --checkpoint) and "
-    "FileNotFoundError (missing --tokenizer) escape as tracebacks",
-)
 @pytest.mark.parametrize("which", ["checkpoint", "tokenizer"])
 def test_generate_missing_paths_are_named(which, tiny_model_and_tokenizer, tmp_path, capsys):
     model_dir, tok_dir = tiny_model_and_tokenizer
@@ -266,11 +255,6 @@ def test_generate_prompt_needs_a_tokenizer(tiny_model_and_tokenizer, capsys):
     assert code != 0 and "--prompt needs --tokenizer" in err
 
 
-@pytest.mark.xfail(
-    raises=ESCAPES,
-    reason="megatiny/hf.py main() lets CheckpointError (--to-hf) and transformers' OSError "
-    "(--from-hf) escape as tracebacks when --input does not exist",
-)
 @pytest.mark.parametrize("way", ["--to-hf", "--from-hf"])
 def test_convert_missing_input_is_named(way, tmp_path, capsys):
     missing = str(tmp_path / "nothing")
