@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node training: run this once on every node (c10d rendezvous). Arguments go to `megatiny train`.
-#   node 0: NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NGPU=8 launch/run_multinode.sh --config launch/configs/llama-7b.yaml
-#   node 1: NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 NGPU=8 launch/run_multinode.sh --config launch/configs/llama-7b.yaml
+#   node 0..3: NNODES=4 NODE_RANK=0..3 MASTER_ADDR=10.0.0.1 NGPU=8 launch/run_multinode.sh --config launch/configs/llama-7b.yaml
 # Env: NNODES, NODE_RANK, MASTER_ADDR (node 0's address, reachable from all nodes), MASTER_PORT
 # (default 29500), NGPU/NPROC (processes per node), RDZV_ID (job id, default megatiny),
 # LOCAL_ADDR (this node's address, when the hostname does not resolve to it). For gloo pick the
