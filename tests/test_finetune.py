@@ -12,7 +12,8 @@ import torch
 from megatiny.cli import main as cli_main
 from megatiny.config import ModelConfig
 from megatiny.data.tokenizer import load_tokenizer, train_tokenizer
-from megatiny.finetune.cli import FinetuneConfig, finetune, load_classifier, predict
+from megatiny.finetune.cli import finetune
+from megatiny.finetune.config import FinetuneConfig
 from megatiny.finetune.data import (
     PROMPT_NO_INPUT,
     PROMPT_WITH_INPUT,
@@ -20,6 +21,7 @@ from megatiny.finetune.data import (
     encode_instruction,
     instruction_rows,
 )
+from megatiny.finetune.model import load_classifier, predict
 from megatiny.hf import load_model, save_model
 from megatiny.model import GPT
 from tests.dist import run_ranks

@@ -162,20 +162,6 @@ def encode_classification(rows, tokenizer, labels: LabelMap, max_len: int) -> li
     return out
 
 
-def collate_classification(examples, pad_id: int, multiple: int = 1) -> dict:
-    """input_ids [b, s] right-padded (s a multiple of `multiple`), lengths [b], labels [b]."""
-    s = max(len(e["ids"]) for e in examples)
-    s = -(-s // multiple) * multiple
-    ids = torch.full((len(examples), s), pad_id, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e["ids"])] = torch.tensor(e["ids"])
-    return {
-        "input_ids": ids,
-        "lengths": torch.tensor([len(e["ids"]) for e in examples]),
-        "labels": torch.tensor([e["label"] for e in examples]),
-    }
-
-
 # ---- instruction SFT ------------------------------------------------------------------------
 
 
@@ -211,71 +197,66 @@ def encode_instruction(rows, tokenizer, max_len: int) -> tuple[list[dict], int]:
     return out, dropped
 
 
-def collate_instruction(examples, pad_id: int, multiple: int = 1) -> dict:
-    """input_ids [b, s] (padded with pad_id) and labels [b, s] (padded with -100)."""
-    s = max(len(e["input_ids"]) for e in examples)
-    s = -(-s // multiple) * multiple
-    ids = torch.full((len(examples), s), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), s), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-    return {"input_ids": ids, "labels": labels}
+# ---- Trainer samples -------------------------------------------------------------------------
 
 
-# ---- a task's data ---------------------------------------------------------------------------
+def to_sample(example: dict, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """One encoded row as a Trainer sample of `seq_length` tokens: input_ids right-padded with
+    `pad_id`, labels -100 except where the loss applies, loss_mask ones.
+
+    Classification: the class id sits at the last real token (the EOD), so `GPT.head_loss`'s
+    masked mean over labels != -100 is the per-row classification loss. SFT: the shifted
+    response labels of `encode_instruction`."""
+    ids = example["ids"] if "ids" in example else example["input_ids"]
+    n = len(ids)
+    if n > seq_length:
+        raise FinetuneError(f"a row of {n} tokens does not fit the {seq_length}-token samples")
+    input_ids = torch.full((seq_length,), pad_id, dtype=torch.long)
+    labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long)
+    input_ids[:n] = torch.tensor(ids)
+    if "label" in example:
+        labels[n - 1] = example["label"]
+    else:
+        labels[:n] = torch.tensor(example["labels"])
+    return {"input_ids": input_ids, "labels": labels, "loss_mask": torch.ones(seq_length)}
 
 
-class TaskData:
-    """A run's encoded train / valid examples and how to batch and count them. `cfg` is a
-    megatiny.finetune.FinetuneConfig; `multiple` pads batch lengths (tp under sequence
-    parallelism, whose sequence shards must be equal)."""
+class RowDataset:
+    """Encoded rows as fixed-length Trainer samples (`to_sample`).
 
-    def __init__(self, cfg, tokenizer, max_len: int, multiple: int = 1):
-        self.pad, self.multiple = tokenizer.eod_id, multiple
-        self.classify = cfg.task == "classification"
-        self.labels, self.dropped = None, 0
-        if self.classify:
-            rows = classification_rows(cfg.train)
-            self.labels = LabelMap.from_rows(rows, cfg.num_classes)
-            self.train = encode_classification(rows, tokenizer, self.labels, max_len)
-            self.valid = None
-            if cfg.valid:
-                valid = classification_rows(cfg.valid)
-                self.valid = encode_classification(valid, tokenizer, self.labels, max_len)
-        else:
-            self.train, self.dropped = encode_instruction(
-                instruction_rows(cfg.train), tokenizer, max_len
-            )
-            self.valid = None
-            if cfg.valid:
-                self.valid, d = encode_instruction(instruction_rows(cfg.valid), tokenizer, max_len)
-                self.dropped += d
-            if not self.train:
-                raise FinetuneError(
-                    f"every row of {cfg.train} has a prompt longer than --max-len {max_len}; "
-                    "raise --max-len (up to the model's max_seq_len) or shorten the prompts"
-                )
+    Training order (`seed` given): sample k is row perm_e[k mod n] of a seeded permutation per
+    epoch e = k // n, for k < `num_samples`, so optimizer step s takes the consecutive global
+    samples [s B, (s + 1) B) (B = global batch) and a resumed run continues at its consumed
+    sample count. Without `seed`, sample i is row i (validation)."""
 
-    def collate(self, examples, device):
-        fn = collate_classification if self.classify else collate_instruction
-        return {k: v.to(device) for k, v in fn(examples, self.pad, self.multiple).items()}
+    def __init__(self, examples: list[dict], seq_length: int, pad_id: int, seed: int | None = None,
+                 num_samples: int | None = None):  # fmt: skip
+        self.examples, self.seq_length, self.pad_id = examples, seq_length, pad_id
+        self.seed = seed
+        self.num_samples = num_samples if num_samples is not None else len(examples)
+        self._perms: dict[int, list[int]] = {}
 
-    def count(self, examples) -> int:
-        """Loss terms: rows (classification) or response tokens (SFT)."""
-        if self.classify:
-            return len(examples)
-        return sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples)
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def row(self, k: int) -> int:
+        if self.seed is None:
+            return k
+        epoch, i = divmod(k, len(self.examples))
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self.examples), generator=g).tolist()
+        return self._perms[epoch][i]
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return to_sample(self.examples[self.row(k)], self.seq_length, self.pad_id)
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        """A sample without loss terms (pads the last evaluation micro-batch)."""
+        return to_sample({"ids": [self.pad_id], "labels": [IGNORE_INDEX]}, self.seq_length,
+                         self.pad_id)  # fmt: skip
 
 
-def step_rows(n_rows: int, step: int, batch: int, seed: int) -> list[int]:
-    """Row indices of optimizer step `step`: consecutive slices of per-epoch permutations."""
-    out, perms = [], {}
-    for k in range(step * batch, (step + 1) * batch):
-        epoch, i = divmod(k, n_rows)
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            perms[epoch] = torch.randperm(n_rows, generator=g).tolist()
-        out.append(perms[epoch][i])
-    return out
+def count_terms(examples: list[dict]) -> int:
+    """Loss terms: rows (classification) or response tokens (SFT)."""
+    return sum(1 if "label" in e else sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples)

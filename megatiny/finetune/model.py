@@ -1,10 +1,18 @@
 """The models of `megatiny finetune`: the pretrained GPT body (`load_pretrained`), the
-sequence classifier on top of it, freezing, and reloading / running a saved classifier.
+classification head that replaces its `output` module, freezing, and saving / reloading /
+running a fine-tuned model.
 
-Classification: logits = W h_last + b, with h_last = norm_f(body(ids))[last real token] (the EOD
-appended to every text). The head is small and replicated on every tensor-parallel rank; its
-input is replicated too (after the row-parallel all-reduce, or gathered from the sequence shards
-under SP), so its gradient is the same on every TP rank without communication.
+Classification is the GPT with `model.output = ClassificationOutput(d_model, num_classes)`:
+
+    logits[b, i] = W norm_f(h)[b, i] + b          at every position i (W: [classes, d_model])
+    labels[b, i] = class of row b at its last real token (the EOD appended to every text), else -100
+
+so `GPT.head_loss`, the masked mean over labels != -100, is the mean cross-entropy over the rows,
+and pipeline stages, checkpoints and the Trainer run it as they run the LM loss. The head is
+small and replicated on every tensor-parallel rank. Its input is replicated too: after the
+row-parallel all-reduce, or, under sequence parallelism, gathered from the sequence shards with a
+backward that only *splits* the gradient (every rank already holds the full one), so its
+gradient is the same on every TP rank without communication.
 """
 
 from __future__ import annotations
@@ -13,43 +21,74 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatiny.finetune import data as fd
 from megatiny.finetune.data import FinetuneError
-from megatiny.parallel.parallelize import is_sequence_parallel, tp_group_of
 
 HEAD_FILE, LABELS_FILE = "classifier_head.safetensors", "labels.json"
 
 
-# ---- the model ------------------------------------------------------------------------------
+# ---- the classification head ----------------------------------------------------------------
 
 
-class SequenceClassifier(nn.Module):
-    """GPT body + linear head on the final-normed hidden state of each row's last real token."""
+class ClassificationOutput(nn.Module):
+    """`model.output` of a sequence classifier: class logits from the final-normed hidden states.
 
-    def __init__(self, body: nn.Module, num_classes: int, seed: int = 0):
+    Same interface as megatiny.model.LMOutput (`logits(h, weight)`, `loss(h, weight, labels)` ->
+    per-token loss); `weight` (the LM head) is not read. While evaluating (`.eval()`), `loss`
+    also counts the correct predictions at labelled positions in `correct` (the accuracy's
+    numerator, on the last pipeline stage)."""
+
+    def __init__(self, d_model: int, num_classes: int, init_std: float = 0.02, seed: int = 0):
         super().__init__()
-        self.body = body
-        self.head = nn.Linear(body.config.d_model, num_classes)
-        g = torch.Generator().manual_seed(seed)  # same head on every rank
+        self.head = nn.Linear(d_model, num_classes)
+        self.sp_group = None  # the TP group when h arrives as sequence shards
+        self.correct = 0
+        g = torch.Generator().manual_seed(seed)  # the same head on every rank
         with torch.no_grad():
-            self.head.weight.copy_(
-                torch.randn(self.head.weight.shape, generator=g) * body.config.init_std
-            )
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * init_std)
             self.head.bias.zero_()
 
-    def forward(self, input_ids, lengths):
-        body = self.body
-        h = body.norm_f(body.run_blocks(body.embed_tokens(input_ids)))
-        group = tp_group_of(body)
-        if is_sequence_parallel(body):
+    def parallelize(self, ctx, sequence_parallel: bool) -> ClassificationOutput:
+        """Called by megatiny.parallel.parallelize: the head stays replicated."""
+        self.sp_group = ctx.tp_group if sequence_parallel else None
+        return self
+
+    def logits(self, h, weight=None):
+        if self.sp_group is not None:
             from megatiny.parallel.comm import gather_from_sp
 
-            # The head is replicated: every rank computes the full gradient, so backward splits.
-            h = gather_from_sp(h, group, dim=1, tensor_parallel_output_grad=False)
-        last = h[torch.arange(h.shape[0], device=h.device), lengths.to(h.device) - 1]
-        return self.head(last)
+            h = gather_from_sp(h, self.sp_group, dim=1, tensor_parallel_output_grad=False)
+        return self.head(h)
+
+    def loss(self, h, weight, labels):
+        logits = self.logits(h).float()
+        per_token = F.cross_entropy(
+            logits.flatten(0, -2), labels.flatten(), reduction="none"
+        ).view_as(labels)
+        if not self.training:
+            labelled = labels != fd.IGNORE_INDEX
+            self.correct += int((logits.argmax(-1) == labels)[labelled].sum())
+        if weight is not None and weight.requires_grad:
+            # The LM head is unused; a tied embedding copy on the last pipeline stage must still
+            # get a (zero) gradient for the first/last-stage gradient sum.
+            per_token = per_token + weight[:0].sum()
+        return per_token
+
+
+def attach_classifier(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    """Replace the LM output of a single-device GPT by a classification head (in place); an
+    untied LM head is then unused and frozen."""
+    config = model.config
+    model.output = ClassificationOutput(config.d_model, num_classes, config.init_std, seed)
+    if model.lm_head is not None:
+        model.lm_head.requires_grad_(False)
+    return model
+
+
+# ---- the pretrained body and freezing -------------------------------------------------------
 
 
 def load_pretrained(path: str) -> nn.Module:
@@ -80,21 +119,54 @@ def load_pretrained(path: str) -> nn.Module:
         ) from e
 
 
-def freeze(body: nn.Module, trainable_blocks: int | None) -> None:
-    """Freeze embeddings and blocks[:-K]; final norm, LM head (untied) and task head train."""
-    n = len(body.blocks)
+def freeze(model: nn.Module, trainable_blocks: int | None) -> None:
+    """Freeze embeddings and every block but the last K (by global layer index, so it works on a
+    pipeline stage); the final norm, an untied LM head and the task head train."""
     if trainable_blocks is None:
         return
+    n = model.config.n_layers
     if not 0 <= trainable_blocks <= n:
         raise FinetuneError(f"trainable_blocks={trainable_blocks} must be in [0, {n}]")
-    frozen = [body.embed, body.pos_embed, *list(body.blocks)[: n - trainable_blocks]]
+    frozen = [model.embed, model.pos_embed]
+    frozen += [b for i, b in model.blocks.named_children() if int(i) < n - trainable_blocks]
     for module in frozen:
         if module is not None:
             module.requires_grad_(False)
 
 
-def load_classifier(directory: str, device="cpu") -> tuple[SequenceClassifier, fd.LabelMap]:
-    """The classifier saved by a classification run (body + head + label names)."""
+# ---- saving and reloading ---------------------------------------------------------------------
+
+
+def export(checkpoint: str, body_config, directory: str, labels: fd.LabelMap | None) -> None:
+    """Write the fine-tuned model of a (layout-free) training checkpoint as a model directory:
+    model.safetensors + model_config.json (loadable by `megatiny generate`) and, for a
+    classifier, the head and the label names. One process, single-device shapes."""
+    from safetensors.torch import save_file
+
+    from megatiny.fsutil import atomic_path, atomic_write
+    from megatiny.hf import save_model
+    from megatiny.model import GPT, LMOutput
+    from megatiny.training.checkpoint import load_checkpoint
+
+    with torch.device("meta"):
+        model = GPT(body_config)
+    model = model.to_empty(device="cpu")
+    if labels is not None:
+        attach_classifier(model, len(labels.names), seed=0)
+    load_checkpoint(checkpoint, model, restore_rng=False)
+    if labels is not None:
+        head = {k: v.detach().contiguous() for k, v in model.output.head.state_dict().items()}
+        with atomic_path(os.path.join(directory, HEAD_FILE)) as tmp:
+            save_file(head, tmp)
+        atomic_write(os.path.join(directory, LABELS_FILE),
+                     lambda f: json.dump(labels.to_dict(), f, indent=1), "w", "utf-8")  # fmt: skip
+        model.output = LMOutput(body_config)
+    save_model(model, directory)
+
+
+def load_classifier(directory: str, device="cpu") -> tuple[nn.Module, fd.LabelMap]:
+    """The classifier saved by a classification run (a GPT whose `output` is the head) and its
+    label names."""
     from safetensors.torch import load_file
 
     from megatiny.hf import load_model
@@ -104,26 +176,31 @@ def load_classifier(directory: str, device="cpu") -> tuple[SequenceClassifier, f
             raise FinetuneError(f"{directory} has no {name}; is it a classification output?")
     with open(os.path.join(directory, LABELS_FILE), encoding="utf-8") as f:
         labels = fd.LabelMap.from_dict(json.load(f))
-    body = load_model(directory, device)
+    model = load_model(directory, device)
     head = load_file(os.path.join(directory, HEAD_FILE), device=str(device))
-    want = (len(labels.names), body.config.d_model)
+    want = (len(labels.names), model.config.d_model)
     if tuple(head["weight"].shape) != want:
         raise FinetuneError(
             f"{HEAD_FILE} in {directory} has shape {tuple(head['weight'].shape)} but the model "
             f"there needs {want} (classes x d_model): the head comes from another model shape"
         )
-    model = SequenceClassifier(body, len(labels.names))
-    model.head.load_state_dict(head)
+    attach_classifier(model, len(labels.names), seed=0)
+    model.output.head.load_state_dict(head)
     return model.to(device).eval(), labels
 
 
 @torch.no_grad()
-def predict(model: SequenceClassifier, tokenizer, texts: list[str], max_len: int, bs: int = 16):
-    """Class ids for `texts` (single device)."""
+def predict(model: nn.Module, tokenizer, texts: list[str], max_len: int, bs: int = 16):
+    """Class ids for `texts` (single device): the argmax of the logits at each text's EOD."""
     rows = [{"text": t, "label": 0, "_where": "predict"} for t in texts]
-    enc = fd.encode_classification(rows, tokenizer, fd.LabelMap(["0"], True), max_len)
+    encoded = fd.encode_classification(rows, tokenizer, fd.LabelMap(["0"], True), max_len)
+    device = next(model.parameters()).device
     out = []
-    for i in range(0, len(enc), bs):
-        b = fd.collate_classification(enc[i : i + bs], tokenizer.eod_id)
-        out += model(b["input_ids"], b["lengths"]).argmax(-1).tolist()
+    for i in range(0, len(encoded), bs):
+        part = encoded[i : i + bs]
+        width = max(len(e["ids"]) for e in part)
+        ids = torch.stack([fd.to_sample(e, width, tokenizer.eod_id)["input_ids"] for e in part])
+        last = torch.tensor([len(e["ids"]) - 1 for e in part])
+        logits = model(ids.to(device))
+        out += logits[torch.arange(len(part)), last.to(device)].argmax(-1).tolist()
     return out

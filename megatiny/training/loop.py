@@ -4,7 +4,8 @@
 
 `train` runs (or resumes) the loop: steps, logging, evaluation, checkpoints. One optimizer step
 (`Trainer.train_step`: micro-batches, schedule, gradient sync, clipping, AdamW) and the building of
-model, data and optimizer live in megatiny/training/step.py.
+model, data and optimizer live in megatiny/training/step.py. This is the only training loop:
+`megatiny finetune` passes its Trainer (built with a fine-tuning `Task`) to `train`.
 """
 
 from __future__ import annotations
@@ -77,7 +78,17 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     bar = progress_bar(tc.steps, trainer.step, enabled=rank0 and tc.progress_bar)
     say = bar.write if bar is not None else (lambda m: print(m, flush=True))
     last_checkpoint = meta["path"] if resume_from is not None else None
-    last_eval = None
+    last_eval, evals = None, []
+    can_evaluate = trainer.valid_data is not None  # a task may have no validation data
+
+    def evaluate(step: int) -> dict:
+        result = trainer.evaluate()
+        evals.append({"step": step, **result})
+        writer.write(step, result, prefix="valid")
+        if rank0:
+            say(f"step {step}: " + eval_line(result))
+        return result
+
     if trainer.step >= tc.steps and rank0:
         say(f"nothing to train: the checkpoint is at step {trainer.step} >= train.steps={tc.steps}")
     try:
@@ -103,24 +114,33 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
                 if rank0:
                     say(format_line(step, tc.steps, m))
                 writer.write(step, m)
-            if (tc.eval_interval and step % tc.eval_interval == 0) or step == tc.steps:
-                last_eval = trainer.evaluate()
-                writer.write(step, last_eval, prefix="valid")
-                if rank0:
-                    say(f"step {step}: validation loss {last_eval['loss']:.4f} | "
-                        f"perplexity {last_eval['perplexity']:.2f}")  # fmt: skip
+            evaluate_now = (tc.eval_interval and step % tc.eval_interval == 0) or step == tc.steps
+            if evaluate_now and can_evaluate:
+                last_eval = evaluate(step)
                 meter.reset()  # evaluation time is not training throughput
             if (tc.save_interval and step % tc.save_interval == 0) or step == tc.steps:
                 last_checkpoint = save()
                 meter.reset()
-        if last_eval is None:  # e.g. resumed at the final step: still report where the model is
+        if last_eval is None and can_evaluate:  # resumed at the final step: report the model
             last_eval = trainer.evaluate()
     finally:
         if bar is not None:
             bar.close()
         writer.close()
-    return {"losses": trainer.losses, "eval": last_eval, "run_dir": run_dir, "step": trainer.step,
-            "checkpoint": last_checkpoint, "skipped_steps": trainer.skipped_steps}  # fmt: skip
+    return {"losses": trainer.losses, "eval": last_eval, "evals": evals, "run_dir": run_dir,
+            "step": trainer.step, "checkpoint": last_checkpoint,
+            "skipped_steps": trainer.skipped_steps}  # fmt: skip
+
+
+def eval_line(result: dict) -> str:
+    """'validation loss 2.3456 | perplexity 10.45' (and any other metric the task reports)."""
+    parts = [f"validation loss {result['loss']:.4f}"]
+    for key, value in result.items():
+        if key == "perplexity":
+            parts.append(f"perplexity {value:.2f}")
+        elif key != "loss":
+            parts.append(f"{key} {value:.4f}")
+    return " | ".join(parts)
 
 
 # ---- command line -------------------------------------------------------------------------------

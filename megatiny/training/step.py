@@ -13,6 +13,11 @@ One optimizer step (`train_step`):
 so global batch = micro_batch_size x accumulation x dp and the update equals that of one device
 seeing the whole global batch. `schedule` is a function; the default runs the micro-batches one
 after the other on a single pipeline stage (pipeline schedules plug in with the same signature).
+
+What is trained is a `Task`: its model (this rank's shard), its train / valid datasets, its
+micro-batch loss and its evaluation. The default task is causal-LM pretraining on `cfg.data`;
+fine-tuning (megatiny/finetune/tasks.py) supplies a pretrained body with its head, its rows and
+its evaluation, and runs on the same Trainer, every layout, checkpoint and metric included.
 """
 
 from __future__ import annotations
@@ -75,6 +80,33 @@ def forward_backward_no_pipelining(model, micro_batches, *, loss_fn=compute_loss
     return total / n
 
 
+class Task:
+    """What a training task supplies to the Trainer. This base class is pretraining; a task
+    overrides what differs (megatiny/finetune/tasks.py overrides all four).
+
+    - `build_model(cfg, ctx)`: this rank's model (a single-device model goes through
+      `shard_model`, so every tp / pp layout applies); the last stage computes the loss with
+      `model.head_loss`, so a task's head is its `model.output` module.
+    - `build_data(cfg, ctx, dp)`: (train, valid) datasets of {input_ids, labels, loss_mask}
+      samples of `cfg.data.seq_length` tokens, indexed by global sample number (`valid` None:
+      no evaluation).
+    - `loss_fn(model, batch)`: the mean loss of one micro-batch without pipelining.
+    - `evaluate(trainer)`: a dict with at least `loss`.
+    """
+
+    def build_model(self, cfg: Config, ctx) -> torch.nn.Module:
+        return build_model(cfg, ctx)
+
+    def build_data(self, cfg: Config, ctx, dp: int):
+        return build_data(cfg, ctx, dp)
+
+    def loss_fn(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return compute_loss(model, batch)
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        return trainer.evaluate_iters()
+
+
 @dataclass
 class Trainer:
     """Everything one rank needs to run steps; built by `build_trainer`."""
@@ -94,6 +126,7 @@ class Trainer:
     consumed_samples: int = 0
     skipped_steps: int = 0
     losses: list = field(default_factory=list)
+    task: Task = field(default_factory=Task)
 
     @property
     def autocast(self):
@@ -175,8 +208,12 @@ class Trainer:
         self.losses.append(loss.item())
         return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped}
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        """The task's evaluation on the validation data (pretraining: `evaluate_iters`)."""
+        return self.task.evaluate(self)
+
+    @torch.no_grad()
+    def evaluate_iters(self) -> dict:
         """Mean validation loss over `eval_iters` micro-batches per dp rank (a fixed set of
         samples, so successive evaluations are comparable), and its perplexity exp(loss)."""
         tc, ctx = self.cfg.train, self.ctx
@@ -222,12 +259,21 @@ def build_model(cfg: Config, ctx) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
     if ctx.tp_size == 1 and ctx.pp_size == 1:
         return GPT(cfg.model).to(ctx.device)
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    return shard_model(model, cfg, ctx)
+
+
+def shard_model(model: torch.nn.Module, cfg: Config, ctx) -> torch.nn.Module:
+    """This rank's part of a single-device GPT whose weights are real or on the meta device
+    (generated then from the deterministic init): pruned to its pipeline stages, its TP shard,
+    and (pp > 1) the PipelineModel of its chunks; at tp = pp = 1 the model moved to the device."""
+    if ctx.tp_size == 1 and ctx.pp_size == 1:
+        return model.to(ctx.device)
     from megatiny.parallel.parallelize import materialize, parallelize
     from megatiny.parallel.pipeline import build_pipeline, keep_stages
 
     v = cfg.parallel.virtual_pipeline_size
-    with torch.device("meta"):
-        model = GPT(cfg.model)
     keep_stages(model, ctx, v)
     if ctx.tp_size == 1:
         materialize(model, ctx.device)
@@ -296,12 +342,14 @@ def check_supported(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"parallel: {e}") from None
 
 
-def build_trainer(cfg: Config, ctx) -> Trainer:
+def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
+    """The Trainer of `task` (default: pretraining) for this rank."""
     from megatiny.training.optim import build_optimizer, build_scheduler
 
+    task = task or Task()
     check_supported(cfg, ctx.world_size)
     dp = ctx.dp_size
-    model = build_model(cfg, ctx)
+    model = task.build_model(cfg, ctx)
     from megatiny.parallel.data_parallel import build_data_parallel
 
     # Gradients averaged over dp x cp in buckets, overlapped with the backward pass (None when
@@ -310,7 +358,7 @@ def build_trainer(cfg: Config, ctx) -> Trainer:
     ddp = build_data_parallel(model, ctx, shard=p.zero1, bucket_mb=p.ddp_bucket_mb)
     optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero1 else None)
     scheduler = build_scheduler(optimizer, cfg.train)
-    train_data, valid_data = build_data(cfg, ctx, dp)
+    train_data, valid_data = task.build_data(cfg, ctx, dp)
     schedule = forward_backward_no_pipelining
     if ctx.pp_size > 1:  # 1F1B, or interleaved 1F1B with virtual_pipeline_size chunks per rank
         from megatiny.parallel.schedules import as_trainer_schedule, build_schedule
@@ -323,5 +371,6 @@ def build_trainer(cfg: Config, ctx) -> Trainer:
     torch.manual_seed(cfg.train.seed + 1 + 100 * ctx.pp_rank + 10_000 * ctx.dp_rank)
     return Trainer(
         cfg, ctx, model, optimizer, scheduler, train_data, valid_data,
-        accumulation=cfg.train.accumulation_steps(dp), schedule=schedule, ddp=ddp,
+        accumulation=cfg.train.accumulation_steps(dp), schedule=schedule, loss_fn=task.loss_fn,
+        ddp=ddp, task=task,
     )  # fmt: skip
