@@ -1,8 +1,14 @@
+"""megatiny.testing.run_ranks: per-rank results, a failing rank's traceback, hangs and deaths
+named by rank, both ways of passing fn's arguments."""
+
+import os
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist import RankError, run_ranks
+from megatiny.testing import RankError, run_ranks
 
 
 def _sum_ranks():
@@ -17,12 +23,20 @@ def _fail_on_one():
     return 0
 
 
-def _hang_on_one():
+def _stuck_here_on_one():
     if dist.get_rank() == 1:
-        import time
-
         time.sleep(60)
     return 0
+
+
+def _die_on_one():
+    if dist.get_rank() == 1:
+        os._exit(7)
+    return 0
+
+
+def _scaled(a, b=1.0):
+    return dist.get_rank() * a * b
 
 
 def test_run_ranks_returns_per_rank_results():
@@ -31,11 +45,24 @@ def test_run_ranks_returns_per_rank_results():
     assert all(t.item() == 6.0 for _, t in out)
 
 
+def test_run_ranks_passes_arguments_positionally_or_as_args():
+    assert run_ranks(_scaled, 2, 3.0) == [0.0, 3.0]
+    assert run_ranks(_scaled, 2, args=(3.0,), kwargs={"b": 2.0}) == [0.0, 6.0]
+    with pytest.raises(TypeError, match="not both"):
+        run_ranks(_scaled, 2, 3.0, args=(3.0,))
+
+
 def test_run_ranks_surfaces_traceback():
-    with pytest.raises(RankError, match="planted failure"):
+    with pytest.raises(RankError, match="(?s)rank 1 of 2 failed.*planted failure"):
         run_ranks(_fail_on_one, 2)
 
 
-def test_run_ranks_reports_hang():
-    with pytest.raises(RankError, match="hang"):
-        run_ranks(_hang_on_one, 2, timeout=3)
+def test_run_ranks_reports_hang_with_the_rank_and_its_stack():
+    with pytest.raises(RankError, match=r"hang: ranks \[1\] of 2") as info:
+        run_ranks(_stuck_here_on_one, 2, timeout=3)
+    assert "_stuck_here_on_one" in str(info.value)  # where rank 1 was stuck
+
+
+def test_run_ranks_reports_a_dead_rank():
+    with pytest.raises(RankError, match=r"died without a result, exit codes \{1: 7\}"):
+        run_ranks(_die_on_one, 2)
