@@ -1,5 +1,6 @@
-"""Fine-tuning: classification learns a separable task, the SFT loss mask, tp/dp == one device,
-outputs reload (classifier, `megatiny generate`), and bad input gives clear errors."""
+"""Fine-tuning: classification learns a separable task, the SFT loss mask, outputs reload
+(classifier, `megatiny generate`), and bad input gives clear errors. The layouts (tp, pp, dp,
+ZeRO-1 == one rank) and `--resume auto` are tests/test_finetune_parallel.py."""
 
 import json
 import os
@@ -24,7 +25,6 @@ from megatiny.finetune.data import (
 from megatiny.finetune.model import load_classifier, predict
 from megatiny.hf import load_model, save_model
 from megatiny.model import GPT
-from tests.dist import run_ranks
 
 ALPACA = os.path.join(os.path.dirname(__file__), "data", "finetune", "alpaca_sample.json")
 TOPICS = {
@@ -168,34 +168,6 @@ def test_training_checkpoint_is_accepted_as_body(assets, tmp_path):
     b = finetune(cls_config(assets, tmp_path / "b", steps=2, valid=None,
                             checkpoint=str(tmp_path / "run")))  # fmt: skip
     assert a["losses"] == b["losses"]
-
-
-def _finetune_on_ranks(cfg, tp, sequence_parallel):
-    from megatiny.parallel import ParallelContext
-
-    ctx = ParallelContext.initialize(tp=tp)
-    cfg.tp, cfg.sequence_parallel = tp, sequence_parallel
-    try:
-        return finetune(cfg, ctx)["losses"]
-    finally:
-        ctx.destroy()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["classification", "instruction"])
-def test_tp2_and_dp2_match_one_device(assets, tmp_path, task):
-    kw = dict(steps=4, valid=None, batch_size=4, micro_batch_size=2)
-    if task == "instruction":
-        kw.update(task="instruction", train=ALPACA)
-    ref = finetune(cls_config(assets, tmp_path / "ref", **kw))["losses"]
-    for tp, sp in ((2, False), (2, True), (1, False)):  # tp=1 on 2 ranks is dp=2
-        cfg = cls_config(assets, tmp_path / f"p{tp}{sp}", **kw)
-        for losses in run_ranks(_finetune_on_ranks, 2, args=(cfg, tp, sp), timeout=240):
-            np.testing.assert_allclose(losses, ref, rtol=2e-5, atol=2e-5)
-    # The model saved at tp=2 is gathered to single-device shapes and equals the tp=1 result.
-    ref_state = load_model(str(tmp_path / "ref")).state_dict()
-    for name, value in load_model(str(tmp_path / "p2True")).state_dict().items():
-        torch.testing.assert_close(value, ref_state[name], rtol=1e-3, atol=1e-4)
 
 
 def test_bad_input_gives_clear_errors(assets, tmp_path):

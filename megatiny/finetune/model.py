@@ -79,12 +79,9 @@ class ClassificationOutput(nn.Module):
 
 
 def attach_classifier(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    """Replace the LM output of a single-device GPT by a classification head (in place); an
-    untied LM head is then unused and frozen."""
+    """Replace the LM output of a single-device GPT by a classification head (in place)."""
     config = model.config
     model.output = ClassificationOutput(config.d_model, num_classes, config.init_std, seed)
-    if model.lm_head is not None:
-        model.lm_head.requires_grad_(False)
     return model
 
 
@@ -121,7 +118,12 @@ def load_pretrained(path: str) -> nn.Module:
 
 def freeze(model: nn.Module, trainable_blocks: int | None) -> None:
     """Freeze embeddings and every block but the last K (by global layer index, so it works on a
-    pipeline stage); the final norm, an untied LM head and the task head train."""
+    pipeline stage); the final norm, an untied LM head and the task head train. An untied LM
+    head that a classifier does not use is frozen in any case. Call after `parallelize`, which
+    makes new parameters."""
+    if isinstance(getattr(model, "output", None), ClassificationOutput):
+        if getattr(model, "lm_head", None) is not None:
+            model.lm_head.requires_grad_(False)
     if trainable_blocks is None:
         return
     n = model.config.n_layers
