@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatiny.model import KVCache
+from megatiny.parallel import collectives
 from megatiny.parallel.parallelize import is_sequence_parallel, tp_group_of
 
 
@@ -114,7 +115,7 @@ def generate(
             logits = model(step_input if use_cache else ids, kv_cache=cache)[:, -1]
             token = next_token(logits, temperature, top_k, top_p, generator)
             if group is not None and dist.get_world_size(group) > 1:
-                dist.broadcast(token, src=src, group=group)
+                collectives.broadcast(token, src, group)
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)
                 finished |= token == eos_id

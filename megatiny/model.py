@@ -341,7 +341,9 @@ class GPT(nn.Module):
                 f"{self.config.max_seq_len}; truncate the input or build the model with a "
                 f"larger max_seq_len"
             )
-        if input_ids.numel():
+        # Token ids are checked where reading them is free: on CPU tensors. On an accelerator the
+        # check would stall the host every micro-batch; the data path checks ids on the CPU.
+        if input_ids.numel() and input_ids.device.type == "cpu":
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= V:
                 bad = hi if hi >= V else lo

@@ -10,3 +10,5 @@ tensors in this process. Nothing else changes: the model uses the kernels only w
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
+# Every tensor a collective touches must be on the parallel context's device (collectives.py).
+os.environ.setdefault("MEGATINY_CHECK_DEVICES", "1")

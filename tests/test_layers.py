@@ -246,3 +246,46 @@ def _bad_inputs():
 
 def test_bad_inputs_name_the_fix():
     assert run_ranks(_bad_inputs, 4) == [True] * 4
+
+
+def _saved_activation_bytes(fn, params) -> int:
+    """Bytes of the tensors autograd saves while running fn(), parameters excluded, each storage
+    counted once."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def _sp_column_memory():
+    ctx = ParallelContext.initialize(tp=2)
+    g, r = ctx.tp_group, ctx.tp_rank
+    torch.manual_seed(0)
+    full = nn.Linear(16, 32)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    ref_bytes, ref_out = _saved_activation_bytes(lambda: full(x), full.parameters())
+    col = ColumnParallelLinear.from_linear(full, g, sequence_parallel=True)
+    shard = x.detach()[:, r * 4 : (r + 1) * 4].clone().requires_grad_()
+    sp_bytes, out = _saved_activation_bytes(lambda: col(shard), col.parameters())
+    out.backward(torch.ones_like(out))
+    ref_out.backward(torch.ones_like(ref_out))
+    close(shard.grad, x.grad[:, r * 4 : (r + 1) * 4] * 1.0, "dX shard")  # dX summed over ranks
+    close(col.weight.grad, full.weight.grad.chunk(2)[r], "dA")
+    ctx.destroy()
+    return ref_bytes, sp_bytes
+
+
+def test_sequence_parallel_column_saves_only_the_shard():
+    # tp=1 saves X [b, s, h] for dA; at tp=2 with SP each rank saves its X_i [b, s/2, h] and
+    # gathers X again in backward (Megatron's approach), not the gathered X.
+    for ref_bytes, sp_bytes in run_ranks(_sp_column_memory, 2):
+        assert ref_bytes == 2 * 8 * 16 * 4
+        assert sp_bytes == ref_bytes // 2

@@ -94,7 +94,7 @@ def _check_targets(target, ignore_index, vocab_size):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group, ignore_index, vocab_start, n_valid):
+    def forward(ctx, logits, target, group, ignore_index, vocab_start, n_valid, all_reduce):
         n_cols = logits.shape[-1]
         if target.shape != logits.shape[:-1]:
             raise ValueError(f"target shape {tuple(target.shape)} must be logits' shape without the last dim, "
@@ -118,9 +118,9 @@ class _CrossEntropy(torch.autograd.Function):
         if parallel:
             local_max, local_sum = lse, loss
             global_max = local_max.clone()
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+            all_reduce(global_max, group, op=dist.ReduceOp.MAX)
             sums = torch.stack([local_sum * torch.exp(local_max - global_max), x_t])
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            all_reduce(sums, group, op=dist.ReduceOp.SUM)
             lse = global_max + torch.log(sums[0])
             loss = torch.where(t == ignore_index, 0.0, lse - sums[1])
         ctx.save_for_backward(x2, t, lse)
@@ -139,7 +139,7 @@ class _CrossEntropy(torch.autograd.Function):
                 ignore_index, x2.stride(0), BLOCK=block, NUM_CHUNKS=chunks,
                 num_warps=num_warps_for(block),
             )  # fmt: skip
-        return dlogits.view(shape), None, None, None, None, None
+        return dlogits.view(shape), None, None, None, None, None, None
 
 
 def cross_entropy(
@@ -150,15 +150,21 @@ def cross_entropy(
     if vocab == 0:
         raise ValueError("logits have an empty class dimension")
     _check_targets(target, ignore_index, vocab)
-    return _CrossEntropy.apply(logits, target, None, ignore_index, 0, vocab)
+    return _CrossEntropy.apply(logits, target, None, ignore_index, 0, vocab, _all_reduce)
+
+
+def _all_reduce(t, group, op):
+    dist.all_reduce(t, op=op, group=group)
 
 
 def vocab_parallel_cross_entropy(logits_shard, target, group, ignore_index=-100, vocab_size=None,
-                                 vocab_start=None):  # fmt: skip
+                                 vocab_start=None, all_reduce=_all_reduce):  # fmt: skip
     """Per-token loss from this rank's vocab slice ``logits_shard`` ``[..., V/tp]`` (never gathered).
 
     ``vocab_start`` defaults to ``tp_rank * V/tp`` and ``vocab_size`` (the true vocabulary; columns
     at or beyond it are padding and excluded) to ``tp * V/tp``. ``group`` None means one rank.
+    ``all_reduce(tensor, group, op)`` issues the two reductions (megatiny.parallel passes its own,
+    so they are traced and device-checked like every other collective).
     """
     width = logits_shard.shape[-1]
     world = dist.get_world_size(group) if group is not None else 1
@@ -171,7 +177,9 @@ def vocab_parallel_cross_entropy(logits_shard, target, group, ignore_index=-100,
         )
     _check_targets(target, ignore_index, vocab_size)
     n_valid = max(0, min(width, vocab_size - vocab_start))
-    return _CrossEntropy.apply(logits_shard, target, group, ignore_index, vocab_start, n_valid)
+    return _CrossEntropy.apply(
+        logits_shard, target, group, ignore_index, vocab_start, n_valid, all_reduce
+    )
 
 
 def cross_entropy_ref(

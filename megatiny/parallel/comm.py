@@ -24,10 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); every
-# module calls these two names, so the fallback for older torch lives only here.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from megatiny.parallel import collectives
 
 
 def _size(group) -> int:
@@ -38,7 +35,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if _size(group) == 1:
         return x
     out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
+    collectives.all_reduce(out, group)
     return out
 
 
@@ -65,7 +62,7 @@ def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     # The collective concatenates along dim 0, so move `dim` to the front and back.
     xt = x.movedim(dim, 0).contiguous()
     out = torch.empty((p * xt.shape[0],) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_single(out, xt, group=group)
+    collectives.all_gather_into(out, xt, group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -82,7 +79,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
         )
     xt = x.movedim(dim, 0).contiguous()
     out = torch.empty((xt.shape[0] // p,) + tuple(xt.shape[1:]), dtype=x.dtype, device=x.device)
-    reduce_scatter_single(out, xt, group=group)
+    collectives.reduce_scatter_into(out, xt, group)
     return out.movedim(0, dim).contiguous()
 
 
@@ -210,7 +207,7 @@ def all_reduce_grads(params, group) -> None:
     if not grads or _size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
+    collectives.all_reduce(flat, group)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

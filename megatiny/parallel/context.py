@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatiny.parallel import collectives
 from megatiny.parallel.grid import DIMS, Grid, build_grid
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -50,7 +51,9 @@ class ParallelContext:
     `device`, `backend`, `grid`, `is_first_stage`, `is_last_stage`.
     """
 
-    def __init__(self, grid: Grid, rank: int, local_rank: int, owns_default_group: bool = False):
+    def __init__(
+        self, grid: Grid, rank: int, local_rank: int, owns_default_group: bool = False, device=None
+    ):
         if not dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is not initialized: call torch.distributed.init_process_group() "
@@ -66,10 +69,16 @@ class ParallelContext:
         self.world_size = grid.world_size
         self.local_rank = local_rank
         self.backend = dist.get_backend()
-        if self.backend == "nccl" and torch.cuda.is_available():
+        if device is not None:  # e.g. "meta" under a fake process group: a dry run of the layout
+            self.device = torch.device(device)
+        elif self.backend == "nccl" and torch.cuda.is_available():
             self.device = torch.device("cuda", local_rank)
+            # Before the first collective (new_group below is one): NCCL binds a communicator to
+            # the current device, and every rank would otherwise share GPU 0.
+            torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        collectives.expect_device(self.device)
         self._owns_default_group = owns_default_group
         self._groups = []
         coords = grid.coords(rank)
@@ -91,6 +100,8 @@ class ParallelContext:
         self._groups += [self.mp_group, self.dp_cp_group]
         if self.embedding_group is not None:
             self._groups.append(self.embedding_group)
+        for name in DIMS + ("mp", "dp_cp", "embedding"):
+            collectives.name_group(getattr(self, f"{name}_group"), name)
         self.is_first_stage = self.pp_rank == 0
         self.is_last_stage = self.pp_rank == self.pp_size - 1
 
@@ -109,8 +120,10 @@ class ParallelContext:
     pp_ranks: list[int]
 
     @classmethod
-    def initialize(cls, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None):
-        """Build the context inside an already-initialized default process group."""
+    def initialize(cls, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None, device=None):
+        """Build the context inside an already-initialized default process group. `device`
+        overrides the default (cuda:LOCAL_RANK under NCCL, else cpu), e.g. "meta" for a dry run
+        under the fake process group."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "ParallelContext.initialize() needs an initialized default process group: call "
@@ -119,7 +132,7 @@ class ParallelContext:
             )
         grid = build_grid(dist.get_world_size(), tp=tp, pp=pp, cp=cp, dp=dp)
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return cls(grid, dist.get_rank(), local_rank)
+        return cls(grid, dist.get_rank(), local_rank, device=device)
 
     @classmethod
     def from_env(
@@ -153,7 +166,7 @@ class ParallelContext:
         owns = False
         if not dist.is_initialized():
             if backend == "nccl":
-                torch.cuda.set_device(local_rank)
+                torch.cuda.set_device(local_rank)  # __init__ sets it again in every path
             dist.init_process_group(
                 backend=backend,
                 rank=rank,

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatiny.parallel.comm import reduce_scatter_single
+from megatiny.parallel import collectives
 
 
 def resolve_dp_group(ctx):
@@ -223,9 +223,9 @@ class DistributedDataParallel:
         if self.shard:
             off = self.shard_offset(bucket)
             out = self.shard_grad[off : off + bucket.numel // self.dp_size]
-            bucket.handle = reduce_scatter_single(out, flat, group=self.group, async_op=True)
+            bucket.handle = collectives.reduce_scatter_into(out, flat, self.group, async_op=True)
         else:
-            bucket.handle = dist.all_reduce(flat, group=self.group, async_op=True)
+            bucket.handle = collectives.all_reduce(flat, self.group, async_op=True)
 
     def finish_grad_sync(self) -> None:
         """Wait until every bucket is reduced; call once per step before the optimizer."""
@@ -272,7 +272,7 @@ class DistributedDataParallel:
             dist.get_global_rank(self.group, src_dp_rank) if self.group is not None else src_dp_rank
         )
         for p in self.params:
-            dist.broadcast(p.data, src=src, group=self.group)
+            collectives.broadcast(p.data, src, self.group)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatiny.config.model import divisors
+from megatiny.parallel import collectives
 from megatiny.parallel.comm import (
     copy_to_tp,
-    gather_from_sp,
     gather_from_tp,
     reduce_from_tp,
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
+from megatiny.parallel.sp_linear import sequence_parallel_linear
 
 
 def _check_divisible(what: str, n: int, tp: int) -> None:
@@ -42,8 +43,9 @@ def _check_seq(x: torch.Tensor, tp: int, layer: str) -> None:
 
 
 def _min_max(ids: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of an integer tensor with one host sync; (0, 0) when empty."""
-    if ids.numel() == 0:
+    """(min, max) of an integer CPU tensor; (0, 0) when empty or not on the CPU (reading it back
+    from an accelerator would stall the host every micro-batch: ids are checked on the CPU)."""
+    if ids.numel() == 0 or ids.device.type != "cpu":
         return 0, 0
     lo, hi = torch.stack(torch.aminmax(ids)).tolist()
     return lo, hi
@@ -153,11 +155,10 @@ class ColumnParallelLinear(_ParallelLinear):
         return torch.cat([s[i] for i in range(len(self.splits)) for s in segs], dim=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sp(x, self.group, dim=1)
+        if self.sequence_parallel:  # saves only the shard X_i for backward, not the gathered X
+            y = sequence_parallel_linear(x, self.weight, self.bias, self.group)
         else:
-            x = copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+            y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
         if self.gather_output:
             y = self.unshard(gather_from_tp(y, self.group))
         return y
@@ -322,7 +323,7 @@ class VocabParallelEmbedding(nn.Module):
 
 def _all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
+        collectives.all_reduce(t, group, op=op)
     return t
 
 
@@ -394,8 +395,7 @@ def vocab_parallel_cross_entropy(
         raise ValueError(
             f"vocab_size={vocab_size} must be in (0, {total}] (tp * logits_shard.shape[-1])"
         )
-    valid = target[target != ignore_index]
-    lo, hi = _min_max(valid)
+    lo, hi = _min_max(target[target != ignore_index] if target.device.type == "cpu" else target[:0])
     if lo < 0 or hi >= limit:
         raise ValueError(
             f"targets must be in [0, {limit}) or ignore_index={ignore_index}, got min {lo} max {hi}"

@@ -19,6 +19,7 @@ from torch import nn
 
 from megatiny.kernels import use_kernels
 from megatiny.model import LayerNorm, RMSNorm
+from megatiny.parallel import collectives
 from megatiny.parallel.comm import copy_to_tp, gather_from_sp, gather_from_tp, scatter_to_sp
 from megatiny.parallel.layers import vocab_parallel_cross_entropy
 
@@ -51,11 +52,17 @@ class VocabParallelOutput(nn.Module):
         if use_kernels(self.fused, logits):
             from megatiny.kernels.cross_entropy import vocab_parallel_cross_entropy as fused_ce
 
-            return fused_ce(logits, labels, self.group, vocab_size=self.vocab_size)
+            return fused_ce(
+                logits, labels, self.group, vocab_size=self.vocab_size, all_reduce=_all_reduce
+            )
         return vocab_parallel_cross_entropy(logits, labels, self.group, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, sequence_parallel={self.sequence_parallel}"
+
+
+def _all_reduce(t, group, op):
+    collectives.all_reduce(t, group, op=op)
 
 
 def _grad_summed(norm, group):

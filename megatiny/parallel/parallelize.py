@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatiny.model import LMOutput
+from megatiny.parallel import collectives
 from megatiny.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -217,9 +218,9 @@ def _gather_dim(t: torch.Tensor, group, dim: int) -> torch.Tensor:
     p = dist.get_world_size(group)
     if p == 1:
         return t.clone()
-    parts = [torch.empty_like(t) for _ in range(p)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    out = torch.empty((p * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    collectives.all_gather_into(out, t.contiguous(), group)
+    return torch.cat(out.chunk(p), dim=dim)
 
 
 @torch.no_grad()

@@ -24,9 +24,11 @@ the first and last stage of each pipeline) before the optimizer step: d L / d E 
 dL/dE_out, exactly the single-device gradient of the shared weight. See `sync_tied_grads`.
 
 P2P. Stages exchange [micro_batch, seq / (tp if SP), d_model] tensors whose shape is known in
-advance, with `dist.batch_isend_irecv`. `P2P.communicate` posts the activation messages before the
-gradient messages, with distinct tags, so that with pp=2 (where "next" and "prev" are the same
-rank) both sides match them in the same order.
+advance, batched over the pipeline group (`collectives.batch_isend_irecv`, as Megatron does).
+NCCL ignores tags and matches messages between two ranks in the order they are posted, so
+`P2P.communicate` always posts in one fixed order — activation send, activation receive,
+gradient send, gradient receive — on every rank; with pp=2 (where "next" and "prev" are the same
+rank) both sides then match activation with activation and gradient with gradient.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-ACTIVATION_TAG, GRADIENT_TAG = 0, 1
+from megatiny.parallel import collectives
 
 
 def validate_pipeline(
@@ -285,7 +286,7 @@ def sync_tied_grads(chunks: list[nn.Module], ctx, ddp=None) -> None:
         grad = ddp.shard_grad[off : off + bucket.numel // ddp.dp_size]
     else:
         grad = weight.grad
-    dist.all_reduce(grad, group=ctx.embedding_group)
+    collectives.all_reduce(grad, ctx.embedding_group)
 
 
 class P2P:
@@ -297,7 +298,7 @@ class P2P:
 
     def __init__(self, ctx, shape, dtype=torch.float32, device=None):
         pp, rank = ctx.pp_size, ctx.pp_rank
-        self.rank, self.size = rank, pp
+        self.rank, self.size, self.group = rank, pp, ctx.pp_group
         self.prev = ctx.pp_ranks[(rank - 1) % pp]
         self.next = ctx.pp_ranks[(rank + 1) % pp]
         self.shape, self.dtype = tuple(shape), dtype
@@ -319,20 +320,17 @@ class P2P:
 
         Returns (tensor from prev or None, tensor from next or None).
         """
-        ops, from_prev, from_next = [], None, None
+        messages, from_prev, from_next = [], None, None
         if send_next is not None:
-            ops.append(
-                dist.P2POp(dist.isend, self._check(send_next), self.next, tag=ACTIVATION_TAG)
-            )
+            messages.append(("send", self._check(send_next), self.next))
         if recv_prev:
             from_prev = self._empty()
-            ops.append(dist.P2POp(dist.irecv, from_prev.data, self.prev, tag=ACTIVATION_TAG))
+            messages.append(("recv", from_prev.data, self.prev))
         if send_prev is not None:
-            ops.append(dist.P2POp(dist.isend, self._check(send_prev), self.prev, tag=GRADIENT_TAG))
+            messages.append(("send", self._check(send_prev), self.prev))
         if recv_next:
             from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, from_next, self.next, tag=GRADIENT_TAG))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            messages.append(("recv", from_next, self.next))
+        for work in collectives.batch_isend_irecv(messages, self.group):
+            work.wait()
         return from_prev, from_next

@@ -28,8 +28,8 @@ import contextlib
 import functools
 
 import torch
-import torch.distributed as dist
 
+from megatiny.parallel import collectives
 from megatiny.parallel.data_parallel import no_sync_unless
 from megatiny.parallel.pipeline import P2P, forward_step, validate_pipeline
 
@@ -307,7 +307,7 @@ class PipelineSchedule:
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
         loss = loss.to(torch.float32)
         if ctx.pp_size > 1:
-            dist.broadcast(loss, src=ctx.pp_ranks[-1], group=ctx.pp_group)
+            collectives.broadcast(loss, ctx.pp_ranks[-1], ctx.pp_group)
         return loss
 
 

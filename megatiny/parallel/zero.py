@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatiny.parallel.comm import all_gather_single
+from megatiny.parallel import collectives
 from megatiny.parallel.data_parallel import DistributedDataParallel
 
 
@@ -138,11 +138,11 @@ class ZeroOptimizer:
                 continue
             total += piece.grad.pow(2).sum()
         if self.ddp.dp_size > 1:
-            dist.all_reduce(total, group=self.ddp.group)
+            collectives.all_reduce(total, self.ddp.group)
         if ctx is not None and getattr(ctx, "mp_group", None) is not None:
             if getattr(ctx, "cp_rank", 0) != 0:  # the dp x cp all-reduce already counted cp
                 total.zero_()
-            dist.all_reduce(total, group=ctx.mp_group)
+            collectives.all_reduce(total, ctx.mp_group)
         norm = total.sqrt()
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -185,7 +185,7 @@ class ZeroOptimizer:
                 tmp = torch.empty(bucket.numel, dtype=mine.dtype, device=mine.device)
                 staged.append((out, tmp))
                 out = tmp
-            handles.append(all_gather_single(out, mine, group=ddp.group, async_op=True))
+            handles.append(collectives.all_gather_into(out, mine, ddp.group, async_op=True))
         for h in handles:
             h.wait()
         for out, tmp in staged:
@@ -248,8 +248,8 @@ class ZeroOptimizer:
         for bucket in ddp.buckets:
             soff = ddp.shard_offset(bucket)
             n = bucket.numel // ddp.dp_size
-            all_gather_single(
-                flat[bucket.start : bucket.end], flat_shard[soff : soff + n], group=ddp.group
+            collectives.all_gather_into(
+                flat[bucket.start : bucket.end], flat_shard[soff : soff + n], ddp.group
             )
         return flat
 
@@ -260,14 +260,18 @@ class ZeroOptimizer:
         states = [self.optimizer.state[piece] for piece, *_ in self.pieces]
         has_state = torch.tensor([float(any(states))], device=self.master.device)
         if ddp.dp_size > 1:
-            dist.all_reduce(has_state, op=dist.ReduceOp.MAX, group=ddp.group)
+            collectives.all_reduce(has_state, ddp.group, op=dist.ReduceOp.MAX)
         out: dict[int, dict[str, torch.Tensor]] = {id(p): {} for p in ddp.params}
-        if not has_state.item():
+        # A dry run on the meta device has no values: it takes this rank's own answer.
+        if not (any(states) if has_state.is_meta else has_state.item()):
             return out
         step = next((st["step"] for st in states if "step" in st), None)
-        step = torch.zeros(()) if step is None else step.detach().clone().cpu()
+        # On the device for the collective (NCCL rejects CPU tensors); AdamW keeps `step` on CPU.
+        device = self.master.device
+        step = torch.zeros((), device=device) if step is None else step.detach().to(device)
         if ddp.dp_size > 1:  # a rank whose slices are all padding has no state of its own
-            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=ddp.group)
+            collectives.all_reduce(step, ddp.group, op=dist.ReduceOp.MAX)
+        step = torch.zeros(()) if step.is_meta else step.cpu()  # AdamW keeps `step` on CPU
         for key in ("exp_avg", "exp_avg_sq"):
             flat = self._gather_flat(key)
             for p in ddp.params:

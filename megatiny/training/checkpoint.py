@@ -38,6 +38,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from megatiny.fsutil import atomic_write_text
+from megatiny.parallel import collectives
 
 LATEST = "latest"
 META = "meta.json"
@@ -258,7 +259,7 @@ def _fsync_dir(path: str) -> None:
 
 def _barrier(distributed: bool) -> None:
     if distributed:
-        dist.barrier()
+        collectives.barrier()
 
 
 def save_checkpoint(

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from megatiny.parallel import collectives
 from megatiny.parallel.parallelize import tp_sharded_parameter_ids
 
 
@@ -164,7 +165,8 @@ def global_grad_norm(
     sharded = tp_sharded_parameter_ids(model) if distributed and ctx.tp_size > 1 else set()
     tp_rank = ctx.tp_rank if distributed else 0
     cp_rank = getattr(ctx, "cp_rank", 0) if distributed else 0
-    device = params[0].grad.device if params else torch.device("cpu")
+    # The context's device even when this rank holds no gradient: the total enters a collective.
+    device = params[0].grad.device if params else (ctx.device if distributed else "cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
     counted = [
         p.grad.detach()
@@ -175,7 +177,7 @@ def global_grad_norm(
         norms = torch._foreach_norm(counted)  # one fused pass instead of a loop of reductions
         total = total + torch.stack(norms).float().pow(2).sum()
     if distributed and ctx.world_size > 1:
-        dist.all_reduce(total, group=ctx.mp_group)
+        collectives.all_reduce(total, ctx.mp_group)
     return total.sqrt()
 
 

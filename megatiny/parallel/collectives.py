@@ -1,0 +1,192 @@
+"""The one place megatiny issues collectives and point-to-point messages.
+
+Every all-reduce, all-gather, reduce-scatter, broadcast, send/recv and barrier of the codebase
+(comm Functions, DP buckets, ZeRO-1, pipeline p2p, loss and grad-norm reductions, checkpoints)
+calls a function here, so one module can check and observe them all:
+
+- device check: with `MEGATINY_CHECK_DEVICES=1` (on in the test suite) a tensor on another device
+  than the ParallelContext's (a CPU tensor on a CUDA run, which NCCL rejects) raises at once,
+  naming the op, the group and both devices;
+- observers: `add_observer(fn)` registers `fn(event)` called after each op with an `OpEvent`
+  (group name, op, bytes, seconds) — the communication tracer and the flight recorder.
+
+bytes = numel x itemsize of the full tensor the op works on, as this rank sees it: the input of
+all_reduce / reduce_scatter / broadcast, the output of all_gather, each message of send / recv.
+seconds = wall time inside the call (for async ops, until `wait()` returns on the handle given back).
+
+Groups are named by the ParallelContext that made them (`name_group`): "tp", "cp", "dp", "pp",
+"mp" (model replica), "dp_cp", "embedding"; the default group is "world".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); the
+# fallback for older torch lives only here.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class OpEvent:
+    group: str
+    op: str
+    bytes: int
+    seconds: float
+    shape: tuple
+
+
+_names: dict = {}
+_expected_device: list[torch.device | None] = [None]
+_observers: list[Callable[[OpEvent], None]] = []
+
+
+def name_group(group, name: str) -> None:
+    """Give `group` the name observers see ("tp", "dp", ...)."""
+    if group is not None:
+        _names[group] = name
+
+
+def group_name(group) -> str:
+    if group is None or group is dist.group.WORLD:
+        return "world"
+    return _names.get(group, "other")
+
+
+def expect_device(device: torch.device | str | None) -> None:
+    """The device every tensor given to a collective must be on (set by ParallelContext)."""
+    _expected_device[0] = None if device is None else torch.device(device)
+
+
+def add_observer(fn: Callable[[OpEvent], None]) -> Callable[[], None]:
+    """Call `fn(event)` after every op; returns a function that removes it."""
+    _observers.append(fn)
+    return lambda: _observers.remove(fn) if fn in _observers else None
+
+
+def _check_devices(op: str, group, tensors) -> None:
+    expected = _expected_device[0]
+    if expected is None or os.environ.get("MEGATINY_CHECK_DEVICES") != "1":
+        return
+    for t in tensors:
+        same = t.device.type == expected.type and (
+            expected.index is None or t.device.index in (None, expected.index)
+        )
+        if not same:
+            raise RuntimeError(
+                f"{op} over the {group_name(group)} group got a tensor on {t.device} "
+                f"(shape {tuple(t.shape)}) but the parallel context runs on {expected}: every "
+                "tensor a collective touches must be on the context's device (NCCL rejects CPU "
+                "tensors); create it with device=ctx.device"
+            )
+
+
+def _report(group, op: str, t: torch.Tensor | None, nbytes: int, seconds: float) -> None:
+    shape = () if t is None else tuple(t.shape)
+    event = OpEvent(group_name(group), op, nbytes, seconds, shape)
+    for fn in list(_observers):
+        fn(event)
+
+
+class _TimedWork:
+    """An async handle that reports its op when `wait()` returns: the seconds are the blocking
+    time, spent posting the op plus spent waiting for it."""
+
+    def __init__(self, work, report, posting_seconds: float):
+        self._work, self._report, self._seconds = work, report, posting_seconds
+
+    def wait(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self._work.wait(*args, **kwargs)
+        self._report(self._seconds + time.perf_counter() - start)
+        return out
+
+    def is_completed(self):
+        return self._work.is_completed()
+
+
+def _issue(op: str, group, tensors, nbytes: int, call, async_op: bool = False):
+    _check_devices(op, group, tensors)
+    if not _observers:
+        return call()
+    start = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - start
+    t = tensors[0] if tensors else None
+
+    def report(seconds):
+        _report(group, op, t, nbytes, seconds)
+
+    if async_op and result is not None:
+        return _TimedWork(result, report, seconds)
+    report(seconds)
+    return result
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM, async_op: bool = False):
+    """In place, as `dist.all_reduce`."""
+    return _issue(
+        "all_reduce", group, [t], _nbytes(t),
+        lambda: dist.all_reduce(t, op=op, group=group, async_op=async_op), async_op,
+    )  # fmt: skip
+
+
+def all_gather_into(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    """`out` (p x t's numel, rank-major) = every rank's `t`."""
+    return _issue(
+        "all_gather", group, [out, t], _nbytes(out),
+        lambda: _all_gather_single(out, t, group=group, async_op=async_op), async_op,
+    )  # fmt: skip
+
+
+def reduce_scatter_into(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    """`out` = this rank's 1/p block of the sum over ranks of `t` (split along dim 0)."""
+    return _issue(
+        "reduce_scatter", group, [out, t], _nbytes(t),
+        lambda: _reduce_scatter_single(out, t, group=group, async_op=async_op), async_op,
+    )  # fmt: skip
+
+
+def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
+    """In place from global rank `src`, as `dist.broadcast`."""
+    return _issue(
+        "broadcast", group, [t], _nbytes(t),
+        lambda: dist.broadcast(t, src=src, group=group, async_op=async_op), async_op,
+    )  # fmt: skip
+
+
+def batch_isend_irecv(messages: list[tuple[str, torch.Tensor, int]], group=None) -> list:
+    """Post ("send" | "recv", tensor, global peer rank) messages together; returns the handles.
+    Each message is reported as its own send / recv op when its handle's wait() returns."""
+    ops = [
+        dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, group=group)
+        for kind, t, peer in messages
+    ]
+    for kind, t, _ in messages:
+        _check_devices(kind, group, [t])
+    if not ops:
+        return []
+    start = time.perf_counter()
+    works = dist.batch_isend_irecv(ops)
+    if not _observers:
+        return works
+    posting = (time.perf_counter() - start) / len(works)
+    return [
+        _TimedWork(work, lambda sec, k=kind, t=t: _report(group, k, t, _nbytes(t), sec), posting)
+        for (kind, t, _), work in zip(messages, works)
+    ]
+
+
+def barrier(group=None) -> None:
+    _issue("barrier", group, [], 0, lambda: dist.barrier(group=group))

@@ -1,0 +1,151 @@
+"""The one place collectives are issued: the device check, the observers, and dry runs of the
+real layout code on the meta device under torch's fake process group (no GPU, no peers)."""
+
+import multiprocessing as mp
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatiny.config import ModelConfig
+from megatiny.model import GPT
+from megatiny.parallel import collectives
+from megatiny.parallel.context import ParallelContext
+from megatiny.parallel.parallelize import parallelize
+
+
+def _in_fork(fn, *args):
+    """Run fn(*args) in a forked process (a fake default process group must not leak into this
+    one) and return its result or raise its error."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+
+    def target():
+        try:
+            queue.put(("ok", fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+    proc = ctx.Process(target=target)
+    proc.start()
+    kind, value = queue.get(timeout=120)
+    proc.join(timeout=30)
+    if kind == "error":
+        raise RuntimeError(value)
+    return value
+
+
+def _fake_world(world_size: int, **layout):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    return ParallelContext.initialize(device="meta", **layout)
+
+
+def test_device_check_names_the_op_group_and_devices(monkeypatch):
+    monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
+    collectives.expect_device("meta")
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"all_reduce over the world group got a tensor on cpu"
+        ):
+            collectives.all_reduce(torch.ones(2))
+    finally:
+        collectives.expect_device(None)
+
+
+def test_device_check_is_off_without_the_variable(monkeypatch):
+    monkeypatch.delenv("MEGATINY_CHECK_DEVICES", raising=False)
+    collectives.expect_device("meta")
+    seen = []
+    try:
+        collectives._check_devices("all_reduce", None, [torch.ones(2)])  # no error
+        remove = collectives.add_observer(seen.append)
+        remove()
+    finally:
+        collectives.expect_device(None)
+    assert seen == []
+
+
+def _observed_ops():
+    ctx = _fake_world(4, tp=2)
+    seen = []
+    collectives.add_observer(seen.append)
+    t = torch.ones(3, 5, device="meta")
+    collectives.all_reduce(t, ctx.tp_group)
+    out = torch.empty(6, 5, device="meta")
+    collectives.all_gather_into(out, t, ctx.dp_group, async_op=True).wait()
+    return [(e.group, e.op, e.bytes, e.shape) for e in seen]
+
+
+def test_observers_see_group_op_and_bytes():
+    assert _in_fork(_observed_ops) == [
+        ("tp", "all_reduce", 3 * 5 * 4, (3, 5)),
+        ("dp", "all_gather", 6 * 5 * 4, (6, 5)),
+    ]
+
+
+def _meta_tp_step(sp):
+    torch.manual_seed(0)
+    ctx = _fake_world(4, tp=2)
+    config = ModelConfig.llama(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               max_seq_len=16)  # fmt: skip
+    with torch.device("meta"):
+        model = GPT(config)
+    parallelize(model, ctx, sequence_parallel=sp)
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    model(ids, labels=ids).backward()
+    return sorted(
+        {p.device.type for p in model.parameters()}
+        | {p.grad.device.type for p in model.parameters()}
+    )
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
+def test_tensor_parallel_step_runs_on_meta_under_the_fake_group(sp, monkeypatch):
+    monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
+    assert _in_fork(_meta_tp_step, sp) == ["meta"]
+
+
+def _meta_zero1_checkpoint_state():
+    from megatiny.config import TrainConfig
+    from megatiny.parallel.data_parallel import build_data_parallel
+    from megatiny.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    ctx = _fake_world(2, dp=2)
+    config = ModelConfig.gpt2(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8)
+    with torch.device("meta"):
+        model = GPT(config)
+    ddp = build_data_parallel(model, ctx, shard=True, bucket_mb=1)
+    optimizer = build_optimizer(model, TrainConfig(), zero1_ddp=ddp)
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    model(ids, labels=ids).backward()
+    ddp.finish_grad_sync()
+    optimizer.clip_grad_norm(1.0, ctx)
+    optimizer.step()
+    state = optimizer.state  # the consolidation a checkpoint save runs (all-reduce of `step`)
+    return sorted(type(v).__name__ for st in state.values() for v in st.values())[:1]
+
+
+def test_zero1_checkpoint_state_keeps_collectives_on_the_device(monkeypatch):
+    # Before the fix, ZeRO-1 all-reduced AdamW's CPU `step` over dp: NCCL rejects that at the first
+    # save. On meta under the device check the same stray CPU tensor raises here.
+    monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
+    assert _in_fork(_meta_zero1_checkpoint_state) == ["Tensor"]
+
+
+def _meta_grad_norm_without_grads():
+    from megatiny.training.optim import global_grad_norm
+
+    ctx = _fake_world(4, tp=2)
+    with torch.device("meta"):
+        model = GPT(ModelConfig.gpt2(vocab_size=64, d_model=16, n_layers=1, n_heads=2))
+    parallelize(model, ctx)
+    return global_grad_norm(model, ctx).device.type  # no gradients on this rank
+
+
+def test_grad_norm_of_a_rank_without_gradients_stays_on_the_device(monkeypatch):
+    monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
+    assert _in_fork(_meta_grad_norm_without_grads) == "meta"
