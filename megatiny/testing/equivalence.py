@@ -249,6 +249,8 @@ def assert_parallel_equivalent(
                 rows.append((float("inf"), float("inf"), str(layout), f"{name} (missing)"))
                 continue
             max_abs, ratio = mismatch(got[name], want, rtol, atol)
+            if got[name].shape != want.shape:
+                name += f" (shape {tuple(got[name].shape)} != {tuple(want.shape)})"
             if ratio > 1:
                 rows.append((ratio, max_abs, str(layout), name))
     if rows:

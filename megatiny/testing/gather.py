@@ -5,7 +5,8 @@ along one dim over the TP group, possibly padded at the end (a vocabulary padded
 tp x 128). So, given the full shape it must have, a local shard is gathered by shape alone:
 
     full_tensor(local, full_shape, group)     the one dim where local * p >= full is all-gathered
-                                              (rank-major) and cut to the full size; differentiable
+                                              (rank-major) and cut to the full size (padding dropped:
+                                              a shard may even exceed the full size); differentiable
 
 A layer whose shard is not one contiguous block per rank tells how to reassemble it:
 
@@ -33,7 +34,7 @@ def split_dims(local_shape, full_shape, p: int) -> list[int]:
         raise ValueError(f"shard shape {local_shape} and full shape {full_shape} differ in rank")
     dims = [d for d, (a, b) in enumerate(zip(local_shape, full_shape)) if a != b]
     for d in dims:
-        if not (local_shape[d] * p >= full_shape[d] > (local_shape[d] - 1) * p):
+        if local_shape[d] * p < full_shape[d]:
             raise ValueError(
                 f"shard shape {local_shape} is not a 1/{p} split of full shape {full_shape} "
                 f"(dim {d})"
@@ -55,7 +56,7 @@ def full_tensor(local: torch.Tensor, full_shape, group, unshard=None) -> torch.T
     """`local`'s full tensor of `full_shape`: all-gathered over `group` along its split dim (if
     any), reordered by `unshard(gathered, dim)` when given, cut to size (padding dropped).
     Differentiable (backward gives each rank its slice). Collective when a dim is split."""
-    p = dist.get_world_size(group) if group is not None else 1
+    p = dist.get_world_size(group)
     full_shape = tuple(full_shape)
     if p == 1 or tuple(local.shape) == full_shape:
         return local
@@ -78,10 +79,10 @@ def module_output_unshard(module: nn.Module, local: torch.Tensor, full_shape):
 def full_parameter(
     module: nn.Module, leaf: str, local: torch.Tensor, full_shape, group
 ) -> torch.Tensor:
-    """The full tensor of parameter `leaf` of `module` (or of its gradient, given as `local`)."""
+    """The full tensor of parameter `leaf` of `module` (or of its gradient, given as `local`),
+    gathered over `group` (the TP group of the layout, not the layer's own idea of it)."""
     if hasattr(module, "full_parameter"):
         return module.full_parameter(leaf, local)
-    group = getattr(module, "group", group)
     unshard = getattr(module, "unshard", None) if local.dim() >= 1 else None
     if unshard is not None and local.shape[0] != full_shape[0]:
         return full_tensor(local, full_shape, group, unshard)
