@@ -13,6 +13,7 @@ from megatiny.model import GPT
 from megatiny.parallel import collectives
 from megatiny.parallel.context import ParallelContext
 from megatiny.parallel.parallelize import parallelize
+from megatiny.testing import run_ranks
 
 
 def _in_fork(fn, *args):
@@ -149,3 +150,25 @@ def _meta_grad_norm_without_grads():
 def test_grad_norm_of_a_rank_without_gradients_stays_on_the_device(monkeypatch):
     monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
     assert _in_fork(_meta_grad_norm_without_grads) == "meta"
+
+
+def _set_device_before_first_collective():
+    calls = []
+    real_new_group = dist.new_group
+
+    def new_group(*args, **kwargs):
+        calls.append("new_group")
+        return real_new_group(*args, **kwargs)
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.set_device = lambda d: calls.append(f"set_device({d})")
+    dist.get_backend = lambda group=None: "nccl"  # the backend that binds a device
+    dist.new_group = new_group
+    ParallelContext.initialize(tp=2)
+    return calls[:2]
+
+
+def test_initialize_sets_the_cuda_device_before_any_collective():
+    # Before the fix only from_env set it, and only when it created the default group itself.
+    first = run_ranks(_set_device_before_first_collective, 2)
+    assert first == [["set_device(cuda:0)", "new_group"], ["set_device(cuda:1)", "new_group"]]

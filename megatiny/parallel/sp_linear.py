@@ -31,7 +31,7 @@ class _SequenceParallelLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, group):
         # Under autocast the GEMMs run in its dtype; backward (outside autocast) uses the same.
         kind = x.device.type
-        autocast = torch.is_autocast_enabled(kind)
+        autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
         dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
         total, _ = _gather_seq(x, group, async_op=False)
         total = total.movedim(0, 1)
