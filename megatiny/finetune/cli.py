@@ -78,11 +78,14 @@ def _context(cfg: FinetuneConfig):
     """(ParallelContext for cfg's layout, whether we created the default group)."""
     from megatiny.parallel import ParallelContext
 
-    if dist.is_initialized():
-        return ParallelContext.initialize(tp=cfg.tp, pp=cfg.pp), False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" in os.environ:  # under torchrun
-        return ParallelContext.from_env(tp=cfg.tp, pp=cfg.pp, backend=backend), False
+    try:
+        if dist.is_initialized():
+            return ParallelContext.initialize(tp=cfg.tp, pp=cfg.pp), False
+        if "RANK" in os.environ:  # under torchrun
+            return ParallelContext.from_env(tp=cfg.tp, pp=cfg.pp, backend=backend), False
+    except ValueError as e:  # the layout does not fit the ranks
+        raise FinetuneError(f"--tp {cfg.tp} --pp {cfg.pp}: {e}") from None
     if cfg.tp * cfg.pp > 1:
         raise FinetuneError(
             f"--tp {cfg.tp} --pp {cfg.pp} needs {cfg.tp * cfg.pp} ranks: launch with torchrun "

@@ -20,6 +20,9 @@ the boundary is exact:
 so labels are already shifted (Megatron convention, as `GPT.forward` expects) and the loss covers
 exactly the response tokens and the final EOD. Over-long rows keep the whole prompt and cut the
 response; a row whose prompt leaves no room for a response token is dropped (and counted).
+
+Both become fixed-length Trainer samples {input_ids, labels, loss_mask} (`to_sample`), served by
+global sample index in the training order (`RowDataset`).
 """
 
 from __future__ import annotations
@@ -255,8 +258,3 @@ class RowDataset:
         """A sample without loss terms (pads the last evaluation micro-batch)."""
         return to_sample({"ids": [self.pad_id], "labels": [IGNORE_INDEX]}, self.seq_length,
                          self.pad_id)  # fmt: skip
-
-
-def count_terms(examples: list[dict]) -> int:
-    """Loss terms: rows (classification) or response tokens (SFT)."""
-    return sum(1 if "label" in e else sum(t != IGNORE_INDEX for t in e["labels"]) for e in examples)
