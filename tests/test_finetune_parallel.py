@@ -5,6 +5,8 @@ weights, for classification and instruction SFT; `--resume auto` continues bitwi
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -176,6 +178,13 @@ def test_resume_auto_continues_bitwise(assets, tmp_path):
     _assert_same_files(tmp_path / "straight", tmp_path / "parts")
     summary = json.load(open(tmp_path / "parts" / "finetune.json"))
     assert [e["step"] for e in summary["evals"]] == [4]  # this invocation's evaluations
+    # The head is saved and resumed like any parameter: weights and AdamW moments.
+    from megatiny.training.checkpoint import SafeFileSystemReader
+
+    step_dir = tmp_path / "parts" / "checkpoints" / "step_4"
+    saved = SafeFileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    for key in ("model/output.head.weight", "optim/output.head.bias.exp_avg_sq"):
+        assert key in saved
 
 
 def _resume_on_ranks(cfg, steps, resume):
@@ -208,3 +217,29 @@ def test_recompute_and_bf16_run_the_same_training(assets, tmp_path):
                            precision="bf16"))["losses"]  # fmt: skip
     assert bf16 != ref
     np.testing.assert_allclose(bf16, ref, rtol=3e-2)
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_end_to_end(assets, tmp_path):
+    """`torchrun --nproc-per-node 2 -m megatiny finetune --tp 2 --sequence-parallel`: exits 0,
+    logs the one-rank losses, writes the model directory and the checkpoint."""
+    args = ["--task", "classification", "--checkpoint", assets["gpt2"], "--tokenizer",
+            assets["tok"], "--train", assets["train"], "--valid", assets["valid"], "--steps", "3",
+            "--batch-size", "4", "--lr", "1e-3", "--eval-interval", "2", "--no-progress-bar"]  # fmt: skip
+    assert cli_main(["finetune", *args, "--output", str(tmp_path / "ref")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "megatiny", "finetune", *args, "--output", str(tmp_path / "tp2"), "--tp", "2",
+           "--sequence-parallel"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "validation loss" in proc.stdout and "accuracy" in proc.stdout
+    ref, tp2 = _losses(tmp_path / "ref"), _losses(tmp_path / "tp2")
+    assert [s for s, _ in tp2] == [1, 2, 3]
+    np.testing.assert_allclose([x for _, x in tp2], [x for _, x in ref], rtol=LOSS_RTOL)
+    want = load_model(str(tmp_path / "ref")).state_dict()
+    for name, value in load_model(str(tmp_path / "tp2")).state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
+    for name in ("classifier_head.safetensors", "labels.json", "finetune.json"):
+        assert (tmp_path / "tp2" / name).exists()
+    assert (tmp_path / "tp2" / "checkpoints" / "latest").read_text().strip() == "step_3"
