@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "fine-tune a pretrained checkpoint: classification head or instruction SFT",
     ),
     "convert": ("megatiny.hf", "convert checkpoints to / from Hugging Face transformers"),
+    "parity": ("megatiny.parity.cli", "find the first module where a parallel layout differs"),
 }
 
 
