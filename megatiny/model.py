@@ -112,11 +112,16 @@ def attention_core(q, k, v, *, causal_offset=0, dropout_p=0.0, fused=False):
     causal_offset + i and sees keys 0 .. causal_offset + i (t = causal_offset + s).
 
     The one place the attention math lives: plain SDPA by default; with `fused` on CUDA (or
-    TRITON_INTERPRET=1), megatiny.kernels' fused scaled causal softmax."""
+    TRITON_INTERPRET=1), megatiny.kernels' flash attention (O(s) memory, GQA without repeating
+    k/v), or for dropout_p > 0, which it lacks, the fused scaled causal softmax on the scores."""
     n, g = q.shape[1], k.shape[1]
     s, t = q.shape[2], k.shape[2]
     if use_kernels(fused, q):
+        from megatiny.kernels.flash_attention import MAX_HEAD_DIM, flash_attention
         from megatiny.kernels.softmax import scaled_causal_softmax
+
+        if dropout_p == 0 and q.shape[-1] <= MAX_HEAD_DIM:
+            return flash_attention(q, k, v, causal=True, causal_offset=causal_offset)
 
         if g != n:
             k, v = k.repeat_interleave(n // g, dim=1), v.repeat_interleave(n // g, dim=1)
