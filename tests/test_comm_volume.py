@@ -121,3 +121,35 @@ def test_zero1_bytes_are_reduce_scatter_plus_all_gather_of_the_buffer():
         # each bucket is padded to a multiple of dp so it splits evenly
         assert 0 <= buffer - params < 2 * 4 * buckets
         assert traced == {("dp_cp", "reduce_scatter"): buffer, ("dp_cp", "all_gather"): buffer}
+
+
+def test_train_trace_comm_writes_rows_per_step_phase_group_op(tmp_path):
+    import json
+
+    from tests.test_train import make_corpus, run_training, tiny_config
+
+    steps, micro, seq, d, layers = 3, 2, 16, 32, 2
+    cfg = tiny_config(make_corpus(tmp_path), tmp_path / "run", "parallel.tp=2",
+                      "train.trace_comm=true", f"train.steps={steps}", "train.eval_interval=2",
+                      "train.save_interval=2")  # fmt: skip
+    run_training(cfg, world_size=2)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "comm.jsonl")]
+    assert {r["rank"] for r in rows} == {0, 1}
+    assert {(r["step"], r["phase"]) for r in rows} >= {
+        (1, "train"),
+        (2, "train"),
+        (3, "train"),
+        (2, "eval"),
+        (2, "checkpoint"),
+        (3, "checkpoint"),
+    }
+    for r in rows:
+        assert set(r) == {"step", "rank", "phase", "group", "op", "calls", "bytes", "seconds"}
+        assert r["calls"] > 0 and r["seconds"] >= 0
+    # Each training step: the tp all-reduces of one forward + backward (one micro-batch), as above.
+    B, ce = micro * seq * d * 4, 3 * micro * seq * 4
+    for step in range(1, steps + 1):
+        tp = [r for r in rows if (r["step"], r["phase"], r["group"]) == (step, "train", "tp")]
+        assert [(r["op"], r["bytes"]) for r in tp if r["rank"] == 0] == [
+            ("all_reduce", B * (1 + 4 * layers + 1) + ce)
+        ]

@@ -104,6 +104,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     backend: str | None = None  # default: nccl with CUDA, else gloo
+    trace_comm: bool = False  # run_dir/comm.jsonl: bytes and seconds per step/phase/group/op
 
     def __post_init__(self):
         positive = ("steps", "micro_batch_size", "log_interval", "eval_iters", "keep_checkpoints")

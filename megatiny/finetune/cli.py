@@ -30,6 +30,7 @@ from megatiny.finetune.config import TASKS, FinetuneConfig, run_config
 from megatiny.finetune.data import FinetuneError
 from megatiny.finetune.model import export
 from megatiny.finetune.tasks import FinetuneTask
+from megatiny.parallel import collectives
 
 SUMMARY_FILE = "finetune.json"
 
@@ -64,7 +65,7 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
             atomic_write(os.path.join(cfg.output, SUMMARY_FILE),
                          lambda f: json.dump(record, f, indent=1), "w", "utf-8")  # fmt: skip
         if ctx.world_size > 1:
-            dist.barrier()
+            collectives.barrier()
     finally:
         if own_ctx:
             ctx.destroy()

@@ -19,12 +19,12 @@ micro-batch's last labelled token (causal attention: they change nothing before 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatiny.finetune import data as fd
 from megatiny.finetune.config import FinetuneConfig, model_config
 from megatiny.finetune.data import FinetuneError
 from megatiny.finetune.model import ClassificationOutput, attach_classifier, freeze, load_pretrained
+from megatiny.parallel import collectives
 from megatiny.training.step import Task, Trainer, collate, compute_loss, micro_batch_indices
 
 
@@ -142,9 +142,9 @@ class FinetuneTask(Task):
         correct = head.correct if isinstance(head, ClassificationOutput) else 0
         totals = torch.tensor([loss_sum, terms, correct], dtype=torch.float64, device=ctx.device)
         if ctx.pp_size > 1:  # the accuracy is counted on the last stage
-            dist.broadcast(totals, src=ctx.pp_ranks[-1], group=ctx.pp_group)
+            collectives.broadcast(totals, ctx.pp_ranks[-1], ctx.pp_group)
         if ctx.dp_size > 1:
-            dist.all_reduce(totals, group=ctx.dp_group)
+            collectives.all_reduce(totals, ctx.dp_group)
         loss_sum, terms, correct = totals.tolist()
         out = {"loss": loss_sum / max(terms, 1.0)}
         if self.labels is not None:

@@ -29,6 +29,7 @@ EXAMPLE = """example:
 def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     """Run (or resume) the configured training on this rank; returns a summary dict with the
     per-step `losses`, the last `eval`, `run_dir`, `checkpoint` (last saved) and `step`."""
+    from megatiny.parallel.tracer import CommTracer
     from megatiny.training.checkpoint import load_checkpoint, resolve, save_checkpoint
     from megatiny.training.metrics import (
         MetricsWriter,
@@ -80,8 +81,17 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     last_checkpoint = meta["path"] if resume_from is not None else None
     last_eval, evals = None, []
     can_evaluate = trainer.valid_data is not None  # a task may have no validation data
+    tracer = CommTracer(ctx.rank) if tc.trace_comm else None
+    comm_path = os.path.join(run_dir, "comm.jsonl")
+
+    def phase(step: int, name: str) -> None:
+        """Attribute the collectives that follow to (step, phase); eval and checkpoint ops to
+        the step they follow."""
+        if tracer is not None:
+            tracer.mark(step, name)
 
     def evaluate(step: int) -> dict:
+        phase(step, "eval")
         result = trainer.evaluate()
         evals.append({"step": step, **result})
         writer.write(step, result, prefix="valid")
@@ -92,7 +102,10 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     if trainer.step >= tc.steps and rank0:
         say(f"nothing to train: the checkpoint is at step {trainer.step} >= train.steps={tc.steps}")
     try:
+        if tracer is not None:
+            tracer.__enter__()
         while trainer.step < tc.steps:
+            phase(trainer.step + 1, "train")
             try:
                 out = trainer.train_step()
             except NonFiniteLoss as e:
@@ -119,11 +132,17 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
                 last_eval = evaluate(step)
                 meter.reset()  # evaluation time is not training throughput
             if (tc.save_interval and step % tc.save_interval == 0) or step == tc.steps:
+                phase(step, "checkpoint")
                 last_checkpoint = save()
                 meter.reset()
+            if tracer is not None and (step % tc.log_interval == 0 or step == tc.steps):
+                tracer.write(comm_path)
         if last_eval is None and can_evaluate:  # resumed at the final step: report the model
             last_eval = trainer.evaluate()
     finally:
+        if tracer is not None:
+            tracer.__exit__(None, None, None)
+            tracer.write(comm_path)
         if bar is not None:
             bar.close()
         writer.close()

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatiny.config import Config, ConfigError
+from megatiny.parallel import collectives
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,14 +70,14 @@ def forward_backward_no_pipelining(model, micro_batches, *, loss_fn=compute_loss
     suppresses (False) or allows (True) the DP gradient reduction during that backward.
     """
     n = len(micro_batches)
-    total = torch.zeros(())
+    total = None  # stays on the device: no host sync per micro-batch
     for i, batch in enumerate(micro_batches):
         sync = grad_sync(i == n - 1) if grad_sync is not None else contextlib.nullcontext()
         with sync:
             with autocast():
                 loss = loss_fn(model, batch)
             (loss / n).backward()
-        total = total + loss.detach().float().cpu()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
     return total / n
 
 
@@ -152,11 +153,12 @@ class Trainer:
         ]
 
     def _all_reduce_mean(self, value: torch.Tensor, group) -> torch.Tensor:
+        """Mean over `group`, on the device."""
         value = value.to(self.ctx.device)
         if dist.get_world_size(group) > 1:
-            dist.all_reduce(value, group=group)
+            collectives.all_reduce(value, group)
             value = value / dist.get_world_size(group)
-        return value.cpu()
+        return value
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns loss, grad_norm, lr, skipped."""
@@ -181,7 +183,7 @@ class Trainer:
             skip = replicated_parameter_ids(self.model.chunks, ctx)
         if ctx.pp_size > 1:  # the loss lives on the last stage
             loss = loss.to(ctx.device)
-            dist.broadcast(loss, src=ctx.pp_ranks[-1], group=ctx.pp_group)
+            collectives.broadcast(loss, ctx.pp_ranks[-1], ctx.pp_group)
         loss = self._all_reduce_mean(loss, ctx.dp_group)
         if hasattr(self.optimizer, "clip_grad_norm"):
             grad_norm = self.optimizer.clip_grad_norm(tc.grad_clip, ctx, skip)
@@ -190,23 +192,24 @@ class Trainer:
 
             grad_norm = clip_grad_norm_(self.model, tc.grad_clip, ctx, skip)
         lr = self.scheduler.lr
-        finite = torch.tensor(
-            float(math.isfinite(loss.item()) and math.isfinite(float(grad_norm))),
-            device=ctx.device,
-        )
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same branch
-        skipped = finite.item() < 1
+        # NaN/inf is checked once per step, on the device; every rank takes the same branch.
+        values = torch.stack([loss.float().reshape(()), grad_norm.float().to(ctx.device)])
+        finite = torch.isfinite(values).all().float()
+        collectives.all_reduce(finite, op=dist.ReduceOp.MIN)
+        # The step's one host sync: loss, grad norm and the verdict in one transfer.
+        loss_value, norm_value, finite_value = torch.cat([values, finite[None]]).tolist()
+        skipped = finite_value < 1
         if skipped:
             if tc.nan_policy == "stop":
-                raise NonFiniteLoss(f"loss {loss.item()} / grad norm {float(grad_norm)}")
+                raise NonFiniteLoss(f"loss {loss_value} / grad norm {norm_value}")
             self.skipped_steps += 1
         else:
             self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.consumed_samples += tc.global_batch_size_for(ctx.dp_size)
-        self.losses.append(loss.item())
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr, "skipped": skipped}
+        self.losses.append(loss_value)
+        return {"loss": loss_value, "grad_norm": norm_value, "lr": lr, "skipped": skipped}
 
     def evaluate(self) -> dict:
         """The task's evaluation on the validation data (pretraining: `evaluate_iters`)."""
@@ -314,7 +317,7 @@ def build_data(cfg: Config, ctx, dp: int):
     try:
         if ctx.rank == 0:
             datasets = build()
-        dist.barrier()
+        collectives.barrier()
         if ctx.rank != 0:
             datasets = build()
     except ValueError as e:
