@@ -172,3 +172,59 @@ def test_initialize_sets_the_cuda_device_before_any_collective():
     # Before the fix only from_env set it, and only when it created the default group itself.
     first = run_ranks(_set_device_before_first_collective, 2)
     assert first == [["set_device(cuda:0)", "new_group"], ["set_device(cuda:1)", "new_group"]]
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+def _meta_train_step(corpus_dir, layout, overrides):
+    """One real training step (build_trainer: model, data, schedule, DDP/ZeRO-1, clip, AdamW) on
+    the meta device under the fake group; returns the host reads of device tensors it made."""
+    from megatiny.training.step import build_trainer
+    from tests.test_train import tiny_config
+
+    ctx = _fake_world(int(torch.tensor(list(layout.values())).prod()), **layout)
+    sets = [f"parallel.{k}={v}" for k, v in layout.items() if k != "dp"]
+    cfg = tiny_config(f"{corpus_dir}/corpus", f"{corpus_dir}/run", *sets, *overrides)
+    trainer = build_trainer(cfg, ctx)
+    reads = []
+    for name in SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _real=real, **k):
+            if self.device.type != "meta":
+                return _real(self, *a, **k)
+            reads.append(_name)  # a meta tensor has no value: answer "finite, 1.0"
+            return torch.ones(self.shape).tolist() if _name == "tolist" else 1
+
+        setattr(torch.Tensor, name, counted)
+    out = trainer.train_step()
+    return reads, out["skipped"]
+
+
+LAYOUTS = {
+    "tp2": ({"tp": 2}, []),
+    "tp2+sp": ({"tp": 2}, ["parallel.sequence_parallel=true"]),
+    "pp2": ({"pp": 2}, []),
+    "pp2-interleaved": (
+        {"pp": 2},
+        ["parallel.virtual_pipeline_size=2", "model.n_layers=4", "train.global_batch_size=4"],
+    ),  # fmt: skip
+    "tp2xpp2": ({"tp": 2, "pp": 2}, []),
+    "dp2": ({"dp": 2}, ["train.global_batch_size=8"]),
+    "dp2+zero1": ({"dp": 2}, ["parallel.zero1=true", "train.global_batch_size=8"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_a_training_step_reads_the_device_once(name, tmp_path, monkeypatch):
+    # Every layout's step runs on the meta device under the fake group (so a stray CPU tensor in
+    # a collective raises), and reads device values back to the host exactly once: loss, grad
+    # norm and the NaN verdict in one transfer (no .item() per micro-batch).
+    from tests.test_train import make_corpus
+
+    monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
+    make_corpus(tmp_path)
+    layout, overrides = LAYOUTS[name]
+    reads, skipped = _in_fork(_meta_train_step, str(tmp_path), layout, overrides)
+    assert reads == ["tolist"] and not skipped

@@ -338,9 +338,8 @@ def as_trainer_schedule(schedule: PipelineSchedule):
     def run(
         model, micro_batches, *, loss_fn=None, grad_sync=None, autocast=None, forward_only=False
     ):
-        loss = schedule(
+        return schedule(  # on the device: the trainer reads it back once per step
             micro_batches, forward_only=forward_only, grad_sync=grad_sync, autocast=autocast
         )
-        return loss.cpu()
 
     return run
