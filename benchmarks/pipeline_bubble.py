@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatiny.fsutil import atomic_path
 from megatiny.parallel import ParallelContext  # noqa: E402
 from megatiny.parallel.schedules import build_schedule  # noqa: E402
-from tests.dist import run_ranks  # noqa: E402
+from megatiny.testing import run_ranks  # noqa: E402
 
 D_MODEL, SEQ, MICRO = 8, 4, 1
 BUSY = [0.0]  # seconds this rank spent inside stage forward/backward (per forked rank)

@@ -23,8 +23,8 @@ from megatiny.parallel.pipeline import (
 )
 from megatiny.parallel.schedules import build_schedule
 from megatiny.parallel.zero import ZeroOptimizer
+from megatiny.testing import run_ranks
 from megatiny.training.optim import clip_grad_norm_, param_groups
-from tests.dist import run_ranks
 from tests.test_pipeline import MICRO, SEQ, micro_batches, tiny_config
 
 STEPS, GLOBAL_MICRO_BATCHES, LR, WD, CLIP = 3, 4, 3e-3, 0.1, 0.5

@@ -173,7 +173,7 @@ def test_train_bad_override_syntax(capsys):
 
 def test_train_missing_resume_checkpoint_names_it(tmp_path, capsys, monkeypatch):
     """--resume DIR that does not exist: exit 1 with the path, after a clean one-rank run setup."""
-    from tests.dist import free_port
+    from megatiny.testing import free_port
     from tests.test_train import VOCAB, make_corpus
 
     prefix = make_corpus(tmp_path)

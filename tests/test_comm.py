@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatiny.parallel import comm
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 SHAPE = (2, 8, 4)  # [b, s, h]; s and h divisible by 2 and 4
 
@@ -125,7 +125,7 @@ def _bad_split():
 
 
 def test_indivisible_split_names_the_fix():
-    from tests.dist import RankError
+    from megatiny.testing import RankError
 
     with pytest.raises(RankError, match="cannot split dim 1 of size 5.*multiple of 2"):
         run_ranks(_bad_split, 2)

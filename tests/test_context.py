@@ -4,7 +4,7 @@ import torch.distributed as dist
 
 from megatiny.parallel import ParallelContext
 from megatiny.parallel.grid import build_grid
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 
 def _describe(tp, pp, cp):
@@ -54,7 +54,7 @@ def _bad_layout():
 
 
 def test_bad_layout_raises_on_every_rank():
-    from tests.dist import RankError
+    from megatiny.testing import RankError
 
     with pytest.raises(RankError, match=r"world_size=4 is not divisible by tp\*pp\*cp"):
         run_ranks(_bad_layout, 4)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatiny.parallel.data_parallel import DistributedDataParallel, no_sync_unless
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 GLOBAL_BATCH, STEPS, ACCUM = 16, 3, 2
 

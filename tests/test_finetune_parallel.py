@@ -20,7 +20,7 @@ from megatiny.finetune.config import FinetuneConfig
 from megatiny.finetune.data import PROMPT_WITH_INPUT
 from megatiny.hf import load_model, save_model
 from megatiny.model import GPT
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 from tests.test_finetune import ALPACA, MAX_LEN, TOPICS, topic_text, write_jsonl
 
 # fp32 on CPU: the same sums in another order (measured: losses within 2e-7, weights within

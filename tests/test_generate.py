@@ -8,7 +8,7 @@ from megatiny.config import ModelConfig
 from megatiny.generate import filter_logits, generate, next_token
 from megatiny.hf import save_model
 from megatiny.model import GPT
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 V = 97
 

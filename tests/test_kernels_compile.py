@@ -20,7 +20,7 @@ warnings.simplefilter("ignore")
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from megatiny.kernels import cross_entropy, layernorm, softmax
+from megatiny.kernels import cross_entropy, flash_attention, layernorm, softmax
 
 target = GPUTarget("cuda", 90, 32)
 ptxas = get_ptxas(90).path
@@ -36,12 +36,13 @@ def spill_bytes(ptx):
         raise RuntimeError("ptxas -v printed no spill statistics: " + info)
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", info))
 
-for module in (softmax, layernorm, cross_entropy):
+for module in (softmax, layernorm, cross_entropy, flash_attention):
     for spec in module.compile_specs():
         signature = dict(spec["signature"])
         signature.update({name: "constexpr" for name in spec["constexprs"]})
         src = triton.compiler.ASTSource(fn=spec["fn"], signature=signature, constexprs=spec["constexprs"])
-        kernel = triton.compile(src, target=target, options={"num_warps": spec["num_warps"]})
+        kernel = triton.compile(src, target=target, options={"num_warps": spec["num_warps"],
+                                                            "num_stages": spec.get("num_stages", 3)})
         print(json.dumps({
             "kernel": spec["fn"].__name__, "constexprs": spec["constexprs"],
             "stages": sorted(kernel.asm), "ptx_entry": ".entry " + kernel.name in kernel.asm["ptx"],
@@ -57,6 +58,10 @@ KERNELS = {
     "_norm_bwd_kernel",
     "_ce_fwd_kernel",
     "_ce_bwd_kernel",
+    "_flash_fwd_kernel",
+    "_flash_bwd_preprocess_kernel",
+    "_flash_bwd_dkdv_kernel",
+    "_flash_bwd_dq_kernel",
 }
 
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatiny.kernels import cross_entropy as ce
 from megatiny.kernels import interpreter_ready
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 assert interpreter_ready(), "triton was imported compiled before TRITON_INTERPRET=1 was set"
 

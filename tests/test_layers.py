@@ -17,7 +17,7 @@ from megatiny.parallel.layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 B, S, H = 2, 8, 16
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.dist import free_port
+from megatiny.testing import free_port
 from tests.test_train import REPO, VOCAB, make_corpus, run_training, tiny_config
 
 ADDRS = ("198.18.0.1", "198.18.0.2")

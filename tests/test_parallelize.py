@@ -11,7 +11,7 @@ from megatiny.config import ModelConfig
 from megatiny.model import GPT
 from megatiny.parallel import ParallelContext
 from megatiny.parallel.parallelize import full_parameters, parallelize
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 V = 97  # not a multiple of tp: exercises the vocab padding
 

@@ -17,7 +17,7 @@ from megatiny.parallel.pipeline import (
     validate_pipeline,
 )
 from megatiny.parallel.schedules import build_schedule
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 VOCAB, SEQ, MICRO = 64, 8, 2
 

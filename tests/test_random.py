@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from megatiny.parallel import ParallelContext
 from megatiny.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatiny.parallel.random import TPRandom
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 
 def mask(shape=(64, 64)):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megatiny.config import Config, ModelConfig
 from megatiny.data.indexed import IndexedDatasetWriter
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96

@@ -10,7 +10,7 @@ from torch import nn
 
 from megatiny.parallel.data_parallel import DistributedDataParallel
 from megatiny.parallel.zero import ZeroOptimizer
-from tests.dist import run_ranks
+from megatiny.testing import run_ranks
 from tests.test_data_parallel import (
     GLOBAL_BATCH,
     STEPS,
