@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "megatiny.finetune.cli",
         "fine-tune a pretrained checkpoint: classification head or instruction SFT",
     ),
-    "convert": ("megatiny.hf", "convert checkpoints to / from Hugging Face transformers"),
+    "convert": ("megatiny.hf.convert", "convert checkpoints to / from Hugging Face transformers"),
     "parity": ("megatiny.parity.cli", "find the first module where a parallel layout differs"),
 }
 

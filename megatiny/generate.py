@@ -17,14 +17,22 @@ split over the sequence) returns the full gathered logits on every TP rank, and 
 samples with the same seeded generator; the choice of TP rank 0 is then broadcast so all ranks
 provably continue with the same tokens.
 
+End of sequence: generation stops at any of `eos_id` (an id or a list: the tokenizer's
+`stop_ids`, i.e. its configured eos and generation_config.json's eos ids), as transformers does.
+
 CLI: `megatiny generate --checkpoint DIR --tokenizer TOKDIR --prompt "..."`; under
-`torchrun --nproc-per-node N` the model is split over N tensor-parallel ranks.
+`torchrun --nproc-per-node N` the model is split over N tensor-parallel ranks. `--chat` wraps the
+prompt in the tokenizer's chat template (a user turn + the assistant header, special tokens
+encoded as such) and prints only the reply; `--interactive` (implies `--chat`) is a conversation
+read from stdin, one line per turn, the history kept (rank 0 reads, the TP ranks receive it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,11 +86,12 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = 0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
     """prompt [b, s] (or a list of ids) -> [b, s + n] with n <= max_new_tokens new tokens.
-    Stops early once every row has produced `eos_id` (rows that finished keep emitting it)."""
+    Stops early once every row has produced an `eos_id` (one id or several; rows that finished
+    keep emitting the first)."""
     _check_args(temperature, top_k, top_p, max_new_tokens)
     if is_sequence_parallel(model):
         raise ValueError(
@@ -100,6 +109,10 @@ def generate(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"max_seq_len={limit}; shorten the prompt or lower --max-new-tokens"
         )
+    stops = None
+    if eos_id is not None:
+        stops = torch.as_tensor([eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                dtype=torch.long, device=device)  # fmt: skip
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -116,12 +129,12 @@ def generate(
             token = next_token(logits, temperature, top_k, top_p, generator)
             if group is not None and dist.get_world_size(group) > 1:
                 collectives.broadcast(token, src, group)
-            if eos_id is not None:
-                token = token.masked_fill(finished, eos_id)
-                finished |= token == eos_id
+            if stops is not None:
+                token = token.masked_fill(finished, stops[0])
+                finished |= torch.isin(token, stops)
             ids = torch.cat([ids, token[:, None]], dim=1)
             step_input = token[:, None]
-            if eos_id is not None and bool(finished.all()):
+            if stops is not None and bool(finished.all()):
                 break
     finally:
         model.train(was_training)
@@ -133,19 +146,31 @@ def generate(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "example:\n  megatiny generate --checkpoint runs/tiny --tokenizer data/tok "
+        "examples:\n  megatiny generate --checkpoint runs/tiny --tokenizer data/tok "
         '--prompt "Once upon a time" --max-new-tokens 40 --temperature 0.8 --top-k 50\n'
-        "  (tensor-parallel: torchrun --nproc-per-node 2 -m megatiny generate ...)"
+        "  megatiny generate --checkpoint smollm2 --chat --temperature 0 "
+        '--prompt "What is the capital of France?"\n'
+        "  megatiny generate --checkpoint smollm2 --interactive   (a conversation; empty line ends)\n"
+        "  (tensor-parallel: torchrun --nproc-per-node 3 -m megatiny generate ...)"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "--checkpoint", required=True,
         help="a model dir (model.safetensors + model_config.json) or a training run / checkpoint",
     )  # fmt: skip
-    parser.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json")
+    parser.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json (default: the "
+                        "--checkpoint dir when it holds a tokenizer, as `convert` writes)")  # fmt: skip
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="text to continue (needs --tokenizer)")
+    prompt.add_argument("--prompt", help="text to continue (needs a tokenizer); with --chat the "
+                        "user's message")  # fmt: skip
     prompt.add_argument("--prompt-ids", help="comma-separated token ids (no tokenizer needed)")
+    prompt.add_argument("--interactive", action="store_true",
+                        help="a chat read from stdin, one message per line (implies --chat)")  # fmt: skip
+    parser.add_argument("--chat", action="store_true", help="wrap --prompt in the tokenizer's "
+                        "chat template and print only the reply")  # fmt: skip
+    parser.add_argument("--system", help="--chat: a system message")
+    parser.add_argument("--eos-token", help="end-of-sequence token spelling (overrides the "
+                        "tokenizer's configuration), e.g. '<|im_end|>'")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
@@ -153,6 +178,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute without a KV cache")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text")
+
+
+def _has_tokenizer(directory: str) -> bool:
+    from megatiny.data.tokenizer import TOKENIZER_FILES
+
+    return os.path.isdir(directory) and any(
+        os.path.isfile(os.path.join(directory, n)) for n in TOKENIZER_FILES
+    )
 
 
 def main(args) -> int:
@@ -163,17 +196,26 @@ def main(args) -> int:
             raise SystemExit(f"{flag} {path} does not exist; give a run directory, model "
                              "directory or checkpoint" if flag == "--checkpoint" else
                              f"{flag} {path} does not exist; give the tokenizer directory")  # fmt: skip
+    args.chat = args.chat or args.interactive
+    if args.chat and args.prompt_ids is not None:
+        raise SystemExit("--chat takes --prompt (the user's message), not --prompt-ids")
     tokenizer = None
-    if args.tokenizer:
+    tok_path = args.tokenizer or (args.checkpoint if _has_tokenizer(args.checkpoint) else None)
+    if tok_path:
         from megatiny.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise SystemExit("--prompt needs --tokenizer TOKDIR (or pass --prompt-ids 1,2,3)")
-        prompt = tokenizer.encode(args.prompt)
-    else:
-        prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        try:
+            tokenizer = load_tokenizer(tok_path, eos_token=args.eos_token)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--tokenizer: {e}") from None
+    if tokenizer is None and (args.prompt is not None or args.chat):
+        raise SystemExit(
+            "--prompt needs --tokenizer TOKDIR (or a --checkpoint directory holding "
+            "the tokenizer, as `convert` writes; or pass --prompt-ids 1,2,3)"
+        )
+    if args.chat and not tokenizer.chat_template:
+        raise SystemExit(f"--chat: the tokenizer {tok_path} has no chat template "
+                         "(tokenizer_config.json / chat_template.jinja); drop --chat")  # fmt: skip
     _check_args(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     ctx = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -185,17 +227,73 @@ def main(args) -> int:
     model = load_any(args.checkpoint).eval()
     if ctx is not None:
         model = parallelize(model, ctx)
-    eos = None if args.ignore_eos or tokenizer is None else tokenizer.eod_id
-    out = generate(
-        model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
-        use_cache=not args.no_cache,
-    )[0].tolist()  # fmt: skip
-    if ctx is None or ctx.rank == 0:
-        if tokenizer is not None:
-            print(tokenizer.decode(out))
+    rank0 = ctx is None or ctx.rank == 0
+    eos = None if args.ignore_eos or tokenizer is None else tokenizer.stop_ids
+
+    def run(prompt: list[int]) -> list[int]:
+        return generate(
+            model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos,
+            use_cache=not args.no_cache,
+        )[0].tolist()  # fmt: skip
+
+    try:
+        if args.chat:
+            _chat(run, tokenizer, args, ctx, rank0)
         else:
-            print(",".join(str(i) for i in out))
-    if ctx is not None:
-        ctx.destroy()
+            if args.prompt is not None:
+                prompt = tokenizer.encode(args.prompt, special=True)
+            else:
+                prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+            out = run(prompt)
+            if rank0:
+                print(tokenizer.decode(out) if tokenizer is not None
+                      else ",".join(str(i) for i in out))  # fmt: skip
+    finally:
+        if ctx is not None:
+            ctx.destroy()
     return 0
+
+
+def _chat(run, tokenizer, args, ctx, rank0: bool) -> None:
+    """One reply to --prompt, or a conversation read line by line from stdin on rank 0."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = args.interactive
+    if interactive and rank0:
+        print("chat: one message per line; an empty line or end of input ends", file=sys.stderr)
+    while True:
+        text = args.prompt
+        if interactive:
+            text = _read_line(ctx, rank0)
+            if not text:
+                return
+        messages.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        out = run(prompt)
+        reply_ids = [t for t in out[len(prompt) :] if t not in tokenizer.stop_ids]
+        reply = tokenizer.decode(reply_ids, skip_special=True)
+        if rank0:
+            print(reply, flush=True)
+        if not interactive:
+            return
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _read_line(ctx, rank0: bool) -> str:
+    """The next user line (rank 0 reads stdin; other TP ranks receive it)."""
+    line = ""
+    if rank0:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline().strip()
+    if ctx is None or ctx.world_size == 1:
+        return line
+    from megatiny.parallel import collectives
+
+    data = torch.tensor(list(line.encode("utf-8")), dtype=torch.uint8, device=ctx.device)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=ctx.device)
+    collectives.broadcast(size, 0, ctx.tp_group)
+    if not rank0:
+        data = torch.empty(int(size), dtype=torch.uint8, device=ctx.device)
+    if int(size):
+        collectives.broadcast(data, 0, ctx.tp_group)
+    return bytes(data.cpu().tolist()).decode("utf-8")

@@ -10,16 +10,15 @@ the fused [q | k | v] head-major layout megatiny uses. Llama's q/k/v and gate/up
 concatenated into the fused `attn.qkv` and `mlp.fc`; HF Llama's q/k are stored for the
 rotate-half RoPE layout that megatiny applies, so no permutation is needed.
 
-`megatiny convert --to-hf --input DIR --output HFDIR` / `--from-hf --input HFDIR --output DIR`.
+`megatiny convert --to-hf --input DIR --output HFDIR` / `--from-hf --input HFDIR --output DIR`
+(megatiny/hf/convert.py: also the tokenizer files, special-token ids, generation_config.json and
+GGUF input).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
@@ -191,8 +190,10 @@ def from_hf(hf_model) -> GPT:
     return model.float() if next(iter(state.values())).dtype != torch.float32 else model
 
 
-def to_hf(model: GPT):
-    """A transformers GPT2LMHeadModel / LlamaForCausalLM with `model`'s weights (eval mode)."""
+def to_hf(model: GPT, special_ids: dict | None = None):
+    """A transformers GPT2LMHeadModel / LlamaForCausalLM with `model`'s weights (eval mode).
+    `special_ids` ({"bos_token_id", "eos_token_id", "pad_token_id"}: an id, a list of eos ids, or
+    None) go into its config and generation config, so HF `generate` stops where ours does."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     if tp_group_of(model) is not None:
@@ -208,6 +209,9 @@ def to_hf(model: GPT):
         raise RuntimeError(f"to_hf name mapping is incomplete: {result}")
     if model.config.tie_embeddings:
         hf.tie_weights()
+    for name, value in (special_ids or {}).items():
+        setattr(hf.config, name, value)
+        setattr(hf.generation_config, name, value)
     return hf.eval()
 
 
@@ -262,54 +266,3 @@ def load_any(path: str) -> GPT:
         raise FileNotFoundError(f"{path} has no {MODEL_FILE}; pass a megatiny model directory")
     model, _ = load_model_for_inference(path)
     return model
-
-
-# --- CLI --------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = (
-        "examples:\n  megatiny convert --to-hf --input runs/tiny/export --output hf-tiny\n"
-        "  megatiny convert --from-hf --input hf-tiny --output tiny-model"
-    )
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    way = parser.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to-hf", action="store_true", help="megatiny model -> transformers dir")
-    way.add_argument("--from-hf", action="store_true", help="transformers dir -> megatiny model")
-    parser.add_argument(
-        "--input", required=True, help="megatiny model dir / training checkpoint, or HF dir"
-    )
-    parser.add_argument("--output", required=True, help="directory to create")
-
-
-def main(args) -> int:
-    out = os.path.abspath(args.output)
-    if not os.path.exists(args.input):
-        raise SystemExit(
-            f"--input {args.input} does not exist; give a "
-            + (
-                "transformers model directory"
-                if args.from_hf
-                else "megatiny run or model directory"
-            )
-        )
-    if os.path.exists(out) and os.listdir(out):
-        raise SystemExit(f"--output {out} exists and is not empty; choose a new directory")
-    if args.from_hf:
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(args.input, local_files_only=True)
-        save_model(from_hf(hf), out)
-    else:
-        hf = to_hf(load_any(args.input))
-        # save_pretrained writes several files: build the directory aside, then rename it.
-        tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(out) or ".")
-        try:
-            hf.save_pretrained(tmp)
-            if os.path.exists(out):
-                os.rmdir(out)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out}")
-    return 0
