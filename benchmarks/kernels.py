@@ -1,4 +1,5 @@
-"""Fused Triton kernels vs torch eager and torch.compile: time, GB/s and % of HBM bandwidth.
+"""Fused Triton kernels vs torch eager and torch.compile: time, GB/s and % of HBM bandwidth;
+flash attention vs F.scaled_dot_product_attention in TFLOP/s.
 
     .venv/bin/python benchmarks/kernels.py                      # all kernels, bf16, PNG + JSON
     .venv/bin/python benchmarks/kernels.py --kernels softmax --dtype fp16 --no-compile
@@ -8,7 +9,10 @@ move (its inputs read once, its outputs written once; see each module's ``benchm
 divided by the time ``triton.testing.do_bench`` measures (median, L2 flushed between runs).
 Two passes per case: ``fwd`` and ``fwd+bwd`` (one forward and one backward; bytes of both).
 The reference numbers (eager torch of the same math, and ``torch.compile`` of it) are measured in
-the same run on the same tensors. Needs a CUDA GPU; elsewhere it says so and exits 0.
+the same run on the same tensors. Flash attention is compute-bound: its cases give FLOPs
+(``flops_fwd``/``flops_bwd``, the causal half of the ``s x t`` matmuls) and are reported in TFLOP/s
+and % of the dense bf16 tensor-core peak, with the ratio to SDPA (its "eager" reference).
+Needs a CUDA GPU; elsewhere it says so and exits 0.
 """
 
 import argparse
@@ -23,11 +27,13 @@ from megatiny.fsutil import atomic_write
 # HBM bandwidth in GB/s by device name (SXM parts); override with --peak-gbs.
 PEAK_GBS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100": 2039.0, "L40S": 864.0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODULES = ("softmax", "layernorm", "cross_entropy")
+# Dense bf16/fp16 tensor-core TFLOP/s (SXM parts); override with --peak-tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+MODULES = ("softmax", "layernorm", "cross_entropy", "flash_attention")
 
 
-def peak_gbs(device_name: str) -> float | None:
-    for key, value in PEAK_GBS.items():
+def peak_gbs(device_name: str, table=PEAK_GBS) -> float | None:
+    for key, value in table.items():
         if key in device_name:
             return value
     return None
@@ -48,10 +54,10 @@ def bench_ms(fn, x, backward: bool) -> float:
         fn().backward(dy)
 
     step()
-    return do_bench(step, grad_to_none=[x])
+    return do_bench(step, grad_to_none=x if isinstance(x, list) else [x])
 
 
-def run(modules, dtype, use_compile, peak):
+def run(modules, dtype, use_compile, peak, peak_tflops=None):
     import importlib
 
     from tqdm import tqdm
@@ -64,11 +70,14 @@ def run(modules, dtype, use_compile, peak):
     for case in tqdm(cases, desc="kernels", unit="case"):
         inputs = case["setup"]()
         impls = {"triton": inputs["fused"], "eager": inputs["eager"]}
-        if use_compile:
+        if use_compile and inputs.get("compile", True):
             impls["compile"] = torch.compile(inputs["eager"], dynamic=False)
         for pass_name, backward in (("fwd", False), ("fwd+bwd", True)):
-            nbytes = inputs["bytes_fwd"] + (inputs["bytes_bwd"] if backward else 0)
-            row = dict(kernel=case["kernel"], size=case["size"], pass_=pass_name, bytes=nbytes)
+            flops = "flops_fwd" in inputs
+            work = inputs["flops_fwd" if flops else "bytes_fwd"]
+            work += inputs["flops_bwd" if flops else "bytes_bwd"] if backward else 0
+            row = dict(kernel=case["kernel"], size=case["size"], pass_=pass_name)
+            row["flops" if flops else "bytes"] = work
             for impl, fn in impls.items():
                 try:
                     ms = bench_ms(fn, inputs["x"], backward)
@@ -78,13 +87,35 @@ def run(modules, dtype, use_compile, peak):
                     )
                     continue
                 row[f"{impl}_ms"] = ms
-                row[f"{impl}_gbs"] = nbytes / ms / 1e6
+                if flops:
+                    row[f"{impl}_tflops"] = work / ms / 1e9
+                else:
+                    row[f"{impl}_gbs"] = work / ms / 1e6
             if peak and "triton_gbs" in row:
                 row["triton_pct_peak"] = 100.0 * row["triton_gbs"] / peak
+            if peak_tflops and "triton_tflops" in row:
+                row["triton_pct_peak"] = 100.0 * row["triton_tflops"] / peak_tflops
             rows.append(row)
         del inputs, impls
         torch.cuda.empty_cache()
     return rows
+
+
+def print_flops_table(rows, peak_tflops):
+    """Flash attention rows: TFLOP/s of the Triton kernel and of SDPA, and their ratio."""
+    head = f"{'kernel':<22}{'seq':>7} {'pass':<8}{'triton TFLOP/s':>15}{'% peak':>8}"
+    head += f"{'sdpa TFLOP/s':>13}{'x sdpa':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = r["sdpa_ms"] / r["triton_ms"] if {"sdpa_ms", "triton_ms"} <= r.keys() else None
+        cells = [format(r[k], spec) if k in r else format("n/a", ">" + spec.split(".")[0])
+                 for k, spec in (("triton_tflops", "15.1f"), ("triton_pct_peak", "8.1f"),
+                                 ("sdpa_tflops", "13.1f"))]  # fmt: skip
+        print(f"{r['kernel']:<22}{r['size']:>7} {r['pass_']:<8}{''.join(cells)}"
+              f"{f'{ratio:8.2f}' if ratio else '     n/a'}")  # fmt: skip
+    if peak_tflops:
+        print(f"(% peak of {peak_tflops:.0f} dense TFLOP/s; 'x sdpa' = SDPA time / triton time)")
 
 
 def print_table(rows, peak):
@@ -112,7 +143,7 @@ def print_table(rows, peak):
         print(f"(% peak of {peak:.0f} GB/s HBM bandwidth; 'x eager' = eager time / triton time)")
 
 
-def plot(rows, path, peak, title):
+def plot(rows, path, peak, title, peak_tflops=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,23 +152,32 @@ def plot(rows, path, peak, title):
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
     fig, axes = plt.subplots(1, len(kernels), figsize=(4.2 * len(kernels), 3.6), squeeze=False)
     for ax, kernel in zip(axes[0], kernels):
+        compute = any("flops" in r for r in rows if r["kernel"] == kernel)
+        unit, line = ("tflops", peak_tflops) if compute else ("gbs", peak)
         for pass_name, style in (("fwd", "-"), ("fwd+bwd", "--")):
             sel = [r for r in rows if r["kernel"] == kernel and r["pass_"] == pass_name]
-            for impl, color in (("triton", "C0"), ("eager", "C1"), ("compile", "C2")):
-                pts = [(r["size"], r[f"{impl}_gbs"]) for r in sel if f"{impl}_gbs" in r]
+            for impl, color in (
+                ("triton", "C0"),
+                ("eager", "C1"),
+                ("sdpa", "C1"),
+                ("compile", "C2"),
+            ):
+                pts = [(r["size"], r[f"{impl}_{unit}"]) for r in sel if f"{impl}_{unit}" in r]
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(
                         xs, ys, style, color=color, marker="o", ms=3, label=f"{impl} {pass_name}"
                     )
-        if peak:
-            ax.axhline(peak, color="gray", lw=0.8, ls=":", label="HBM peak")
+        if line:
+            ax.axhline(line, color="gray", lw=0.8, ls=":", label="peak")
         ax.set_xscale("log", base=2)
         ax.set_title(kernel)
         ax.set_xlabel(
-            "seq" if "softmax" in kernel else ("vocab" if "cross" in kernel else "hidden")
+            "seq"
+            if "softmax" in kernel or compute
+            else ("vocab" if "cross" in kernel else "hidden")
         )
-        ax.set_ylabel("GB/s")
+        ax.set_ylabel("TFLOP/s" if compute else "GB/s")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -152,6 +192,7 @@ def main(argv=None):
     p.add_argument(
         "--peak-gbs", type=float, default=None, help="HBM bandwidth (default: by GPU name)"
     )
+    p.add_argument("--peak-tflops", type=float, default=None, help="tensor-core TFLOP/s")
     p.add_argument("--plot", default="kernels.png", help="PNG path ('' for none)")
     p.add_argument("--json", default="kernels.json", help="JSON path of the rows ('' for none)")
     args = p.parse_args(argv)
@@ -167,15 +208,22 @@ def main(argv=None):
         return 2
     name = torch.cuda.get_device_name()
     peak = args.peak_gbs or peak_gbs(name)
+    peak_tflops = args.peak_tflops or peak_gbs(name, PEAK_TFLOPS)
     print(f"{name}, {args.dtype}, peak {peak or 'unknown'} GB/s, torch {torch.__version__}")
-    rows = run(args.kernels, DTYPES[args.dtype], not args.no_compile, peak)
-    print_table(rows, peak)
+    rows = run(args.kernels, DTYPES[args.dtype], not args.no_compile, peak, peak_tflops)
+    for r in rows:  # attention's eager reference is SDPA: name it so
+        for key in [k for k in r if k.startswith("eager_") and "flops" in r]:
+            r["sdpa_" + key[len("eager_") :]] = r.pop(key)
+    if any("bytes" in r for r in rows):
+        print_table([r for r in rows if "bytes" in r], peak)
+    if any("flops" in r for r in rows):
+        print_flops_table([r for r in rows if "flops" in r], peak_tflops)
     if args.json:
         payload = dict(device=name, dtype=args.dtype, peak_gbs=peak, rows=rows)
         atomic_write(args.json, lambda f: f.write(json.dumps(payload, indent=1).encode()))
         print(f"wrote {args.json}")
     if args.plot:
-        plot(rows, args.plot, peak, f"megatiny.kernels on {name} ({args.dtype})")
+        plot(rows, args.plot, peak, f"megatiny.kernels on {name} ({args.dtype})", peak_tflops)
         print(f"wrote {args.plot}")
     return 0
 

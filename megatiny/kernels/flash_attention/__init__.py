@@ -45,15 +45,19 @@ def _gpu_config(head_dim: int, dtype: torch.dtype, seqlen_q: int) -> dict:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on sm_90: Triton's FA tutorial tiles,
     trimmed until ``ptxas -v`` reports no spills (tests/test_kernels_compile.py); not yet tuned."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if dtype == torch.float32:  # fp32 dots run on CUDA cores: smaller tiles
-        fwd, dkdv, dq = (64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)
+    if dtype == torch.float32 and block_d > 64:  # fp32 dots run as FMAs, whole rows per thread
+        fwd, dkdv, dq = (32, 16, 8, 1), (32, 16, 8, 1), (32, 16, 4, 1)
+    elif dtype == torch.float32:
+        fwd, dkdv, dq = (64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 8, 1)
     elif block_d <= 64:
         fwd, dkdv, dq = (128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)
     else:
-        fwd, dkdv, dq = (128, 64, 8, 2), (32, 64, 8, 3), (64, 32, 8, 2)
-    # Short query blocks (decoding) waste less of a smaller BLOCK_M; tl.dot needs 16.
-    block_m = min(fwd[0], max(16, triton.next_power_of_2(seqlen_q)))
-    return dict(fwd=(block_m, *fwd[1:]), dkdv=dkdv, dq=dq, block_d=block_d)
+        fwd, dkdv, dq = (128, 32, 8, 3), (32, 64, 8, 3), (64, 32, 8, 2)
+    # Short query blocks (decoding) waste less of a smaller BLOCK_M (tl.dot needs 16), 4 warps.
+    block_m = max(16, triton.next_power_of_2(seqlen_q))
+    if dtype != torch.float32 and block_m < fwd[0]:
+        fwd = (block_m, 64, 4, 3)
+    return dict(fwd=fwd, dkdv=dkdv, dq=dq, block_d=block_d)
 
 
 def _config(head_dim: int, dtype: torch.dtype, seqlen_q: int) -> dict:
