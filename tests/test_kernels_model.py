@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import megatiny.kernels.cross_entropy
+import megatiny.kernels.flash_attention
 import megatiny.kernels.layernorm
-import megatiny.kernels.softmax
 from megatiny.config import ModelConfig
 from megatiny.kernels import interpreter_ready
 from megatiny.model import GPT
@@ -24,7 +24,7 @@ def kernel_calls(monkeypatch):
     """Counts calls of the public kernel functions, so the test proves the fused path ran."""
     calls = {}
     for module, name in [
-        (megatiny.kernels.softmax, "scaled_causal_softmax"),
+        (megatiny.kernels.flash_attention, "flash_attention"),
         (megatiny.kernels.layernorm, "layer_norm"),
         (megatiny.kernels.layernorm, "rms_norm"),
         (megatiny.kernels.cross_entropy, "cross_entropy"),
@@ -64,8 +64,8 @@ def test_fused_kernels_on_equals_off(kernel_calls, family, norm_kernel, extra):
     logits_off, loss_off, grads_off = _run(preset(**kw, fused_kernels=False), input_ids, labels)
     assert kernel_calls == {}
     logits_on, loss_on, grads_on = _run(preset(**kw, fused_kernels=True), input_ids, labels)
-    # 2 layers x 2 forwards: attention softmax and both block norms per layer, plus the final norm.
-    assert kernel_calls["scaled_causal_softmax"] == 4
+    # 2 layers x 2 forwards: flash attention and both block norms per layer, plus the final norm.
+    assert kernel_calls["flash_attention"] == 4
     assert kernel_calls[norm_kernel] == 2 * (2 * 2 + 1)
     assert kernel_calls["cross_entropy"] == 1
     torch.testing.assert_close(logits_on, logits_off, atol=1e-5, rtol=1e-5)
