@@ -97,9 +97,17 @@ class TrainConfig:
     eval_interval: int = 100  # 0 disables periodic evaluation (a final one still runs)
     eval_iters: int = 10
     save_interval: int = 0  # 0: save only at the end
-    keep_checkpoints: int = 3
-    resume: str = "none"  # none | auto (run_dir's latest) | path to a checkpoint directory
+    keep_checkpoints: int = 3  # this run's newest K (never the one `latest` names)
+    # none (a fresh run: refuses a run_dir holding another run) | auto (run_dir's newest intact
+    # checkpoint, else fresh) | verify-only (check run_dir's checkpoints, train nothing) | a path
+    resume: str = "none"
+    overwrite: bool = False  # a fresh run moves run_dir's old run aside (never deletes it)
     nan_policy: str = "stop"  # stop: save a checkpoint and exit with an error | skip the step
+    spike_factor: float = 0.0  # loss > factor x running median is a spike (0: off)
+    spike_window: int = 50  # steps in the running median
+    spike_policy: str = "log"  # log: warn and count | skip: also drop that update
+    timeout_s: float = 600.0  # process-group timeout: a stuck collective fails after this
+    flight_recorder: int = 1000  # last N communication ops per rank, dumped on a hang (0: off)
     peak_tflops: float | None = None  # per device, for MFU; default from the GPU model name
     tensorboard: bool = True
     progress_bar: bool = True
@@ -120,7 +128,20 @@ class TrainConfig:
             raise ConfigError(
                 f"need 0 <= train.min_lr <= train.lr and lr > 0 (got {self.min_lr}, {self.lr})"
             )
-        choices = {"precision": ("auto", "fp32", "bf16"), "nan_policy": ("stop", "skip")}
+        if self.timeout_s <= 0:
+            raise ConfigError(f"train.timeout_s={self.timeout_s} must be > 0 (seconds)")
+        if self.spike_factor and self.spike_factor <= 1:
+            raise ConfigError(
+                f"train.spike_factor={self.spike_factor}: a spike is loss > factor x median, so "
+                "use a factor > 1 (e.g. 3) or 0 to switch the detector off"
+            )
+        if self.spike_window < 3 or self.flight_recorder < 0:
+            raise ConfigError(
+                f"need train.spike_window >= 3 and train.flight_recorder >= 0 (got "
+                f"{self.spike_window}, {self.flight_recorder})"
+            )
+        choices = {"precision": ("auto", "fp32", "bf16"), "nan_policy": ("stop", "skip"),
+                   "spike_policy": ("log", "skip")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}; choose one of {allowed}")
@@ -225,7 +246,20 @@ class Config:
                 "(needed by sequence_parallel)"
             )
         t.accumulation_steps(dp)
+        self._check_vocab()
         return dp
+
+    def _check_vocab(self) -> None:
+        """A model vocabulary smaller than the tokenizer's would fail at step 1 on every rank."""
+        tok = self.data.tokenizer
+        if not tok or not os.path.exists(tok):
+            return
+        n = tokenizer_vocab_size({"tokenizer": tok})
+        if self.model.vocab_size < n:
+            raise ConfigError(
+                f"model.vocab_size={self.model.vocab_size} is smaller than the {n} tokens of "
+                f"data.tokenizer={tok}; set model.vocab_size=auto (or >= {n})"
+            )
 
     # ---- dict / YAML round trip --------------------------------------------------------------
 

@@ -1,17 +1,23 @@
 """The one place megatiny issues collectives and point-to-point messages.
 
-Every all-reduce, all-gather, reduce-scatter, broadcast, send/recv and barrier of the codebase
-(comm Functions, DP buckets, ZeRO-1, pipeline p2p, loss and grad-norm reductions, checkpoints)
-calls a function here, so one module can check and observe them all:
+Every all-reduce, all-gather, reduce-scatter, all-to-all, broadcast, send/recv and barrier of the
+codebase (comm Functions, DP buckets, ZeRO-1, pipeline p2p, context-parallel ring and all-to-all,
+loss and grad-norm reductions, checkpoints) calls a function here, so one module can check and observe them all:
 
 - device check: with `MEGATINY_CHECK_DEVICES=1` (on in the test suite) a tensor on another device
   than the ParallelContext's (a CPU tensor on a CUDA run, which NCCL rejects) raises at once,
   naming the op, the group and both devices;
 - observers: `add_observer(fn)` registers `fn(event)` called after each op with an `OpEvent`
-  (group name, op, bytes, seconds) — the communication tracer and the flight recorder.
+  (group name, op, bytes, seconds, shape, peer, seq) — the communication tracer; start observers
+  (`add_start_observer(fn)`) are called with the same event (seconds 0) *before* the op is posted,
+  so the flight recorder knows which op a rank is blocked in;
+- labels: `set_labels(step=3, mb=7, ...)` tags the ops that follow (the loop sets the step and
+  phase, the pipeline schedules the micro-batch, chunk and p2p direction); observers read them
+  with `labels()`.
 
 bytes = numel x itemsize of the full tensor the op works on, as this rank sees it: the input of
-all_reduce / reduce_scatter / broadcast, the output of all_gather, each message of send / recv.
+all_reduce / reduce_scatter / broadcast / all_to_all, the output of all_gather, each message of
+send / recv.
 seconds = wall time inside the call (for async ops, until `wait()` returns on the handle given back).
 
 Groups are named by the ParallelContext that made them (`name_group`): "tp", "cp", "dp", "pp",
@@ -41,11 +47,17 @@ class OpEvent:
     bytes: int
     seconds: float
     shape: tuple
+    peer: int | None = None  # send / recv: the global rank of the other side
+    seq: int = 0  # this rank's op number: a start event and its end event share it
+    index: int = 0  # position of a send / recv in its batch_isend_irecv call
 
 
 _names: dict = {}
 _expected_device: list[torch.device | None] = [None]
 _observers: list[Callable[[OpEvent], None]] = []
+_start_observers: list[Callable[[OpEvent], None]] = []
+_labels: dict = {}
+_seq = [0]
 
 
 def name_group(group, name: str) -> None:
@@ -71,6 +83,36 @@ def add_observer(fn: Callable[[OpEvent], None]) -> Callable[[], None]:
     return lambda: _observers.remove(fn) if fn in _observers else None
 
 
+def add_start_observer(fn: Callable[[OpEvent], None]) -> Callable[[], None]:
+    """Call `fn(event)` (seconds 0) before every op is posted; returns a function that removes it."""
+    _start_observers.append(fn)
+    return lambda: _start_observers.remove(fn) if fn in _start_observers else None
+
+
+def set_labels(**labels) -> None:
+    """Tag the ops that follow, e.g. set_labels(step=3, phase="train"); a value None removes a
+    label. Cheap (a dict update): the schedules call it per micro-batch."""
+    for key, value in labels.items():
+        if value is None:
+            _labels.pop(key, None)
+        else:
+            _labels[key] = value
+
+
+def labels() -> dict:
+    """The current labels (a copy)."""
+    return dict(_labels)
+
+
+def _observed() -> bool:
+    return bool(_observers or _start_observers)
+
+
+def _next_seq() -> int:
+    _seq[0] += 1
+    return _seq[0]
+
+
 def _check_devices(op: str, group, tensors) -> None:
     expected = _expected_device[0]
     if expected is None or os.environ.get("MEGATINY_CHECK_DEVICES") != "1":
@@ -88,9 +130,22 @@ def _check_devices(op: str, group, tensors) -> None:
             )
 
 
-def _report(group, op: str, t: torch.Tensor | None, nbytes: int, seconds: float) -> None:
+def _event(group, op, t, nbytes, seconds, peer=None, seq=0, index=0) -> OpEvent:
     shape = () if t is None else tuple(t.shape)
-    event = OpEvent(group_name(group), op, nbytes, seconds, shape)
+    return OpEvent(group_name(group), op, nbytes, seconds, shape, peer, seq, index)
+
+
+def _start(group, op, t, nbytes, peer=None, index=0) -> int:
+    seq = _next_seq()
+    if _start_observers:
+        event = _event(group, op, t, nbytes, 0.0, peer, seq, index)
+        for fn in list(_start_observers):
+            fn(event)
+    return seq
+
+
+def _report(group, op: str, t, nbytes: int, seconds: float, peer=None, seq=0, index=0) -> None:
+    event = _event(group, op, t, nbytes, seconds, peer, seq, index)
     for fn in list(_observers):
         fn(event)
 
@@ -114,15 +169,16 @@ class _TimedWork:
 
 def _issue(op: str, group, tensors, nbytes: int, call, async_op: bool = False):
     _check_devices(op, group, tensors)
-    if not _observers:
+    if not _observed():
         return call()
+    t = tensors[0] if tensors else None
+    seq = _start(group, op, t, nbytes)
     start = time.perf_counter()
     result = call()
     seconds = time.perf_counter() - start
-    t = tensors[0] if tensors else None
 
     def report(seconds):
-        _report(group, op, t, nbytes, seconds)
+        _report(group, op, t, nbytes, seconds, seq=seq)
 
     if async_op and result is not None:
         return _TimedWork(result, report, seconds)
@@ -163,6 +219,15 @@ def broadcast(t: torch.Tensor, src: int, group=None, async_op: bool = False):
     return _issue(
         "broadcast", group, [t], _nbytes(t),
         lambda: dist.broadcast(t, src=src, group=group, async_op=async_op), async_op,
+    )  # fmt: skip
+
+
+def all_to_all(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    """`out` block j (of p equal blocks along dim 0) = block i of rank j's `t`, as
+    `dist.all_to_all_single` (i = this rank)."""
+    return _issue(
+        "all_to_all", group, [out, t], _nbytes(t),
+        lambda: dist.all_to_all_single(out, t, group=group, async_op=async_op), async_op,
     )  # fmt: skip
 
 

@@ -142,13 +142,15 @@ class ParallelContext:
         cp: int = 1,
         dp: int | None = None,
         backend: str | None = None,
-        timeout_s: float = 1800,
+        timeout_s: float = 600,
     ):
         """Initialize the default group from torchrun's environment, then build the context.
 
         Reads RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/MASTER_PORT via env://). The backend
         defaults to nccl when CUDA is available, else gloo. The grid is validated before any
-        process group is created, so a bad layout fails fast on every rank.
+        process group is created, so a bad layout fails fast on every rank. `timeout_s` bounds
+        every collective (`train.timeout_s`): a rank stuck longer makes its peers fail instead of
+        hanging the job.
         """
         missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
         if missing:

@@ -20,6 +20,10 @@ and the bubble (idle) fraction of a stage is about (p - 1) / m for GPipe and 1F1
 Communication happens in lock-step exchanges (`P2P.communicate`), so every send meets the
 matching receive posted in the same exchange on the neighbour. Data-parallel gradient reduction
 (`ddp`) is enabled only for the last backward of each chunk (gradient accumulation).
+
+For the flight recorder, every forward / backward labels the ops that follow with its
+micro-batch, chunk and pass (`collectives.set_labels`), and every exchange names its messages
+(`recv_forward(mb 7)`, ...; with several chunks the micro-batch count is the chunk's).
 """
 
 from __future__ import annotations
@@ -48,10 +52,12 @@ class _Steps:
         self.n_backward = [0] * len(chunks)
         self.losses: list[torch.Tensor] = []
         self.max_in_flight = 0  # most chunk forwards whose backward had not run yet
+        collectives.set_labels(mb=None, chunk=None, next_fwd=0, next_bwd=0)
 
     def forward(self, c: int, input_tensor):
         i = self.n_forward[c]
         self.n_forward[c] += 1
+        collectives.set_labels(mb=i, chunk=c, next_fwd=i + 1, next_bwd=self.n_backward[c])
         if not self.forward_only:
             in_flight = sum(self.n_forward) - sum(self.n_backward)
             self.max_in_flight = max(self.max_in_flight, in_flight)
@@ -64,6 +70,8 @@ class _Steps:
 
     def backward(self, c: int, input_tensor, output, output_grad):
         """Backprop `output` (loss_i / m on the last stage); return d loss / d input_tensor."""
+        collectives.set_labels(mb=self.n_backward[c], chunk=c, next_fwd=self.n_forward[c],
+                               next_bwd=self.n_backward[c] + 1)  # fmt: skip
         self.n_backward[c] += 1
         with self.grad_sync(self.n_backward[c] == self.m):
             if output_grad is not None:
@@ -252,6 +260,27 @@ def forward_only_in_order(chunks, batches, p2p: P2P, grad_sync, forward_only=Tru
     return steps
 
 
+class _LabeledP2P:
+    """The schedule's P2P, naming each exchange's messages for the flight recorder, in the order
+    P2P posts them (send_next, recv_prev, send_prev, recv_next)."""
+
+    def __init__(self, p2p: P2P):
+        self._p2p = p2p
+        self.rank, self.size, self.device = p2p.rank, p2p.size, p2p.device
+
+    def communicate(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        now = collectives.labels()
+        fwd, bwd = now.get("next_fwd", 0), now.get("next_bwd", 0)
+        names = [name for name, on in (
+            (f"send_forward(mb {fwd - 1})", send_next is not None),
+            (f"recv_forward(mb {fwd})", recv_prev),
+            (f"send_backward(mb {bwd - 1})", send_prev is not None),
+            (f"recv_backward(mb {bwd})", recv_next),
+        ) if on]  # fmt: skip
+        collectives.set_labels(p2p=names)
+        return self._p2p.communicate(send_next, send_prev, recv_prev, recv_next)
+
+
 class PipelineSchedule:
     """`schedule(micro_batches, ddp=None, forward_only=False)` -> mean loss on every pp rank.
 
@@ -299,7 +328,8 @@ class PipelineSchedule:
             )
         if grad_sync is None:
             grad_sync = functools.partial(no_sync_unless, ddp)
-        steps = fn(self.chunks, micro_batches, self.p2p, grad_sync, forward_only, autocast)
+        p2p = _LabeledP2P(self.p2p)
+        steps = fn(self.chunks, micro_batches, p2p, grad_sync, forward_only, autocast)
         losses = steps.losses
         self.max_in_flight = steps.max_in_flight  # activation memory, in chunk micro-batches
         ctx = self.ctx

@@ -15,9 +15,11 @@ State: model weights; AdamW moments per parameter name (same sharding as the par
 scheduler, step, consumed samples and config in meta.json (plain JSON, no pickles); the CPU (and
 CUDA) RNG state of every rank under its own key.
 
-Atomic: DCP writes into `.tmp_step_<N>`, rank 0 adds meta.json (fsync), renames the directory to
-`step_<N>`, then rewrites `latest` (temp file + os.replace), then deletes all but the newest K.
-A crash at any point leaves `latest` naming a complete checkpoint.
+Atomic: DCP writes into `.tmp_step_<N>`, every rank hashes the files it wrote, rank 0 adds
+meta.json and manifest.json (sha256 of every file, megatiny/training/manifest.py), renames the
+directory to `step_<N>`, then rewrites `latest` (temp file + os.replace), then deletes all but
+this run's newest K (megatiny/training/rundir.py). A crash at any point leaves `latest` naming a
+complete checkpoint, and a file altered or truncated later is found by the manifest.
 
 Untrusted files: tensors are read with torch.load(weights_only=True) (DCP's reader), no pickled
 objects are requested, and DCP's `.metadata` pickle is read with an unpickler that only admits
@@ -39,6 +41,8 @@ from torch import nn
 
 from megatiny.fsutil import atomic_write_text
 from megatiny.parallel import collectives
+from megatiny.training.manifest import write_manifest, write_rank_part
+from megatiny.training.rundir import prune
 
 LATEST = "latest"
 META = "meta.json"
@@ -165,23 +169,17 @@ def _rng_state(rank: int) -> dict[str, torch.Tensor]:
 # ---- safe reading -----------------------------------------------------------------------------
 
 
+class _Refused(pickle.UnpicklingError):
+    """`.metadata` names a class outside the checkpoint-metadata allow-list."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Admits only what DCP metadata is made of; anything else in `.metadata` is refused."""
 
     _MODULES = ("torch.distributed.checkpoint", "torch.distributed._shard")
     _TORCH = {"Size", "device"}
-    _BUILTINS = {
-        "set",
-        "frozenset",
-        "dict",
-        "list",
-        "tuple",
-        "slice",
-        "int",
-        "float",
-        "str",
-        "bytes",
-    }
+    _BUILTINS = {"set", "frozenset", "dict", "list", "tuple", "slice", "int", "float", "str",
+                 "bytes"}  # fmt: skip
 
     def find_class(self, module, name):
         if module.startswith(self._MODULES) or module in ("collections", "enum", "pathlib"):
@@ -195,9 +193,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "builtins" and name in self._BUILTINS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"checkpoint metadata refers to {module}.{name}, which is not allowed"
-        )
+        raise _Refused(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):
@@ -205,8 +201,16 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except _Refused:
+            raise
+        except (EOFError, pickle.UnpicklingError, ValueError, OSError) as e:
+            raise CheckpointError(
+                f"cannot read {path} ({type(e).__name__}: {e}); the file is truncated or "
+                "damaged: check the run with `megatiny checkpoint verify`"
+            ) from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -227,7 +231,20 @@ def _dcp_load(state: dict, path: str, distributed: bool) -> None:
         # Single-process loads (inference) are intended; DCP warns about them.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        dcp.load(state, storage_reader=reader, no_dist=not distributed)
+        try:
+            dcp.load(state, storage_reader=reader, no_dist=not distributed)
+        except CheckpointError:
+            raise
+        except Exception as e:  # DCP wraps a shard's EOFError etc. in a CheckpointException
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            detail = next(
+                (ln.strip() for ln in reversed(lines) if "Error" in ln), lines[-1:] or [""]
+            )
+            raise CheckpointError(
+                f"cannot load checkpoint {path}: {type(e).__name__}: {str(detail)[:300]}. Check "
+                f"it with `megatiny checkpoint verify {path}`; `--resume auto` falls back to the "
+                "newest intact checkpoint"
+            ) from None
 
 
 # ---- save / load ------------------------------------------------------------------------------
@@ -288,6 +305,7 @@ def save_checkpoint(
     if optimizer is not None:
         state["optim"] = optimizer_state(model, optimizer, ctx)
     dcp.save(_flatten(state), checkpoint_id=tmp, no_dist=not distributed)
+    write_rank_part(tmp, rank)
     _barrier(distributed)
     if rank == 0:
         meta = {
@@ -298,28 +316,19 @@ def save_checkpoint(
             **(extra or {}),
         }
         atomic_write_text(os.path.join(tmp, META), json.dumps(meta, indent=1))
+        write_manifest(tmp, meta["world_size"])
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(checkpoint_dir)
         atomic_write_text(os.path.join(checkpoint_dir, LATEST), name + "\n")
-        _prune(checkpoint_dir, keep)
+        prune(checkpoint_dir, keep, meta.get("run_id"))
     _barrier(distributed)
     return final
 
 
 def _flatten(state: dict) -> dict:
     return {f"{section}/{k}": v for section, values in state.items() for k, v in values.items()}
-
-
-def _prune(checkpoint_dir: str, keep: int) -> None:
-    steps = sorted(
-        (int(d.split("_", 1)[1]), d)
-        for d in os.listdir(checkpoint_dir)
-        if d.startswith("step_") and d.split("_", 1)[1].isdigit()
-    )
-    for _, d in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(os.path.join(checkpoint_dir, d), ignore_errors=True)
 
 
 def read_meta(step_dir: str) -> dict:

@@ -20,17 +20,86 @@ from megatiny.training.step import NonFiniteLoss, Trainer, build_trainer, check_
 EXAMPLE = """example:
   torchrun --standalone --nproc-per-node 2 -m megatiny train \\
       --config launch/configs/tiny-cpu.yaml train.steps=100 train.run_dir=runs/try1
-  megatiny train --config launch/configs/tiny-cpu.yaml parallel.tp=1 --resume auto"""
+  megatiny train --config launch/configs/tiny-cpu.yaml parallel.tp=1 --resume auto
+  megatiny train --config launch/configs/tiny-cpu.yaml --resume verify-only   # check checkpoints"""
 
 
 # ---- the loop -----------------------------------------------------------------------------------
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     """Run (or resume) the configured training on this rank; returns a summary dict with the
-    per-step `losses`, the last `eval`, `run_dir`, `checkpoint` (last saved) and `step`."""
+    per-step `losses`, the last `eval`, `run_dir`, `checkpoint` (last saved) and `step`.
+
+    Rank 0 first claims `run_dir` (lock; a fresh run refuses another run's directory unless
+    `train.overwrite`, see megatiny/training/rundir.py); everything is written after that."""
+    from megatiny.training import rundir
+
+    tc = cfg.train
+    lock, notes, error = None, [], None
+    if ctx.rank == 0:
+        try:
+            lock, notes = rundir.claim(tc.run_dir, tc.resume, tc.overwrite, tc.steps)
+        except rundir.RunDirError as e:
+            error = e
+    try:
+        rundir.agree(ctx, error)
+        for note in notes:
+            _warn(note)
+        return _train(cfg, ctx, trainer or build_trainer(cfg, ctx))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume_point(cfg: Config, ctx) -> str | None:
+    """The checkpoint to resume from: `auto` takes run_dir's newest intact one (verified against
+    its manifest; a bad one is named and skipped), a path is verified and used as given."""
+    from megatiny.training.checkpoint import CheckpointError, resolve
+    from megatiny.training.manifest import CheckpointCorrupt, newest_intact, verify_collectively
+
+    tc = cfg.train
+    warn = _warn if ctx.rank == 0 else None
+    try:
+        if tc.resume == "auto":
+            return newest_intact(os.path.join(tc.run_dir, "checkpoints"), ctx, warn)
+        if tc.resume in ("none", ""):
+            return None
+        step_dir = resolve(tc.resume)
+        if step_dir is None:
+            raise CheckpointError(f"no checkpoint at {tc.resume} (train.resume)")
+        problem = verify_collectively(step_dir, ctx)
+        if problem:
+            raise CheckpointCorrupt(f"train.resume={tc.resume}: {problem}")
+        return step_dir
+    except CheckpointCorrupt as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _check_schedule(cfg: Config, meta: dict) -> None:
+    """Warn when the resumed run's length differs from the checkpoint's (schedule and data)."""
+    tc = cfg.train
+    old = (meta.get("config") or {}).get("train") or {}
+    if "steps" not in old or old["steps"] == tc.steps:
+        return
+    old_decay = old.get("lr_decay_steps") or old["steps"]
+    new_decay = tc.lr_decay_steps or tc.steps
+    decay = (f"the learning rate now decays over {new_decay} steps instead of {old_decay} (set "
+             f"train.lr_decay_steps={old_decay} to keep the schedule), and ") if old_decay != new_decay else ""  # fmt: skip
+    _warn(f"train.steps={tc.steps} but the checkpoint's run was set up for {old['steps']}: "
+          f"{decay}the sample order may change (it depends on the number of samples asked for)")  # fmt: skip
+
+
+def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
+    from megatiny.parallel import collectives
     from megatiny.parallel.tracer import CommTracer
-    from megatiny.training.checkpoint import load_checkpoint, resolve, save_checkpoint
+    from megatiny.training import rundir
+    from megatiny.training.checkpoint import load_checkpoint, save_checkpoint
+    from megatiny.training.flight import FlightRecorder
     from megatiny.training.metrics import (
         MetricsWriter,
         Throughput,
@@ -39,38 +108,51 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
         peak_tflops,
         progress_bar,
     )
+    from megatiny.training.spike import SpikeDetector, guard_trainer
 
     tc = cfg.train
-    trainer = trainer or build_trainer(cfg, ctx)
     rank0 = ctx.rank == 0
     run_dir = tc.run_dir
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if rank0:
-        cfg.save_yaml(os.path.join(run_dir, "config.yaml"))
-    resume_from = None
-    if tc.resume == "auto":
-        resume_from = resolve(run_dir) if os.path.isdir(ckpt_dir) else None
-    elif tc.resume not in ("none", ""):
-        resume_from = tc.resume
+    resume_from = _resume_point(cfg, ctx)
+    meta, run_id = {}, rundir.new_run_id()
     if resume_from is not None:
         meta = load_checkpoint(
             resume_from, trainer.model, trainer.optimizer, trainer.scheduler, ctx
         )
         trainer.step, trainer.consumed_samples = meta["step"], meta["consumed_samples"]
         trainer.skipped_steps = meta.get("skipped_steps", 0)
+        run_id = meta.get("run_id") or run_id
         if rank0:
             print(f"resumed from {meta['path']} at step {trainer.step}", flush=True)
+            _check_schedule(cfg, meta)
+    if rank0:  # every check passed: this run's config, and each step logged once
+        cfg.save_yaml(os.path.join(run_dir, "config.yaml"))
+        if resume_from is not None:
+            for name in ("metrics.jsonl", "comm.jsonl"):
+                moved = rundir.drop_rows_after(os.path.join(run_dir, name), trainer.step)
+                if moved:
+                    print(f"{name}: {moved} rows after step {trainer.step} (replayed now) moved "
+                          f"to {name}.replaced", flush=True)  # fmt: skip
+    spikes = None
+    if tc.spike_factor:
+        spikes = SpikeDetector(tc.spike_factor, tc.spike_window, meta.get("loss_history", ()))
+        spike_state = guard_trainer(trainer, spikes) if tc.spike_policy == "skip" else None
 
     def save() -> str:
         extra = {
             "consumed_samples": trainer.consumed_samples,
             "skipped_steps": trainer.skipped_steps,
             "config": cfg.to_dict(),
+            "run_id": run_id,
         }
+        if spikes is not None:
+            extra["loss_history"] = list(spikes.history)
         return save_checkpoint(ckpt_dir, trainer.step, trainer.model, trainer.optimizer,
                                trainer.scheduler, ctx, extra, keep=tc.keep_checkpoints)  # fmt: skip
 
-    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=tc.tensorboard)
+    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=tc.tensorboard,
+                           purge_step=trainer.step + 1 if resume_from is not None else None)  # fmt: skip
     tokens_per_step = tc.global_batch_size_for(ctx.dp_size) * cfg.data.seq_length
     meter = Throughput(
         tokens_per_step, cfg.model.flops_per_token(cfg.data.seq_length), ctx.world_size,
@@ -78,15 +160,19 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     )  # fmt: skip
     bar = progress_bar(tc.steps, trainer.step, enabled=rank0 and tc.progress_bar)
     say = bar.write if bar is not None else (lambda m: print(m, flush=True))
-    last_checkpoint = meta["path"] if resume_from is not None else None
+    last_checkpoint = meta.get("path")
     last_eval, evals = None, []
     can_evaluate = trainer.valid_data is not None  # a task may have no validation data
     tracer = CommTracer(ctx.rank) if tc.trace_comm else None
     comm_path = os.path.join(run_dir, "comm.jsonl")
+    recorder = None
+    if tc.flight_recorder and ctx.world_size > 1:
+        recorder = FlightRecorder(ctx, run_dir, tc.flight_recorder, stall_s=tc.timeout_s / 2)
 
     def phase(step: int, name: str) -> None:
         """Attribute the collectives that follow to (step, phase); eval and checkpoint ops to
         the step they follow."""
+        collectives.set_labels(step=step, phase=name)
         if tracer is not None:
             tracer.mark(step, name)
 
@@ -104,6 +190,8 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
     try:
         if tracer is not None:
             tracer.__enter__()
+        if recorder is not None:
+            recorder.start()
         while trainer.step < tc.steps:
             phase(trainer.step + 1, "train")
             try:
@@ -114,11 +202,24 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
                     f"non-finite {e} at step {trainer.step + 1}; saved checkpoint {last_checkpoint}"
                     ". Lower train.lr, check the data, or set train.nan_policy=skip"
                 ) from None
+            step = trainer.step
+            if spikes is not None:
+                spike = (
+                    spike_state["spike"]
+                    if spike_state is not None
+                    else spikes.is_spike(out["loss"])
+                )
+                if spike and rank0:
+                    action = "update skipped" if spike_state is not None else "update kept"
+                    say(f"loss spike at step {step}: {out['loss']:.4f} > {tc.spike_factor} x "
+                        f"median {spikes.median():.4f} of the last {len(spikes.history)} ({action})")  # fmt: skip
+                if spike and spike_state is not None:
+                    trainer.skipped_steps += 1
+                spikes.observe(out["loss"], spike)
             meter.add_step()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
-            step = trainer.step
             if step % tc.log_interval == 0 or step == tc.steps:
                 m = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                      **meter.measure(), "peak_memory_gib": peak_memory_gib(ctx.device),
@@ -139,7 +240,17 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
                 tracer.write(comm_path)
         if last_eval is None and can_evaluate:  # resumed at the final step: report the model
             last_eval = trainer.evaluate()
+    except NonFiniteLoss:
+        raise
+    except Exception as e:
+        if recorder is not None:  # e.g. a collective timed out: leave the evidence
+            path = recorder.dump(f"exception: {type(e).__name__}: {str(e)[:500]}")
+            print(f"rank {ctx.rank}: flight recorder dumped to {path}; run `megatiny debug hang "
+                  f"{run_dir}`", file=sys.stderr, flush=True)  # fmt: skip
+        raise
     finally:
+        if recorder is not None:
+            recorder.stop()
         if tracer is not None:
             tracer.__exit__(None, None, None)
             tracer.write(comm_path)
@@ -173,8 +284,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML config (see launch/configs/)")
     parser.add_argument(
         "--resume", default=None,
-        help="auto: continue from run_dir's latest checkpoint (fresh start when none); none; "
-        "or a checkpoint directory",
+        help="auto: continue from run_dir's newest intact checkpoint (fresh start when none); "
+        "none: a fresh run (refuses a run_dir that holds another run); verify-only: check "
+        "run_dir's checkpoints and exit; or a checkpoint directory",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="a fresh run in a run_dir that holds another run moves that run aside to "
+        "RUN_DIR.old-<time>/ (nothing is deleted)",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config key, e.g. train.steps=20 parallel.tp=2")  # fmt: skip
@@ -195,11 +312,20 @@ def _ensure_env() -> None:
 
 def main(args) -> int:
     from megatiny.training.checkpoint import CheckpointError
+    from megatiny.training.rundir import RunDirError
 
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
         if args.resume is not None:
             cfg.train.resume = args.resume
+        if getattr(args, "overwrite", False):
+            cfg.train.overwrite = True
+        if cfg.train.resume == "verify-only":  # no training, no process group
+            from megatiny.training.manifest import verify_tree
+
+            if os.environ.get("RANK", "0") != "0":
+                return 0
+            return verify_tree(cfg.train.run_dir)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size)  # before any process group exists
         check_supported(cfg, world_size)
@@ -211,11 +337,12 @@ def main(args) -> int:
     from megatiny.parallel.context import ParallelContext
 
     p = cfg.parallel
-    ctx = ParallelContext.from_env(tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp, backend=cfg.train.backend)
+    ctx = ParallelContext.from_env(tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp, backend=cfg.train.backend,
+                                   timeout_s=cfg.train.timeout_s)  # fmt: skip
     t0 = time.time()
     try:
         summary = train(cfg, ctx)
-    except (NonFiniteLoss, CheckpointError, ConfigError) as e:
+    except (NonFiniteLoss, CheckpointError, ConfigError, RunDirError) as e:
         print(f"megatiny train: rank {ctx.rank}: {e}", file=sys.stderr)
         return 1
     finally:

@@ -115,10 +115,13 @@ def _jsonable(value):
 class MetricsWriter:
     """Rank-0 sink: `metrics.jsonl` (one object per call, flushed) and `tensorboard/` scalars.
 
-    Other ranks construct it with `enabled=False` and every method is then a no-op.
+    Other ranks construct it with `enabled=False` and every method is then a no-op. A resumed
+    run passes `purge_step` = its first step: TensorBoard drops the events the crashed run wrote
+    from there on (the loop moves those rows of metrics.jsonl aside), so each step appears once.
     """
 
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True,
+                 purge_step: int | None = None):  # fmt: skip
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
@@ -131,7 +134,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard_dir = os.path.join(run_dir, "tensorboard")
-            self._tb = SummaryWriter(self.tensorboard_dir)
+            self._tb = SummaryWriter(self.tensorboard_dir, purge_step=purge_step)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:

@@ -217,31 +217,33 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate_iters(self) -> dict:
-        """Mean validation loss over `eval_iters` micro-batches per dp rank (a fixed set of
-        samples, so successive evaluations are comparable), and its perplexity exp(loss)."""
+        """Mean validation loss over `eval_iters` global batches, and its perplexity exp(loss).
+
+        Megatron's evaluation: batch i holds validation samples [i B, (i + 1) B) (B = global
+        batch), split over dp ranks and micro-batches exactly like a training step's samples, so
+        every layout (tp, pp, dp, accumulation) evaluates the same samples, the same ones each
+        time (successive evaluations are comparable)."""
         tc, ctx = self.cfg.train, self.ctx
+        global_batch = tc.global_batch_size_for(ctx.dp_size)
+        batches = [
+            collate(self.valid_data, micro_batch_indices(
+                i * global_batch, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, j), ctx.device)
+            for i in range(tc.eval_iters)
+            for j in range(self.accumulation)
+        ]  # fmt: skip
         self.model.eval()
-        total = torch.zeros(())
         try:
-            for i in range(tc.eval_iters if ctx.pp_size == 1 else 0):
-                idx = micro_batch_indices(0, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, i)
-                with self.autocast():
-                    total += (
-                        self.loss_fn(self.model, collate(self.valid_data, idx, ctx.device))
-                        .float()
-                        .cpu()
-                    )
             if ctx.pp_size > 1:  # the pipeline schedule runs the micro-batches, forward only
-                batches = [
-                    collate(self.valid_data, micro_batch_indices(
-                        0, tc.micro_batch_size, ctx.dp_rank, ctx.dp_size, i), ctx.device)
-                    for i in range(tc.eval_iters)
-                ]  # fmt: skip
                 mean = self.schedule(self.model, batches, forward_only=True, autocast=self.autocast)
-                total = mean.float().cpu() * tc.eval_iters
+            else:
+                total = torch.zeros((), device=ctx.device)
+                for batch in batches:
+                    with self.autocast():
+                        total += self.loss_fn(self.model, batch).float()
+                mean = total / len(batches)
         finally:
             self.model.train()
-        loss = self._all_reduce_mean(total / tc.eval_iters, ctx.dp_group).item()
+        loss = self._all_reduce_mean(mean.float(), ctx.dp_group).item()
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
@@ -293,7 +295,7 @@ def build_data(cfg: Config, ctx, dp: int):
     tc, dc = cfg.train, cfg.data
     num_samples = {
         "train": tc.steps * tc.global_batch_size_for(dp),
-        "valid": tc.eval_iters * tc.micro_batch_size * dp,
+        "valid": tc.eval_iters * tc.global_batch_size_for(dp),  # evaluate_iters' samples
         "test": tc.micro_batch_size * dp,
     }
 
