@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "convert": ("megatiny.hf.convert", "convert checkpoints to / from Hugging Face transformers"),
     "parity": ("megatiny.parity.cli", "find the first module where a parallel layout differs"),
+    "checkpoint": ("megatiny.training.manifest", "verify checkpoints against their manifests"),
+    "debug": ("megatiny.training.hang", "diagnose a hung job from its flight-recorder dumps"),
 }
 
 
