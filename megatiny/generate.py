@@ -200,7 +200,9 @@ def main(args) -> int:
     if args.chat and args.prompt_ids is not None:
         raise SystemExit("--chat takes --prompt (the user's message), not --prompt-ids")
     tokenizer = None
-    tok_path = args.tokenizer or (args.checkpoint if _has_tokenizer(args.checkpoint) else None)
+    tok_path = args.tokenizer
+    if tok_path is None and args.prompt_ids is None and _has_tokenizer(args.checkpoint):
+        tok_path = args.checkpoint  # text prompts: the tokenizer `convert` / `finetune` put there
     if tok_path:
         from megatiny.data.tokenizer import load_tokenizer
 

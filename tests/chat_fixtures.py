@@ -90,3 +90,71 @@ def chat_llama(vocab_size: int, prompt_ids: list[int], stop_after: int = 4):
     model.generation_config.pad_token_id = EOS_ID
     model.generation_config.bos_token_id = 1
     return model
+
+
+def write_gguf(path: str, hf_model, tokenizer_dir: str) -> None:
+    """Write `hf_model` (a LlamaForCausalLM) and the tokenizer in `tokenizer_dir` as an fp32 GGUF
+    the way llama.cpp's converter lays it out (q/k rows permuted for its RoPE, GPT-2 style BPE
+    vocabulary and merges, special ids and chat template in the metadata)."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    c = hf_model.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    with open(f"{tokenizer_dir}/tokenizer.json") as f:
+        tj = json.load(f)
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), c.vocab_size)]
+    types = [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(EOS_ID)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    def permute(t, heads):  # llama.cpp's convert_hf_to_gguf: HF rotate-half -> interleaved
+        return (
+            t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(t.shape)
+        )
+
+    sd = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight",
+                     permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))  # fmt: skip
+        w.add_tensor(f"blk.{i}.attn_k.weight",
+                     permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))  # fmt: skip
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", np.ascontiguousarray(sd["lm_head.weight"]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

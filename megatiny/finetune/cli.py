@@ -12,7 +12,8 @@ So every layout of `megatiny train` (tp, sequence parallelism, pp with 1F1B or i
 ZeRO-1), recompute, bf16 autocast, metrics and `--resume auto` apply. The output directory is
 the run directory (config.yaml, metrics.jsonl, checkpoints/) and, written by rank 0 from the
 final layout-free checkpoint, a single-device model directory: model.safetensors +
-model_config.json (+ classifier_head.safetensors and labels.json) and finetune.json.
+model_config.json (+ classifier_head.safetensors and labels.json), the tokenizer's files and
+finetune.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+from megatiny.data.tokenizer import copy_tokenizer_files
 from megatiny.finetune.config import TASKS, FinetuneConfig, run_config
 from megatiny.finetune.data import FinetuneError
 from megatiny.finetune.model import export
@@ -57,6 +59,8 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
         summary = train(run, ctx, build_trainer(run, ctx, task))
         if rank0:
             export(summary["checkpoint"], task.body_config, cfg.output, task.labels)
+            # the tokenizer travels with the model: `generate --checkpoint OUT [--chat]` finds it
+            copy_tokenizer_files(cfg.tokenizer, cfg.output)
             losses = summary["losses"]
             record = {"config": asdict(cfg), "final_loss": losses[-1] if losses else None,
                       "evals": summary["evals"]}  # fmt: skip
@@ -153,6 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="activation recomputation (default: the pretrained config's)")  # fmt: skip
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA, fp32 on CPU")  # fmt: skip
+    a("--prompt-format", default="auto", choices=["auto", "alpaca", "chat"],
+      help="instruction: the model's chat template (chat), the Alpaca prompt, or auto: chat "
+      "when the tokenizer has a template")  # fmt: skip
+    a("--eos-token", help="end-of-sequence spelling, overriding the tokenizer's configuration")
     a("--tensorboard", action="store_true")
     a("--no-progress-bar", action="store_true")
 

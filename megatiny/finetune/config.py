@@ -18,7 +18,7 @@ from megatiny.config import (
     ParallelConfig,
     TrainConfig,
 )
-from megatiny.finetune.data import FinetuneError
+from megatiny.finetune.data import PROMPT_FORMATS, FinetuneError
 
 TASKS = ("classification", "instruction")
 
@@ -58,6 +58,8 @@ class FinetuneConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
     progress_bar: bool = True
     tensorboard: bool = False
+    prompt_format: str = "auto"  # instruction: auto (chat if a template) | alpaca | chat
+    eos_token: str | None = None  # overrides the tokenizer's configured eos spelling
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -65,6 +67,10 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "eval_interval", "log_interval", "tp", "pp"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise FinetuneError(
+                f"prompt_format={self.prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}"
+            )
         if self.num_classes is not None and self.num_classes < 2:
             raise FinetuneError(f"num_classes={self.num_classes} must be >= 2")
 

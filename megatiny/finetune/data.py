@@ -7,18 +7,24 @@ model); integer labels are used as they are and must lie in [0, num_classes). Ea
     ids = encode(text)[: max_len - 1] + [EOD]
 
 and the classifier reads the hidden state of the last real token (the EOD, which has attended to
-the whole text under the causal mask).
+the whole text under the causal mask). EOD is the tokenizer's eos (`<|im_end|>` for SmolLM2, from
+its tokenizer_config.json; `<|endoftext|>` for our own BPEs).
 
-Instruction rows are `{"instruction", "input", "output"}` (Alpaca). The prompt is the Alpaca
-template (with or without the `### Input:` section), tokenized separately from the response so
-the boundary is exact:
+Instruction rows are `{"instruction", "input", "output"}` (Alpaca). The prompt is either the
+Alpaca template (with or without the `### Input:` section; `prompt_format="alpaca"`) or the
+model's own chat format (`"chat"`: the tokenizer's chat template applied to one user turn, the
+instruction and input joined by a blank line, plus the assistant header; special tokens encoded
+as such). `"auto"` (the default) is chat when the tokenizer has a template. The prompt is
+tokenized separately from the response so the boundary is exact:
 
     tokens    = encode(prompt) + encode(output) + [EOD]                 (n tokens, <= max_len + 1)
     input_ids = tokens[:-1]
     labels[i] = tokens[i + 1]   if i + 1 >= len(prompt tokens)  else -100
 
 so labels are already shifted (Megatron convention, as `GPT.forward` expects) and the loss covers
-exactly the response tokens and the final EOD. Over-long rows keep the whole prompt and cut the
+exactly the response tokens and the final EOD. In the chat format the response is what the
+template puts after the prompt for an assistant turn, up to and including its first eos (for
+SmolLM2 `output<|im_end|>`), so the model learns to end its turn as its template does. Over-long rows keep the whole prompt and cut the
 response; a row whose prompt leaves no room for a response token is dropped (and counted).
 
 Both become fixed-length Trainer samples {input_ids, labels, loss_mask} (`to_sample`), served by
@@ -168,14 +174,55 @@ def encode_classification(rows, tokenizer, labels: LabelMap, max_len: int) -> li
 # ---- instruction SFT ------------------------------------------------------------------------
 
 
+PROMPT_FORMATS = ("auto", "alpaca", "chat")
+
+
 def prompt_text(row: dict) -> str:
     instruction = _field(row, "instruction", str, 'rows need "instruction" and "output" strings')
-    extra = row.get("input") or ""
-    if not isinstance(extra, str):
-        raise FinetuneError(f"{row['_where']}: 'input' must be a string")
+    extra = _input(row)
     if extra.strip():
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=extra)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _input(row: dict) -> str:
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise FinetuneError(f"{row['_where']}: 'input' must be a string")
+    return extra
+
+
+def user_message(row: dict) -> str:
+    """The chat format's user turn: the instruction, then the input after a blank line."""
+    extra = _input(row)
+    return row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
+
+
+def resolve_prompt_format(prompt_format: str, tokenizer) -> str:
+    if prompt_format not in PROMPT_FORMATS:
+        raise FinetuneError(f"prompt_format={prompt_format!r}; choose one of {PROMPT_FORMATS}")
+    if prompt_format == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise FinetuneError("--prompt-format chat needs a tokenizer with a chat template "
+                            "(tokenizer_config.json / chat_template.jinja); use alpaca")  # fmt: skip
+    return prompt_format
+
+
+def prompt_and_response(row: dict, tokenizer, prompt_format: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids ending with eos) of an instruction row."""
+    if prompt_format == "alpaca":
+        return (tokenizer.encode(prompt_text(row)),
+                tokenizer.encode(row["output"]) + [tokenizer.eod_id])  # fmt: skip
+    turn = [{"role": "user", "content": user_message(row)}]
+    prompt = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True)
+    full = tokenizer.apply_chat_template(turn + [{"role": "assistant", "content": row["output"]}],
+                                         add_generation_prompt=False, tokenize=True)  # fmt: skip
+    response = full[len(prompt) :]
+    if full[: len(prompt)] != prompt or tokenizer.eod_id not in response:
+        # a template whose assistant turn does not extend the generation prompt
+        return prompt, tokenizer.encode(row["output"]) + [tokenizer.eod_id]
+    return prompt, response[: response.index(tokenizer.eod_id) + 1]
 
 
 def instruction_rows(path: str) -> list[dict]:
@@ -186,12 +233,14 @@ def instruction_rows(path: str) -> list[dict]:
     return rows
 
 
-def encode_instruction(rows, tokenizer, max_len: int) -> tuple[list[dict], int]:
+def encode_instruction(rows, tokenizer, max_len: int,
+                       prompt_format: str = "alpaca") -> tuple[list[dict], int]:  # fmt: skip
     """([{input_ids, labels}] as lists, number of dropped rows); see the module docstring."""
     out, dropped = [], 0
+    prompt_format = resolve_prompt_format(prompt_format, tokenizer)
     for row in rows:
-        prompt = tokenizer.encode(prompt_text(row))
-        tokens = (prompt + tokenizer.encode(row["output"]) + [tokenizer.eod_id])[: max_len + 1]
+        prompt, response = prompt_and_response(row, tokenizer, prompt_format)
+        tokens = (prompt + response)[: max_len + 1]
         if len(tokens) <= len(prompt):
             dropped += 1
             continue

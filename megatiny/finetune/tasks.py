@@ -19,6 +19,7 @@ micro-batch's last labelled token (causal attention: they change nothing before 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from megatiny.finetune import data as fd
 from megatiny.finetune.config import FinetuneConfig, model_config
@@ -50,7 +51,7 @@ class FinetuneTask(Task):
         from megatiny.data.tokenizer import load_tokenizer
 
         try:
-            tokenizer = load_tokenizer(cfg.tokenizer)
+            tokenizer = load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
         except (FileNotFoundError, ValueError) as e:
             raise FinetuneError(f"--tokenizer: {e}") from None
         body = load_pretrained(cfg.checkpoint)
@@ -71,19 +72,20 @@ class FinetuneTask(Task):
                 valid_rows = fd.classification_rows(cfg.valid)
                 valid = fd.encode_classification(valid_rows, tokenizer, labels, max_len)
         else:
+            fmt = cfg.prompt_format
             train, dropped = fd.encode_instruction(fd.instruction_rows(cfg.train), tokenizer,
-                                                   max_len)  # fmt: skip
+                                                   max_len, fmt)  # fmt: skip
             valid = None
             if cfg.valid:
                 valid, d = fd.encode_instruction(fd.instruction_rows(cfg.valid), tokenizer,
-                                                 max_len)  # fmt: skip
+                                                 max_len, fmt)  # fmt: skip
                 dropped += d
             if not train:
                 raise FinetuneError(
                     f"every row of {cfg.train} has a prompt longer than --max-len {max_len}; "
                     "raise --max-len (up to the model's max_seq_len) or shorten the prompts"
                 )
-        return cls(cfg, _with_config(body, model_config(cfg, mc)), tokenizer.eod_id, train,
+        return cls(cfg, _with_config(body, model_config(cfg, mc)), tokenizer.pad_id, train,
                    valid or None, labels, dropped, body_config=mc)  # fmt: skip
 
     # ---- the Task hooks ---------------------------------------------------------------------
@@ -114,14 +116,19 @@ class FinetuneTask(Task):
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer) -> dict:
-        """Loss over the whole validation set (and accuracy for classification): its rows in
-        micro-batches over the dp ranks, each micro-batch's mean loss weighted by its number of
-        loss terms (rows or response tokens)."""
+        """Loss over the whole validation set (classification: and accuracy, and macro F1 when
+        the logits are on one stage, pp=1): its rows in micro-batches over the dp ranks, each
+        micro-batch's mean loss weighted by its number of loss terms (rows or response tokens)."""
         ctx, micro = trainer.ctx, trainer.cfg.train.micro_batch_size
         valid, model = trainer.valid_data, trainer.model
         head = getattr(model, "output", None)  # None on a pipeline stage without the head
         if isinstance(head, ClassificationOutput):
             head.correct = 0
+        # confusion[true, predicted] over the validation rows (needs the logits: one stage)
+        confusion = None
+        if self.labels is not None and ctx.pp_size == 1:
+            n_cls = len(self.labels.names)
+            confusion = torch.zeros(n_cls * n_cls, dtype=torch.float64, device=ctx.device)
         loss_sum, terms = 0.0, 0
         model.eval()
         try:
@@ -130,7 +137,9 @@ class FinetuneTask(Task):
                 samples = [valid[i] if i < len(valid) else valid.empty() for i in idx]
                 batch = collate(samples, range(len(samples)), ctx.device)
                 n = int((batch["labels"] != fd.IGNORE_INDEX).sum())
-                if ctx.pp_size == 1:
+                if confusion is not None:  # one forward gives the loss and the predictions
+                    loss = self._classify(trainer, batch, confusion)
+                elif ctx.pp_size == 1:
                     with trainer.autocast():
                         loss = trainer.loss_fn(model, batch)
                 else:
@@ -141,17 +150,48 @@ class FinetuneTask(Task):
             model.train()
         correct = head.correct if isinstance(head, ClassificationOutput) else 0
         totals = torch.tensor([loss_sum, terms, correct], dtype=torch.float64, device=ctx.device)
+        if confusion is not None:
+            totals = torch.cat([totals, confusion])
         if ctx.pp_size > 1:  # the accuracy is counted on the last stage
             collectives.broadcast(totals, ctx.pp_ranks[-1], ctx.pp_group)
         if ctx.dp_size > 1:
             collectives.all_reduce(totals, ctx.dp_group)
-        loss_sum, terms, correct = totals.tolist()
+        loss_sum, terms, correct = totals[:3].tolist()
         out = {"loss": loss_sum / max(terms, 1.0)}
-        if self.labels is not None:
+        if confusion is not None:
+            n_cls = len(self.labels.names)
+            matrix = totals[3:].view(n_cls, n_cls)
+            out["accuracy"] = float(matrix.trace() / len(valid))
+            out["f1"] = macro_f1(matrix)
+        elif self.labels is not None:
             out["accuracy"] = correct / len(valid)
         else:
             out["perplexity"] = float(torch.tensor(min(out["loss"], 50.0)).exp())
         return out
+
+    def _classify(self, trainer: Trainer, batch: dict, confusion: torch.Tensor) -> torch.Tensor:
+        """Mean loss of an evaluation micro-batch from its class logits (as `head_loss`);
+        adds its (true, predicted) pairs to the flat `confusion` counts."""
+        batch = trim_padding(batch, self.multiple)
+        with trainer.autocast():
+            logits = trainer.model(batch["input_ids"]).float()
+        labelled = batch["labels"] != fd.IGNORE_INDEX
+        target, scores = batch["labels"][labelled], logits[labelled]
+        n_cls = scores.shape[-1]
+        pairs = target * n_cls + scores.argmax(-1)
+        confusion += torch.bincount(pairs, minlength=n_cls * n_cls).to(confusion)
+        if not len(target):
+            return torch.zeros(())
+        return F.cross_entropy(scores, target)
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean over classes of F1 = 2 TP / (2 TP + FP + FN), from confusion[true, predicted]
+    (a class with no rows and no predictions counts as F1 1)."""
+    tp = confusion.diag()
+    denom = 2 * tp + (confusion.sum(0) - tp) + (confusion.sum(1) - tp)
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1e-12), torch.ones_like(tp))
+    return float(f1.mean())
 
 
 def trim_padding(batch: dict[str, torch.Tensor], multiple: int = 1) -> dict[str, torch.Tensor]:
