@@ -2,7 +2,8 @@
 
 Every all-reduce, all-gather, reduce-scatter, all-to-all, broadcast, send/recv and barrier of the
 codebase (comm Functions, DP buckets, ZeRO-1, pipeline p2p, context-parallel ring and all-to-all,
-loss and grad-norm reductions, checkpoints) calls a function here, so one module can check and observe them all:
+loss and grad-norm reductions, checkpoints) calls a function here, so one module can check and
+observe them all:
 
 - device check: with `MEGATINY_CHECK_DEVICES=1` (on in the test suite) a tensor on another device
   than the ParallelContext's (a CPU tensor on a CUDA run, which NCCL rejects) raises at once,

@@ -19,6 +19,7 @@ query heads with their kv heads. `forward(ids)` gathers the logits on every TP r
 
     output           VocabParallelOutput          (megatiny/parallel/modules.py)
     attn.core        ShardedRNG                   attention dropout on sharded heads: per-rank masks
+                     (cp > 1: around RingAttention or UlyssesAttention, context_parallel.py)
 
 Sequence parallelism (`sequence_parallel=True`): outside the column/row regions activations are
 sequence shards [b, s/p, h]; column-parallel inputs are all-gathered (backward reduce-scatter),
@@ -49,6 +50,7 @@ from torch import nn
 
 from megatiny.model import LMOutput
 from megatiny.parallel import collectives
+from megatiny.parallel.context_parallel import apply_context_parallel
 from megatiny.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -127,8 +129,10 @@ def materialize(model, device) -> nn.Module:
     return model
 
 
-def parallelize(model, ctx, sequence_parallel: bool = False):
-    """Shard `model` (a megatiny GPT) in place for this rank's TP group and return it.
+def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "ring"):
+    """Shard `model` (a megatiny GPT) in place for this rank's TP group and return it; with
+    ctx.cp_size > 1 also swap the attention cores for context-parallel ones (`cp_mode` ring or
+    a2a: megatiny/parallel/context_parallel.py).
 
     Modules may be None (e.g. a pipeline stage without embedding or head) and are skipped."""
     if tp_group_of(model) is not None:
@@ -208,6 +212,8 @@ def parallelize(model, ctx, sequence_parallel: bool = False):
         model.output = output.parallelize(ctx, sp)
 
     materialize(model, device)  # replicated parameters: norms, positions, task heads
+    if getattr(ctx, "cp_size", 1) > 1:
+        apply_context_parallel(model, ctx, cp_mode)
     return model
 
 
