@@ -1,0 +1,181 @@
+"""The time model: turns what the dry run counted (FLOPs, bytes moved, collectives) into seconds.
+
+Per pipeline stage, one micro-batch (forward + backward, recomputation included — the dry run
+ran it):
+
+    t_compute = matmul FLOPs / (peak x matmul_efficiency)
+              + attention FLOPs / 2 / (peak x attention_efficiency)   causal: flash kernels skip
+                                                                      the masked half of s x s
+              + other bytes / (HBM bandwidth x memory_efficiency)      memory-bound ops
+    t_tp      = sum over TP collectives of  calls x latency + bytes x f / bandwidth
+                f = 2(n-1)/n all-reduce, (n-1)/n all-gather / reduce-scatter (ring bus factors),
+                bytes = the full tensor (the tracer's convention); TP sits on the critical path
+
+Links: a group whose ranks sit in one node (ranks r // gpus_per_node equal) uses the intra-node
+link (NVLink), else the inter-node one (InfiniBand, per GPU); bandwidth = gb_per_s x efficiency.
+
+Per step (m micro-batches, p stages, v chunks per stage, the slowest stage sets the pace):
+
+    t_mb      = t_compute + t_tp                                     of the slowest stage
+    bubble    = (p - 1) / v x t_mb                                   (1F1B / interleaved)
+    pp        = sends per step x (latency + message / bandwidth)     blocking p2p, exposed
+    dp        = gradient reduction (all-reduce, or ZeRO-1 reduce-scatter) overlapped with the
+                last micro-batch's backward (2/3 of its compute): exposed = max(t - overlap,
+                t / buckets); ZeRO-1's parameter all-gather, the grad-norm and tied-embedding
+                all-reduces: exposed
+    optimizer = the optimizer step's bytes / (HBM bandwidth x memory_efficiency)
+    step      = m x t_mb + bubble + pp + dp + optimizer
+
+CPU profiles (`cores`): ranks beyond the core count share them, so a rank's compute and memory
+rates are multiplied by min(1, cores / world_size).
+
+MFU = model FLOPs per step (`ModelConfig.flops_per_token`, Megatron's convention: matmuls only,
+no recomputation, full s x s attention) / (world_size x step x peak).
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
+CALIBRATED = os.path.join("runs", "cpu-calibrated.yaml")
+
+
+def load_profile(name: str) -> dict:
+    """A hardware profile by name (megatiny/plan/profiles/NAME.yaml) or a YAML path; `cpu` means
+    runs/cpu-calibrated.yaml when `--calibrate` has written it."""
+    if name == "cpu" and os.path.exists(CALIBRATED):
+        path = CALIBRATED
+    elif os.path.exists(name):
+        path = name
+    else:
+        path = os.path.join(PROFILE_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        known = sorted(f[:-5] for f in os.listdir(PROFILE_DIR) if f.endswith(".yaml"))
+        raise ValueError(f"unknown GPU profile {name!r}; choose one of {known} or a YAML path")
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _affine(runs, get):
+    """(per micro-batch, per step) from two runs of m1 < m2 micro-batches."""
+    (m1, y1), (m2, y2) = ((r["m"], get(r)) for r in runs)
+    slope = (y2 - y1) / (m2 - m1)
+    return slope, y1 - slope * m1
+
+
+def comm_per_step(stage: dict, m: int) -> list[dict]:
+    """The stage's collectives for a step of m micro-batches: rows {group, op, calls, bytes}."""
+    keys = {(r["group"], r["op"]) for run in stage["runs"] for r in run["comm"]}
+    out = []
+    for group, op in sorted(keys):
+
+        def get(run, field, g=group, o=op):
+            return sum(r[field] for r in run["comm"] if r["group"] == g and r["op"] == o)
+
+        row = {"group": group, "op": op}
+        for field in ("calls", "bytes"):
+            slope, base = _affine(stage["runs"], lambda r, f=field: get(r, f))
+            row[field] = int(round(base + slope * m))
+        out.append(row)
+    return out
+
+
+def ops_per_micro_batch(stage: dict) -> dict[str, float]:
+    """FLOPs and bytes of one micro-batch (slope in m of the schedule phase)."""
+    out = {}
+    for key in ("matmul_flops", "attention_flops", "bytes"):
+        slope, _ = _affine(stage["runs"], lambda r, k=key: r["ops"]["micro_batches"][k])
+        out[key] = slope
+    return out
+
+
+def _link(profile: dict, ranks: list[int]) -> dict:
+    g = profile["gpus_per_node"]
+    intra = len({r // g for r in ranks}) == 1
+    return profile["links"]["intra_node" if intra else "inter_node"]
+
+
+def collective_seconds(op: str, calls: int, nbytes: int, n: int, link: dict) -> float:
+    if n <= 1 or calls == 0:
+        return 0.0
+    factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n,
+              "reduce_scatter": (n - 1) / n}.get(op, 1.0)  # fmt: skip
+    bandwidth = link["gb_per_s"] * 1e9 * link["efficiency"]
+    return calls * link["latency_us"] * 1e-6 + nbytes * factor / bandwidth
+
+
+def _group_ranks(stage: dict, group: str, world_size: int) -> list[int]:
+    ranks = stage["ranks"]
+    if group in ranks:
+        return ranks[group]
+    if group == "dp_cp":
+        return ranks["dp"]
+    if group == "embedding":
+        return [ranks["pp"][0], ranks["pp"][-1]]
+    return list(range(world_size))  # mp / world: assume the widest span
+
+
+def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
+    """Seconds of one micro-batch (compute, tp) and the per-step comm of one stage."""
+    dtype = "bf16" if cfg.train.precision == "bf16" else "fp32"
+    share = min(1.0, profile.get("cores", world_size) / world_size)
+    peak = profile["peak_tflops"][dtype] * 1e12 * share
+    hbm = profile["hbm_gb_per_s"] * 1e9 * profile["memory_efficiency"] * share
+    ops = ops_per_micro_batch(stage)
+    compute = (
+        ops["matmul_flops"] / (peak * profile["matmul_efficiency"])
+        + ops["attention_flops"] / 2 / (peak * profile["attention_efficiency"])
+        + ops["bytes"] / hbm
+    )
+    m = cfg.train.accumulation_steps(stage["group_sizes"]["dp"])
+    sizes = stage["group_sizes"]
+    tp = pp = dp_overlap = dp_exposed = 0.0
+    buckets = 1
+    for row in comm_per_step(stage, m):
+        group, op = row["group"], row["op"]
+        link = _link(profile, _group_ranks(stage, group, world_size))
+        if op in ("send", "recv"):
+            if op == "send":  # a send meets its receive in the same exchange
+                bw = link["gb_per_s"] * 1e9 * link["efficiency"]
+                pp += row["calls"] * link["latency_us"] * 1e-6 + row["bytes"] / bw
+            continue
+        seconds = collective_seconds(op, row["calls"], row["bytes"], sizes.get(group, 1), link)
+        if group == "tp":
+            tp += seconds / m
+        elif group in ("dp", "dp_cp") and op in ("all_reduce", "reduce_scatter"):
+            dp_overlap += seconds
+            buckets = max(buckets, row["calls"])
+        else:
+            dp_exposed += seconds
+    optimizer = stage["runs"][-1]["ops"].get("step", {}).get("bytes", 0) / hbm
+    return {"compute": compute, "tp": tp, "pp": pp, "dp_overlap": dp_overlap,
+            "dp_buckets": buckets, "dp_exposed": dp_exposed, "optimizer": optimizer,
+            "m": m}  # fmt: skip
+
+
+def step_time(stages: list[dict], profile: dict, cfg, world_size: int) -> dict:
+    """The step's seconds and their split; the slowest stage sets the pace."""
+    times = [stage_times(s, profile, cfg, world_size) for s in stages]
+    v = stages[0]["chunks"]
+    p = len(stages)
+    worst = max(times, key=lambda t: t["compute"] + t["tp"])
+    m = worst["m"]
+    t_mb = worst["compute"] + worst["tp"]
+    bubble = (p - 1) / v * t_mb
+    pp = max(t["pp"] for t in times)
+    overlap_window = 2 / 3 * worst["compute"]
+    dp = max(
+        max(t["dp_overlap"] - overlap_window, t["dp_overlap"] / t["dp_buckets"]) + t["dp_exposed"]
+        for t in times
+    )
+    optimizer = max(t["optimizer"] for t in times)
+    compute = m * worst["compute"] + optimizer
+    exposed = m * worst["tp"] + pp + dp
+    step = compute + exposed + bubble
+    return {
+        "step": step, "compute": compute, "exposed_comm": exposed, "bubble": bubble,
+        "exposed_comm_by_group": {"tp": m * worst["tp"], "pp": pp, "dp": dp},
+    }  # fmt: skip
