@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "parity": ("megatiny.parity.cli", "find the first module where a parallel layout differs"),
     "checkpoint": ("megatiny.training.manifest", "verify checkpoints against their manifests"),
     "debug": ("megatiny.training.hang", "diagnose a hung job from its flight-recorder dumps"),
+    "plan": ("megatiny.plan.cli", "predict memory, communication and step time of a layout"),
 }
 
 
