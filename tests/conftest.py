@@ -9,6 +9,22 @@ tensors in this process. Nothing else changes: the model uses the kernels only w
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+
+# On a GPU machine, benchmarks/gpu_check.sh sets MEGATINY_GPU_TESTS=1 and runs `pytest -m gpu`:
+# the kernels then compile for the GPU instead of running in the interpreter.
+if os.environ.get("MEGATINY_GPU_TESTS") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 # Every tensor a collective touches must be on the parallel context's device (collectives.py).
 os.environ.setdefault("MEGATINY_CHECK_DEVICES", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
