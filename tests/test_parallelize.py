@@ -248,3 +248,22 @@ def test_dropout_masks_are_consistent_and_recomputed_exactly(sp):
     for name, g in ranks[0]["none"].items():
         if "norm" in name or "pos_embed" in name:
             torch.testing.assert_close(ranks[1]["none"][name], g, msg=name)
+
+
+def _frozen_stays_frozen():
+    ctx = ParallelContext.initialize(tp=2)
+    model = GPT(tiny("llama"))
+    for p in model.blocks[0].parameters():
+        p.requires_grad_(False)
+    model.embed.weight.requires_grad_(False)
+    parallelize(model, ctx)
+    return sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_parallelize_keeps_frozen_parameters_frozen():
+    # Fine-tuning freezes before sharding; the parallel layers' new parameters keep the flag.
+    for frozen in run_ranks(_frozen_stays_frozen, 2):
+        assert frozen == sorted(
+            ["embed.weight"]
+            + [f"blocks.0.{n}" for n, _ in GPT(tiny("llama")).blocks[0].named_parameters()]
+        )

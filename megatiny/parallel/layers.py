@@ -51,8 +51,8 @@ def _min_max(ids: torch.Tensor) -> tuple[int, int]:
     return lo, hi
 
 
-def _param(t: torch.Tensor, device) -> nn.Parameter:
-    return nn.Parameter(t.to(device).contiguous().clone())
+def _param(t: torch.Tensor, device, requires_grad: bool = True) -> nn.Parameter:
+    return nn.Parameter(t.to(device).contiguous().clone(), requires_grad=requires_grad)
 
 
 class _ParallelLinear(nn.Module):
@@ -95,9 +95,12 @@ class _ParallelLinear(nn.Module):
         if w.is_meta:
             return layer
         with torch.no_grad():
-            layer.weight = _param(layer.shard(w.detach()), device)
+            # A frozen parameter stays frozen in its shard.
+            frozen = not linear.weight.requires_grad
+            layer.weight = _param(layer.shard(w.detach()), device, not frozen)
             if b is not None:
-                layer.bias = _param(layer.shard_bias(b.detach()), device)
+                trainable = linear.bias is None or linear.bias.requires_grad
+                layer.bias = _param(layer.shard_bias(b.detach()), device, trainable)
         return layer
 
 
@@ -295,7 +298,7 @@ class VocabParallelEmbedding(nn.Module):
         if w.is_meta:
             return layer
         with torch.no_grad():
-            layer.weight = _param(layer.shard(w.detach()), device)
+            layer.weight = _param(layer.shard(w.detach()), device, emb.weight.requires_grad)
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

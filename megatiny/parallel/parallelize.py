@@ -125,7 +125,7 @@ def materialize(model, device) -> nn.Module:
         if p.is_meta or p.device != torch.device(device):
             owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
             module = model.get_submodule(owner)
-            setattr(module, leaf, _param(src.full(name, p), device))
+            setattr(module, leaf, _param(src.full(name, p), device, p.requires_grad))
     return model
 
 
