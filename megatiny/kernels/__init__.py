@@ -1,4 +1,4 @@
-"""Fused Triton kernels, installed as ``megatiny.kernels``.
+"""Fused Triton kernels (``megatiny.kernels``).
 
 Modules (each: Triton kernels (``@jit`` below: ``triton.jit`` in Triton's import mode), a
 ``torch.autograd.Function``, a public function, a plain-torch
@@ -8,6 +8,9 @@ Modules (each: Triton kernels (``@jit`` below: ``triton.jit`` in Triton's import
 - ``layernorm``: ``layer_norm(x, weight, bias, eps)``, ``rms_norm(x, weight, eps)``
 - ``cross_entropy``: ``cross_entropy(logits, target, ignore_index=-100)`` and
   ``vocab_parallel_cross_entropy(logits_shard, target, group, ...)``
+- ``flash_attention`` (a package: Python side + ``kernels.py``): ``flash_attention(q, k, v,
+  causal=True, scale=None, causal_offset=None)`` and ``flash_attention_with_lse`` (GQA by head
+  groups; the log-sum-exp for merging partial results)
 
 Where they run: on CUDA tensors (compiled kernels), and on CPU tensors only under the Triton
 interpreter, which must be switched on with ``TRITON_INTERPRET=1`` *before* ``triton`` is first
