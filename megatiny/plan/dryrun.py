@@ -109,6 +109,7 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import megatiny.model as model_module
+    from megatiny.parallel import collectives
     from megatiny.parallel.context import ParallelContext
     from megatiny.parallel.grid import build_grid
     from megatiny.parallel.pipeline import (
@@ -151,10 +152,13 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         if ctx.pp_size > 1:
             sync_tied_grads(model.chunks, ctx, ddp)
             skip = replicated_parameter_ids(model.chunks, ctx)
+        _scalar_collectives(ctx)
         if hasattr(optimizer, "clip_grad_norm"):
             optimizer.clip_grad_norm(cfg.train.grad_clip, ctx, skip)
         else:
             clip_grad_norm_(model, cfg.train.grad_clip, ctx, skip)
+        finite = torch.ones((), device=ctx.device)
+        collectives.all_reduce(finite, op=dist.ReduceOp.MIN)
         optimizer.step()
 
     v = len(chunks)
@@ -192,6 +196,20 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         },  # fmt: skip
         "ranks": {g: getattr(ctx, f"{g}_ranks") for g in ("tp", "pp", "dp")},
     }
+
+
+def _scalar_collectives(ctx) -> None:
+    """What `Trainer.train_step` adds to the schedule, which the dry run cannot call (it reads the
+    loss on the host): the loss broadcast from the last stage and its mean over dp (the NaN
+    verdict's all-reduce follows the clipping, in `step`). tests/test_plan.py checks that the
+    plan's bytes equal the tracer's in a real `train_step`, so a drift here fails there."""
+    from megatiny.parallel import collectives
+
+    loss = torch.zeros((), device=ctx.device)
+    if ctx.pp_size > 1:
+        collectives.broadcast(loss, ctx.pp_ranks[-1], ctx.pp_group)
+    if ctx.dp_size > 1:
+        collectives.all_reduce(loss, ctx.dp_group)
 
 
 def _null():
