@@ -35,6 +35,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    cp_mode: str = "ring"  # ring (zig-zag ring attention) | a2a (all-to-all, Ulysses)
     dp: int | None = None
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
@@ -47,11 +48,44 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.dp is not None and self.dp < 1:
             raise ConfigError(f"parallel.dp={self.dp} must be >= 1 (or null to derive it)")
+        if self.cp_mode not in ("ring", "a2a"):
+            raise ConfigError(f"parallel.cp_mode={self.cp_mode!r}; choose ring or a2a")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError(
                 "parallel.sequence_parallel=true needs parallel.tp > 1 (it shards the sequence "
                 "over the TP group); set parallel.tp=2 or parallel.sequence_parallel=false"
             )
+
+    def check_context_parallel(self, model: ModelConfig, seq_length: int) -> None:
+        """cp > 1: the sequence split (2*cp zig-zag chunks for ring, cp chunks for a2a, each
+        still divisible by tp under sequence parallelism), a2a's heads, ring's no-dropout."""
+        if self.cp == 1:
+            return
+        chunks = 2 * self.cp if self.cp_mode == "ring" else self.cp
+        multiple = chunks * (self.tp if self.sequence_parallel else 1)
+        if seq_length % multiple:
+            why = f"{chunks} chunks for cp_mode={self.cp_mode}" + (
+                f", each split over tp={self.tp} by sequence_parallel"
+                if self.sequence_parallel else "")  # fmt: skip
+            raise ConfigError(
+                f"data.seq_length={seq_length} is not divisible by {multiple} ({why}); set "
+                f"data.seq_length to a multiple of {multiple} (e.g. "
+                f"{max(multiple, seq_length - seq_length % multiple)}) or change parallel.cp"
+            )
+        if self.cp_mode == "ring" and model.dropout > 0:
+            raise ConfigError(
+                f"parallel.cp_mode=ring has no attention dropout (model.dropout={model.dropout}); "
+                "set model.dropout=0 or parallel.cp_mode=a2a"
+            )
+        if self.cp_mode == "a2a":
+            n, g = model.n_heads // self.tp, model.n_kv_heads // self.tp
+            if n % self.cp or (g % self.cp and self.cp % g):
+                raise ConfigError(
+                    f"parallel.cp_mode=a2a scatters the heads over cp={self.cp}: the query heads "
+                    f"per tp rank (model.n_heads/tp = {n}) must be divisible by cp and the kv heads "
+                    f"({g}) divisible by cp or dividing it; change parallel.cp or use "
+                    "parallel.cp_mode=ring"
+                )
 
     def data_parallel_size(self, world_size: int) -> int:
         """dp implied by world_size, with a clear error when the layout does not fit."""
@@ -245,6 +279,7 @@ class Config:
                 f"data.seq_length={d.seq_length} is not divisible by parallel.tp={p.tp} "
                 "(needed by sequence_parallel)"
             )
+        p.check_context_parallel(m, d.seq_length)
         t.accumulation_steps(dp)
         self._check_vocab()
         return dp

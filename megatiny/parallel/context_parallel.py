@@ -57,18 +57,20 @@ def local_positions(seq_length: int, cp_rank: int, cp_size: int, zigzag: bool = 
     return torch.cat([torch.arange(i * c, (i + 1) * c) for i in mine])
 
 
-def split_batch(batch: dict, cp_rank: int, cp_size: int, zigzag: bool = True) -> dict:
-    """This cp rank's part of a micro-batch of whole samples: input_ids, labels, loss_mask (and
-    position_ids if given) at its tokens along dim 1, and position_ids [1, S/p] (the global
-    positions) when the batch had none."""
+def split_batch(batch: dict, cp_rank: int, cp_size: int, zigzag: bool = True, dim: int = 1):
+    """This cp rank's part of a micro-batch of whole samples (dim=1), or of one sample (dim=0):
+    input_ids, labels, loss_mask and position_ids at its tokens, and, when there were no
+    position_ids, the global positions ([1, S/p], or [S/p] for a sample)."""
     ids = batch["input_ids"]
-    index = local_positions(ids.shape[1], cp_rank, cp_size, zigzag).to(ids.device)
+    seq = ids.shape[dim]
+    index = local_positions(seq, cp_rank, cp_size, zigzag).to(ids.device)
     out = dict(batch)
     for key in ("input_ids", "labels", "loss_mask", "position_ids"):
-        if batch.get(key) is not None and batch[key].dim() >= 2 and batch[key].shape[1] > 1:
-            out[key] = batch[key].index_select(1, index)
+        t = batch.get(key)
+        if t is not None and t.dim() > dim and t.shape[dim] == seq:
+            out[key] = t.index_select(dim, index)
     if batch.get("position_ids") is None:
-        out["position_ids"] = index[None]
+        out["position_ids"] = index if dim == 0 else index[None]
     return out
 
 

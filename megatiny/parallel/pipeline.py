@@ -23,7 +23,7 @@ and stay equal because their gradients are summed over `ctx.embedding_group` (th
 the first and last stage of each pipeline) before the optimizer step: d L / d E = dL/dE_in +
 dL/dE_out, exactly the single-device gradient of the shared weight. See `sync_tied_grads`.
 
-P2P. Stages exchange [micro_batch, seq / (tp if SP), d_model] tensors whose shape is known in
+P2P. Stages exchange [micro_batch, seq / cp / (tp if SP), d_model] tensors whose shape is known in
 advance, batched over the pipeline group (`collectives.batch_isend_irecv`, as Megatron does).
 NCCL ignores tags and matches messages between two ranks in the order they are posted, so
 `P2P.communicate` always posts in one fixed order — activation send, activation receive,
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from megatiny.parallel import collectives
+from megatiny.parallel.context_parallel import context_parallel_loss, cp_group_of
 
 
 def validate_pipeline(
@@ -231,7 +232,9 @@ def build_pipeline(
 
 
 def forward_step(chunk: nn.Module, input_tensor, batch: dict):
-    """Run one model chunk on one micro-batch: hidden states out, or the mean loss on the last."""
+    """Run one model chunk on one micro-batch: hidden states out, or the mean loss on the last
+    (with context parallelism: over the whole sequences, whose parts the cp ranks hold; the
+    batch then carries each rank's global `position_ids`)."""
     position_ids = batch.get("position_ids")
     if position_ids is None:  # the whole sequence's positions, also when h is a shard (SP)
         ids = batch["input_ids"]
@@ -242,7 +245,9 @@ def forward_step(chunk: nn.Module, input_tensor, batch: dict):
         h = input_tensor
     h = chunk.run_blocks(h, position_ids)
     if chunk.is_last_chunk:
-        return chunk.head_loss(h, batch["labels"], batch.get("loss_mask"))
+        loss = chunk.head_loss(h, batch["labels"], batch.get("loss_mask"))
+        return context_parallel_loss(loss, batch["labels"], batch.get("loss_mask"),
+                                     cp_group_of(chunk))  # fmt: skip
     return h
 
 

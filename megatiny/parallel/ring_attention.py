@@ -177,7 +177,9 @@ class _RingAttention(torch.autograd.Function):
             if step < ring.size - 1:
                 pending = ring.post(kv_s)  # the next block travels while this one is computed
             if _source(ring, step) < ring.rank:  # every query sees chunk s, not chunk 2p-1-s
-                o_s, l_s = block_attention(q, kv_s[0, :, :, :c], kv_s[1, :, :, :c], False, scale, fused)
+                o_s, l_s = block_attention(
+                    q, kv_s[0, :, :, :c], kv_s[1, :, :, :c], False, scale, fused
+                )
                 merge(out, lse, o_s, l_s)
             else:  # only chunk 2p-1-r sees them, both chunks of s
                 o_s, l_s = block_attention(q[:, :, c:], kv_s[0], kv_s[1], False, scale, fused)

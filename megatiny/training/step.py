@@ -11,8 +11,12 @@ One optimizer step (`train_step`):
     clip, AdamW step, lr schedule step
 
 so global batch = micro_batch_size x accumulation x dp and the update equals that of one device
-seeing the whole global batch. `schedule` is a function; the default runs the micro-batches one
-after the other on a single pipeline stage (pipeline schedules plug in with the same signature).
+seeing the whole global batch. With context parallelism (cp > 1) every cp rank of a dp rank reads
+the same samples and keeps its tokens of them (`ContextParallelSamples`, with their global
+positions); the loss is the mean over the whole sequences on every cp rank
+(megatiny/parallel/context_parallel.py). `schedule` is a function; the default runs the
+micro-batches one after the other on a single pipeline stage (pipeline schedules plug in with the
+same signature).
 
 What is trained is a `Task`: its model (this rank's shard), its train / valid datasets, its
 micro-batch loss and its evaluation. The default task is causal-LM pretraining on `cfg.data`;
@@ -51,15 +55,45 @@ def micro_batch_indices(consumed: int, micro: int, dp_rank: int, dp_size: int, i
 
 
 def collate(dataset, indices, device) -> dict[str, torch.Tensor]:
+    """A micro-batch of samples. position_ids are kept only when a dataset gives them for a
+    reason (a context-parallel rank's global positions: `ContextParallelSamples`); one row
+    [1, s] when every sample has the same."""
     samples = [dataset[i % len(dataset)] for i in indices]
     batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in ("input_ids", "labels")}
     batch["loss_mask"] = torch.stack([s["loss_mask"] for s in samples]).float().to(device)
+    if isinstance(dataset, ContextParallelSamples):
+        positions = torch.stack([s["position_ids"] for s in samples])
+        if bool((positions == positions[:1]).all()):  # CPU tensors: no device sync
+            positions = positions[:1]
+        batch["position_ids"] = positions.to(device)
     return batch
 
 
+class ContextParallelSamples:
+    """The samples of `dataset` as this context-parallel rank sees them: its tokens of each
+    sample (zig-zag chunks r and 2p-1-r of 2p for ring attention, chunk r of p for all-to-all)
+    and their global positions (`megatiny.parallel.context_parallel.split_batch`)."""
+
+    def __init__(self, dataset, cp_rank: int, cp_size: int, zigzag: bool):
+        self.dataset, self.cp_rank, self.cp_size, self.zigzag = dataset, cp_rank, cp_size, zigzag
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i) -> dict:
+        from megatiny.parallel.context_parallel import split_batch
+
+        return split_batch(self.dataset[i], self.cp_rank, self.cp_size, self.zigzag, dim=0)
+
+
 def compute_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch (labels already shifted)."""
-    return model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+    """Mean next-token cross-entropy of one micro-batch (labels already shifted); with context
+    parallelism the mean over the whole sequences, on every cp rank."""
+    from megatiny.parallel.context_parallel import context_parallel_loss, cp_group_of
+
+    loss = model(batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
+                 position_ids=batch.get("position_ids"))  # fmt: skip
+    return context_parallel_loss(loss, batch["labels"], batch["loss_mask"], cp_group_of(model))
 
 
 def forward_backward_no_pipelining(model, micro_batches, *, loss_fn=compute_loss, grad_sync=None,
@@ -263,7 +297,7 @@ def build_model(cfg: Config, ctx) -> torch.nn.Module:
 
     torch.manual_seed(cfg.train.seed)
     if ctx.tp_size == 1 and ctx.pp_size == 1:
-        return GPT(cfg.model).to(ctx.device)
+        return shard_model(GPT(cfg.model), cfg, ctx)
     with torch.device("meta"):
         model = GPT(cfg.model)
     return shard_model(model, cfg, ctx)
@@ -272,18 +306,22 @@ def build_model(cfg: Config, ctx) -> torch.nn.Module:
 def shard_model(model: torch.nn.Module, cfg: Config, ctx) -> torch.nn.Module:
     """This rank's part of a single-device GPT whose weights are real or on the meta device
     (generated then from the deterministic init): pruned to its pipeline stages, its TP shard,
-    and (pp > 1) the PipelineModel of its chunks; at tp = pp = 1 the model moved to the device."""
+    its context-parallel attention (cp > 1), and (pp > 1) the PipelineModel of its chunks; at
+    tp = pp = 1 the model moved to the device."""
+    from megatiny.parallel.context_parallel import apply_context_parallel
+
+    p = cfg.parallel
     if ctx.tp_size == 1 and ctx.pp_size == 1:
-        return model.to(ctx.device)
+        return apply_context_parallel(model.to(ctx.device), ctx, p.cp_mode)
     from megatiny.parallel.parallelize import materialize, parallelize
     from megatiny.parallel.pipeline import build_pipeline, keep_stages
 
-    v = cfg.parallel.virtual_pipeline_size
+    v = p.virtual_pipeline_size
     keep_stages(model, ctx, v)
     if ctx.tp_size == 1:
-        materialize(model, ctx.device)
+        apply_context_parallel(materialize(model, ctx.device), ctx, p.cp_mode)
     else:
-        parallelize(model, ctx, sequence_parallel=cfg.parallel.sequence_parallel)
+        parallelize(model, ctx, sequence_parallel=p.sequence_parallel, cp_mode=p.cp_mode)
     if ctx.pp_size > 1:  # this rank's chunks, under the single-device parameter names
         model = build_pipeline(model, ctx, v)
     return model
@@ -332,11 +370,6 @@ def check_supported(cfg: Config, world_size: int | None = None) -> None:
     from megatiny.parallel.pipeline import validate_pipeline
 
     p = cfg.parallel
-    if p.cp > 1:
-        raise ConfigError(
-            f"megatiny train does not run parallel.cp={p.cp} yet (no context-parallel attention); "
-            "use tp, pp and dp"
-        )
     micro_batches = None
     if world_size is not None:
         micro_batches = cfg.train.accumulation_steps(p.data_parallel_size(world_size))
@@ -353,6 +386,12 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
 
     task = task or Task()
     check_supported(cfg, ctx.world_size)
+    if ctx.cp_size > 1 and type(task).loss_fn is not Task.loss_fn:
+        raise ConfigError(
+            f"parallel.cp={ctx.cp_size}: context parallelism runs causal-LM pretraining (its loss "
+            f"is reduced over the sequence split); the {type(task).__name__} task has a loss of "
+            "its own, so run it with parallel.cp=1"
+        )
     dp = ctx.dp_size
     model = task.build_model(cfg, ctx)
     from megatiny.parallel.data_parallel import build_data_parallel
@@ -364,6 +403,12 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
     optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero1 else None)
     scheduler = build_scheduler(optimizer, cfg.train)
     train_data, valid_data = task.build_data(cfg, ctx, dp)
+    if ctx.cp_size > 1:  # every cp rank reads the same samples and keeps its tokens of them
+        zigzag = p.cp_mode == "ring"
+        train_data, valid_data = (
+            None if d is None else ContextParallelSamples(d, ctx.cp_rank, ctx.cp_size, zigzag)
+            for d in (train_data, valid_data)
+        )
     schedule = forward_backward_no_pipelining
     if ctx.pp_size > 1:  # 1F1B, or interleaved 1F1B with virtual_pipeline_size chunks per rank
         from megatiny.parallel.schedules import as_trainer_schedule, build_schedule
@@ -372,8 +417,10 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
             ctx, model.chunks, cfg.train.micro_batch_size, cfg.data.seq_length,
             sequence_parallel=p.sequence_parallel,
         ))  # fmt: skip
-    # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp rank.
-    torch.manual_seed(cfg.train.seed + 1 + 100 * ctx.pp_rank + 10_000 * ctx.dp_rank)
+    # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp / cp rank.
+    torch.manual_seed(
+        cfg.train.seed + 1 + 100 * ctx.pp_rank + 10_000 * ctx.dp_rank + 1_000_003 * ctx.cp_rank
+    )
     return Trainer(
         cfg, ctx, model, optimizer, scheduler, train_data, valid_data,
         accumulation=cfg.train.accumulation_steps(dp), schedule=schedule, loss_fn=task.loss_fn,
