@@ -1,6 +1,7 @@
 """Checkpoints: bitwise resume, atomic layout + keep-K, shape mismatch refused, layout-free
 (tp=2 -> single device), safe metadata unpickling."""
 
+import json
 import os
 import pickle
 
@@ -131,3 +132,85 @@ def test_tp2_checkpoint_is_layout_free(tmp_path, tie):
     assert len(a) == 2
     for out in b:
         np.testing.assert_allclose(out["losses"], a, rtol=1e-4)
+
+
+# ---- integrity: manifests, corrupt files, fallback (issue 16, finding 3) ----------------------
+
+
+def _shard(step_dir):
+    return sorted(p for p in os.listdir(step_dir) if p.endswith(".distcp"))[0]
+
+
+def _two_checkpoints(tmp_path):
+    prefix = make_corpus(tmp_path)
+    run_dir = tmp_path / "run"
+    opts = ("train.steps=4", "train.save_interval=2", "train.lr_decay_steps=6")
+    run_training(tiny_config(prefix, run_dir, *opts, dropout=0.1))
+    return prefix, run_dir
+
+
+def _damage(path, how):
+    if how == "zeroed":  # 4 KiB of zeros inside the shard: same size, other bytes
+        with open(path, "r+b") as f:
+            f.seek(min(4096, os.path.getsize(path) // 2))
+            f.write(b"\0" * 4096)
+    elif how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("how", ["zeroed", "truncated", "missing"])
+def test_corrupt_shard_is_named_and_resume_falls_back(tmp_path, how, capfd):
+    """A damaged shard of the newest checkpoint: `--resume auto` names the file, falls back to
+    step_2 and continues exactly like the uninterrupted run."""
+    from megatiny.cli import main
+
+    prefix, run_dir = _two_checkpoints(tmp_path)
+    step4 = run_dir / "checkpoints" / "step_4"
+    name = _shard(step4)
+    _damage(step4 / name, how)
+    assert main(["checkpoint", "verify", str(run_dir)]) == 1
+    out = capfd.readouterr().out
+    assert "step_4 (latest): BAD" in out and name in out and "step_2: OK" in out
+    opts = ("train.steps=6", "train.lr_decay_steps=6")
+    resumed = run_training(tiny_config(prefix, run_dir, *opts, "train.resume=auto", dropout=0.1))
+    err = capfd.readouterr().err
+    assert f"step_4 is not intact: {step4 / name}" in err
+    assert "resuming from the older intact checkpoint" in err and "step_2" in err
+    full = run_training(tiny_config(prefix, tmp_path / "full", *opts, dropout=0.1))[0]["losses"]
+    assert resumed[0]["losses"] == full[2:]  # bitwise, from step_2
+
+
+def test_truncated_metadata_and_shard_name_the_file_without_a_manifest(tmp_path):
+    """Without a manifest to check first, a truncated shard or .metadata is still a
+    CheckpointError naming the checkpoint and pointing at `megatiny checkpoint verify`."""
+    _, run_dir = _two_checkpoints(tmp_path)
+    step4 = run_dir / "checkpoints" / "step_4"
+    os.unlink(step4 / "manifest.json")
+    with open(step4 / _shard(step4), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*step_4.*verify"):
+        load_model_for_inference(str(step4))
+    step2 = run_dir / "checkpoints" / "step_2"
+    _damage(step2 / ".metadata", "truncated")
+    with pytest.raises(CheckpointError, match=r"cannot read .*step_2/\.metadata .*truncated"):
+        load_model_for_inference(str(step2))
+
+
+def test_verify_only_checks_without_training(tmp_path, capsys):
+    from megatiny.cli import main
+
+    prefix, run_dir = _two_checkpoints(tmp_path)
+    cfg = os.path.join(os.path.dirname(__file__), "..", "launch", "configs", "tiny-cpu.yaml")
+    argv = ["train", "--config", cfg, "model.vocab_size=96", f"data.path={prefix}",
+            f"train.run_dir={run_dir}", "--resume", "verify-only"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "step_4 (latest): OK" in out and "step_2: OK" in out
+    assert not (run_dir / "debug").exists()
+    manifest = json.loads((run_dir / "checkpoints" / "step_4" / "manifest.json").read_text())
+    assert {".metadata", "meta.json"} <= set(manifest["files"]) and manifest[
+        "algorithm"
+    ] == "sha256"

@@ -383,3 +383,34 @@ def test_warmup_cosine_schedule():
     again = WarmupCosine(opt, 1.0, 0.1, 2, 6)
     again.load_state_dict(sched.state_dict())
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and again.last_step == 8
+
+
+def _eval_loss(cfg, world_size):
+    return [out["eval"]["loss"] for out in run_training(cfg, world_size)]
+
+
+@pytest.mark.slow
+def test_validation_loss_is_the_same_at_every_layout(tmp_path):
+    """Finding 6 of issue 16: evaluation used eval_iters micro-batches *per dp rank*, so dp=2
+    evaluated other samples than dp=1. Now every layout evaluates eval_iters global batches,
+    split like a training step: dp 1 / 2, tp 2 and pp 2 give the same validation loss."""
+    prefix = make_corpus(tmp_path)
+    base = ("train.steps=1", "train.global_batch_size=8", "train.lr=1e-9", "train.min_lr=0",
+            "train.eval_iters=3")  # fmt: skip
+    ref = _eval_loss(tiny_config(prefix, tmp_path / "dp1", *base), 1)[0]
+    for name, layout in [("dp2", ()), ("tp2", ("parallel.tp=2",)), ("pp2", ("parallel.pp=2",))]:
+        for loss in _eval_loss(tiny_config(prefix, tmp_path / name, *base, *layout), 2):
+            np.testing.assert_allclose(loss, ref, rtol=1e-5, err_msg=name)
+
+
+def test_vocab_smaller_than_the_tokenizer_is_refused(tmp_path):
+    from megatiny.config import ConfigError
+    from megatiny.data.tokenizer import train_tokenizer
+
+    tok = str(tmp_path / "tok")
+    texts = [f"word{i} and more text number {i * 7}" for i in range(300)]
+    n = train_tokenizer(texts, vocab_size=300, output=tok).vocab_size
+    cfg = Config.from_dict({"model": {"vocab_size": n - 1}}, [f"data.tokenizer={tok}"])
+    with pytest.raises(ConfigError, match=rf"model.vocab_size={n - 1} is smaller than the {n} "):
+        cfg.validate(1)
+    Config.from_dict({"model": {"vocab_size": n}}, [f"data.tokenizer={tok}"]).validate(1)

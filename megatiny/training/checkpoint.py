@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatiny.fsutil import atomic_write_text
 from megatiny.parallel import collectives
@@ -235,7 +236,7 @@ def _dcp_load(state: dict, path: str, distributed: bool) -> None:
             dcp.load(state, storage_reader=reader, no_dist=not distributed)
         except CheckpointError:
             raise
-        except Exception as e:  # DCP wraps a shard's EOFError etc. in a CheckpointException
+        except (Exception, CheckpointException) as e:  # a shard's EOFError etc., wrapped by DCP
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             detail = next(
                 (ln.strip() for ln in reversed(lines) if "Error" in ln), lines[-1:] or [""]

@@ -232,8 +232,9 @@ def add_arguments(parser) -> None:
     v.add_argument("dir", help="a run directory, its checkpoints/ directory or one step_<N>")
 
 
-def verify_tree(path: str, out=sys.stdout) -> int:
+def verify_tree(path: str, out=None) -> int:
     """Print one line per checkpoint under `path`; 0 when every one is intact."""
+    out = out or sys.stdout
     if os.path.exists(os.path.join(path, "meta.json")) or os.path.basename(
         os.path.normpath(path)
     ).startswith(("step_", ".tmp_step_")):
