@@ -1,4 +1,5 @@
-"""3D parallelism (tp x pp x dp, + interleaving, + ZeRO-1) equals single-process training.
+"""3D parallelism (tp x pp x dp, + interleaving, + ZeRO-1, + context parallelism) equals
+single-process training.
 
 Every layout trains the same tiny GPT for 3 AdamW steps (weight decay, gradient clipping by the
 global norm, tied embeddings) on the same global batch; the losses and gradient norms must match
@@ -13,6 +14,7 @@ from torch import nn
 
 from megatiny.model import GPT
 from megatiny.parallel import ParallelContext
+from megatiny.parallel.context_parallel import apply_context_parallel, split_batch
 from megatiny.parallel.data_parallel import DistributedDataParallel
 from megatiny.parallel.parallelize import parallelize
 from megatiny.parallel.pipeline import (
@@ -49,12 +51,14 @@ def reference_run():
 class Replica:
     """One model replica built from the pieces: schedule + DDP + (ZeRO-1) AdamW."""
 
-    def __init__(self, ctx, v=None, zero=False, sp=False, schedule=None):
+    def __init__(self, ctx, v=None, zero=False, sp=False, schedule=None, cp_mode="ring"):
         torch.manual_seed(0)
         model = GPT(tiny_config())
         if ctx.tp_size > 1:
-            parallelize(model, ctx, sequence_parallel=sp)
-        self.ctx, self.zero = ctx, zero
+            parallelize(model, ctx, sequence_parallel=sp, cp_mode=cp_mode)
+        else:
+            apply_context_parallel(model, ctx, cp_mode)  # a no-op at cp = 1
+        self.ctx, self.zero, self.zigzag = ctx, zero, cp_mode == "ring"
         self.module = build_pipeline(model, ctx, v)  # the GPT at pp=1, else a PipelineModel
         self.chunks = self.module.chunks
         tied = tied_embedding_weight(self.chunks, ctx)
@@ -74,7 +78,10 @@ class Replica:
         ctx, ddp = self.ctx, self.ddp
         per_rank = GLOBAL_MICRO_BATCHES // ctx.dp_size
         batches = micro_batches(GLOBAL_MICRO_BATCHES, step=step)
-        loss = self.run(batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank], ddp)
+        batches = batches[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
+        if ctx.cp_size > 1:  # my tokens of the same samples, with their global positions
+            batches = [split_batch(b, ctx.cp_rank, ctx.cp_size, self.zigzag) for b in batches]
+        loss = self.run(batches, ddp)
         ddp.finish_grad_sync()
         sync_tied_grads(self.chunks, ctx, ddp)
         if self.zero:
@@ -88,22 +95,22 @@ class Replica:
         return loss.item() / ctx.dp_size, norm.item()
 
 
-def train_3d(ctx, v, zero, sp, schedule=None):
-    replica = Replica(ctx, v, zero, sp, schedule)
+def train_3d(ctx, v, zero, sp, schedule=None, cp_mode="ring"):
+    replica = Replica(ctx, v, zero, sp, schedule, cp_mode)
     losses, norms = zip(*(replica.train_step(step) for step in range(STEPS)))
     return list(losses), list(norms)
 
 
-def _worker(tp, pp, dp, v, sp, zero_modes, schedule):
+def _worker(tp, pp, dp, v, sp, zero_modes, schedule, cp, cp_mode):
     ref = reference_run()
-    ctx = ParallelContext.initialize(tp=tp, pp=pp, dp=dp)
-    return ref, [train_3d(ctx, v, zero, sp, schedule) for zero in zero_modes]
+    ctx = ParallelContext.initialize(tp=tp, pp=pp, dp=dp, cp=cp)
+    return ref, [train_3d(ctx, v, zero, sp, schedule, cp_mode) for zero in zero_modes]
 
 
-def check_layout(tp, pp, dp, v=None, sp=False, zero_modes=(False, True), schedule=None):
-    out = run_ranks(
-        _worker, tp * pp * dp, args=(tp, pp, dp, v, sp, zero_modes, schedule), timeout=300
-    )
+def check_layout(tp, pp, dp, v=None, sp=False, zero_modes=(False, True), schedule=None, cp=1,
+                 cp_mode="ring"):  # fmt: skip
+    args = (tp, pp, dp, v, sp, zero_modes, schedule, cp, cp_mode)
+    out = run_ranks(_worker, tp * pp * dp * cp, args=args, timeout=300)
     for ref, runs in out:
         ref_losses, ref_norms = ref
         assert min(ref_norms) > CLIP  # clipping is active, so the global norm must be right
@@ -143,6 +150,35 @@ def test_3d_matrix(tp, pp, dp):
 )
 def test_3d_interleaved_and_gpipe_on_8_ranks(tp, pp, dp, sp, schedule):
     check_layout(tp, pp, dp, v=2 if schedule is None else None, sp=sp, schedule=schedule)
+
+
+# Context parallelism: the sequence of every sample split over cp ranks (ring attention on
+# zig-zag chunks, or all-to-all); gradients averaged over dp x cp.
+def test_3d_cp2_x_pp2():
+    check_layout(tp=1, pp=2, dp=1, cp=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "tp,pp,dp,cp,sp,cp_mode",
+    [
+        (1, 1, 1, 2, False, "ring"),
+        (1, 1, 1, 2, False, "a2a"),
+        (2, 1, 1, 2, True, "ring"),  # cp2 x tp2 with sequence parallelism
+        (2, 1, 1, 2, True, "a2a"),
+        (1, 1, 2, 2, False, "ring"),  # cp2 x dp2 (ZeRO-1 over dp x cp)
+        (1, 2, 1, 2, False, "a2a"),
+        (2, 2, 1, 2, True, "ring"),  # 8 ranks: tp2 x cp2 x pp2
+        (1, 2, 2, 2, False, "ring"),  # 8 ranks: cp2 x pp2 x dp2
+    ],
+)
+def test_3d_matrix_with_context_parallelism(tp, pp, dp, cp, sp, cp_mode):
+    check_layout(tp, pp, dp, sp=sp, cp=cp, cp_mode=cp_mode)
+
+
+@pytest.mark.slow
+def test_3d_cp2_with_interleaved_pipeline():
+    check_layout(tp=1, pp=2, dp=1, v=2, cp=2)
 
 
 def _checkpoint_worker(layout, zero, path, steps):
