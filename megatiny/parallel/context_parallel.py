@@ -74,6 +74,20 @@ def split_batch(batch: dict, cp_rank: int, cp_size: int, zigzag: bool = True, di
     return out
 
 
+class ContextParallelSamples:
+    """The samples of `dataset` (dicts of 1-D tensors) as cp rank `cp_rank` sees them: its
+    tokens of each sample and their global positions (`split_batch` along dim 0)."""
+
+    def __init__(self, dataset, cp_rank: int, cp_size: int, zigzag: bool):
+        self.dataset, self.cp_rank, self.cp_size, self.zigzag = dataset, cp_rank, cp_size, zigzag
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i) -> dict:
+        return split_batch(self.dataset[i], self.cp_rank, self.cp_size, self.zigzag, dim=0)
+
+
 def gather_sequence(local: torch.Tensor, group, zigzag: bool = True, dim: int = 1):
     """The whole sequence from every cp rank's part along `dim`, in token order (for tests and
     inspection; no gradient)."""

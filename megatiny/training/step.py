@@ -58,6 +58,8 @@ def collate(dataset, indices, device) -> dict[str, torch.Tensor]:
     """A micro-batch of samples. position_ids are kept only when a dataset gives them for a
     reason (a context-parallel rank's global positions: `ContextParallelSamples`); one row
     [1, s] when every sample has the same."""
+    from megatiny.parallel.context_parallel import ContextParallelSamples
+
     samples = [dataset[i % len(dataset)] for i in indices]
     batch = {k: torch.stack([s[k] for s in samples]).to(device) for k in ("input_ids", "labels")}
     batch["loss_mask"] = torch.stack([s["loss_mask"] for s in samples]).float().to(device)
@@ -67,23 +69,6 @@ def collate(dataset, indices, device) -> dict[str, torch.Tensor]:
             positions = positions[:1]
         batch["position_ids"] = positions.to(device)
     return batch
-
-
-class ContextParallelSamples:
-    """The samples of `dataset` as this context-parallel rank sees them: its tokens of each
-    sample (zig-zag chunks r and 2p-1-r of 2p for ring attention, chunk r of p for all-to-all)
-    and their global positions (`megatiny.parallel.context_parallel.split_batch`)."""
-
-    def __init__(self, dataset, cp_rank: int, cp_size: int, zigzag: bool):
-        self.dataset, self.cp_rank, self.cp_size, self.zigzag = dataset, cp_rank, cp_size, zigzag
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i) -> dict:
-        from megatiny.parallel.context_parallel import split_batch
-
-        return split_batch(self.dataset[i], self.cp_rank, self.cp_size, self.zigzag, dim=0)
 
 
 def compute_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -404,6 +389,8 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
     scheduler = build_scheduler(optimizer, cfg.train)
     train_data, valid_data = task.build_data(cfg, ctx, dp)
     if ctx.cp_size > 1:  # every cp rank reads the same samples and keeps its tokens of them
+        from megatiny.parallel.context_parallel import ContextParallelSamples
+
         zigzag = p.cp_mode == "ring"
         train_data, valid_data = (
             None if d is None else ContextParallelSamples(d, ctx.cp_rank, ctx.cp_size, zigzag)
