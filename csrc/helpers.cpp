@@ -69,6 +69,7 @@ py::array_t<T> build_sample_idx_typed(const IntArray &sizes_, const IntArray &do
   T *out = result.mutable_data();
   int64_t total_tokens = 0;
   int64_t bad_pos = -1;  // first invalid entry of document_idx, reported once the GIL is back
+  bool negative_offset = false;  // kept last sample in an empty last document
   {
     py::gil_scoped_release no_gil;
     // Megatron's loop walks each sample document by document. Its result has a closed form (see
@@ -105,6 +106,7 @@ py::array_t<T> build_sample_idx_typed(const IntArray &sizes_, const IntArray &do
     if (bad_pos < 0) {
       // Rows past the data (kept last partial sample): it ends at the last document's end.
       const T last_offset = static_cast<T>(sizes[document_idx[num_docs - 1]] - extra);
+      negative_offset = row <= num_samples && last_offset < 0;
       for (; row <= num_samples; ++row) {
         out[2 * row] = static_cast<T>(num_docs - 1);
         out[2 * row + 1] = last_offset;
@@ -121,6 +123,12 @@ py::array_t<T> build_sample_idx_typed(const IntArray &sizes_, const IntArray &do
     throw std::invalid_argument("build_sample_idx: sizes[" + std::to_string(doc) +
                                 "] is negative");
   }
+  // Megatron's Python wrapper asserts sample_idx.min() >= 0; say why instead.
+  require(!negative_offset,
+          "build_sample_idx: the last document of document_idx is empty, so the kept partial "
+          "last sample (drop_last_partial_sequence=False with add_extra_token_to_sequence) "
+          "would start at offset -1; Megatron's wrapper rejects this too. Drop empty "
+          "documents, or keep drop_last_partial_sequence=True");
   const int64_t wanted = static_cast<int64_t>(num_epochs) * tokens_per_epoch;
   require(total_tokens >= wanted,
           "build_sample_idx: document_idx holds " + std::to_string(total_tokens) +

@@ -4,6 +4,15 @@
 and writes one sequence per document to `OUT.bin` / `OUT.idx` (Megatron MMIDIDX, uint16 when the
 vocabulary fits, else int32), in input order for any number of workers.
 
+Two edges where Megatron's `tools/preprocess_data.py` differs, available as options:
+- `keep_empty=True`: a document whose text is empty or whitespace is kept as Megatron keeps it
+  (we drop it by default): its ids, if any, + EOD; one that encodes to no ids at all becomes a
+  document of zero sequences (a repeated entry of document_indices, no EOD). Document counts
+  and the `.idx` then match Megatron's byte for byte.
+- `eod_in_text=True`: special-token spellings in the text are read as those tokens, so a
+  literal `<|endoftext|>` becomes the EOD id (Megatron's HuggingFaceTokenizer does this; our
+  default reads it as text, so a document cannot fake a boundary).
+
 Very long documents are encoded in pieces of about `chunk_chars` characters, cut only before a
 single space that follows a non-space and precedes a non-space. Under the GPT-2 pre-tokenizer
 regex such a space always starts a new pre-token (" word"), and BPE never merges across
@@ -64,8 +73,20 @@ def encode_document(tok: Tokenizer, text: str, chunk_chars: int = 1 << 20) -> li
 _STATE: dict = {}
 
 
-def _init(tok: Tokenizer, text_key: str, dtype, append_eod: bool, chunk_chars: int) -> None:
-    _STATE.update(tok=tok, text_key=text_key, dtype=dtype, eod=append_eod, chunk=chunk_chars)
+def _init(tok: Tokenizer, text_key: str, dtype, append_eod: bool, chunk_chars: int,
+          keep_empty: bool = False, eod_in_text: bool = False) -> None:  # fmt: skip
+    _STATE.update(tok=tok, text_key=text_key, dtype=dtype, eod=append_eod, chunk=chunk_chars,
+                  keep_empty=keep_empty, special=eod_in_text)  # fmt: skip
+
+
+def _empty_text(it, text_key: str) -> str | None:
+    """The whitespace-only text of an item parse_item dropped as empty (Megatron keeps it)."""
+    import json
+
+    try:
+        return json.loads(it.data.decode("utf-8"))[text_key]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _work_batch(items) -> list[Result]:
@@ -76,19 +97,25 @@ def _work_batch(items) -> list[Result]:
         try:
             _, text = parse_item(it, _STATE["text_key"])
         except BadItem as e:
-            out.append(Result(e.args[0], nbytes=len(it.data), where=it.where))
-            continue
+            text = None
+            if e.args[0] == "empty" and _STATE.get("keep_empty"):
+                text = _empty_text(it, _STATE["text_key"])
+            if text is None:
+                out.append(Result(e.args[0], nbytes=len(it.data), where=it.where))
+                continue
         out.append(None)
         texts.append(text)
         slots.append(len(out) - 1)
-    short = [i for i, t in enumerate(texts) if len(t) <= _STATE["chunk"]]
-    encoded: dict[int, list[int]] = dict(zip(short, tok.encode_batch([texts[i] for i in short])))
+    special = _STATE.get("special", False)
+    short = [i for i, t in enumerate(texts) if len(t) <= _STATE["chunk"] or special]
+    batch = tok.encode_batch([texts[i] for i in short], special=special)
+    encoded: dict[int, list[int]] = dict(zip(short, batch))
     for i, t in enumerate(texts):
         if i not in encoded:
             encoded[i] = encode_document(tok, t, _STATE["chunk"])
     for i, slot in enumerate(slots):
         ids = encoded[i]
-        if _STATE["eod"]:
+        if _STATE["eod"] and ids:  # Megatron appends no EOD to a document without ids
             ids = ids + [tok.eod_id]
         arr = np.asarray(ids, dtype=_STATE["dtype"])
         it = items[slot]
@@ -107,15 +134,19 @@ def tokenize(
     chunk_chars: int = 1 << 20,
     report_path: str | None = None,
     progress: bool = True,
+    keep_empty: bool = False,
+    eod_in_text: bool = False,
 ) -> dict:
-    """Encode documents to `output_prefix.bin/.idx`; report to `output_prefix.tokenize.json`."""
+    """Encode documents to `output_prefix.bin/.idx`; report to `output_prefix.tokenize.json`.
+    `keep_empty` / `eod_in_text`: Megatron's preprocess_data behaviour (module docstring)."""
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     dtype = np.dtype(dtype or optimal_dtype(tok.vocab_size))
     writer = IndexedDatasetWriter(output_prefix, dtype=dtype, vocab_size=tok.vocab_size)
-    _init(tok, text_key, dtype, append_eod, chunk_chars)
+    _init(tok, text_key, dtype, append_eod, chunk_chars, keep_empty, eod_in_text)
 
     def decide(res: Result) -> None:
-        writer.add_document(res.payload)
+        # a document without ids is a document of no sequences, as Megatron writes it
+        writer.add_document(res.payload, None if res.payload.size else [])
 
     def finish(rep) -> None:
         writer.finalize()

@@ -105,6 +105,13 @@ def build_sample_idx(
     position[past_end] = len(ends) - 1
     offset = starts - (ends[position] - lengths[position])
     offset[past_end] = lengths[-1] - extra
+    if past_end.any() and lengths[-1] - extra < 0:
+        raise ValueError(
+            "build_sample_idx: the last document of document_idx is empty, so the kept partial "
+            "last sample (drop_last_partial_sequence=False with add_extra_token_to_sequence) "
+            "would start at offset -1; Megatron's wrapper rejects this too. Drop empty "
+            "documents, or keep drop_last_partial_sequence=True"
+        )
 
     sample_idx = np.empty((num_samples + 1, 2), dtype=dtype)
     sample_idx[0] = 0

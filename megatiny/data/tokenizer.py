@@ -98,8 +98,12 @@ class Tokenizer:
         finally:
             self._tok.encode_special_tokens = True
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], special: bool = False) -> list[list[int]]:
+        self._tok.encode_special_tokens = not special
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self._tok.encode_special_tokens = True
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
