@@ -12,6 +12,7 @@ state: two contexts may coexist, and code that needs a group receives the contex
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import timedelta
 
@@ -24,15 +25,16 @@ from megatiny.parallel.grid import DIMS, Grid, build_grid
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _new_groups(all_ranks: list[list[int]], rank: int, members_only: bool = False):
+def _new_groups(all_ranks: list[list[int]], rank: int, members_only: bool = False, timeout=None):
     """Create one process group per rank list (on every rank, same order); return mine and its ranks.
 
     torch.distributed requires every rank to call `new_group` for every group, in the same order,
-    even for groups it is not a member of.
+    even for groups it is not a member of. `timeout` (a timedelta): a new group does not inherit
+    the default group's, it would get torch's 30 minutes.
     """
     mine, my_ranks = None, None
     for ranks in all_ranks:
-        group = dist.new_group(ranks=ranks)
+        group = dist.new_group(ranks=ranks, timeout=timeout)
         if rank in ranks:
             mine, my_ranks = group, list(ranks)
     assert mine is not None or members_only, f"rank {rank} is in none of {all_ranks}"
@@ -52,7 +54,13 @@ class ParallelContext:
     """
 
     def __init__(
-        self, grid: Grid, rank: int, local_rank: int, owns_default_group: bool = False, device=None
+        self,
+        grid: Grid,
+        rank: int,
+        local_rank: int,
+        owns_default_group: bool = False,
+        device=None,
+        timeout_s: float | None = None,
     ):
         if not dist.is_initialized():
             raise RuntimeError(
@@ -82,21 +90,23 @@ class ParallelContext:
         self._owns_default_group = owns_default_group
         self._groups = []
         coords = grid.coords(rank)
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        new_groups = functools.partial(_new_groups, timeout=timeout)
         for dim in DIMS:
-            group, ranks = _new_groups(grid.groups[dim], rank)
+            group, ranks = new_groups(grid.groups[dim], rank)
             setattr(self, f"{dim}_size", grid.sizes[dim])
             setattr(self, f"{dim}_rank", coords[dim])
             setattr(self, f"{dim}_group", group)
             setattr(self, f"{dim}_ranks", ranks)
             self._groups.append(group)
-        self.mp_group, self.mp_ranks = _new_groups(grid.model_parallel_groups, rank)
+        self.mp_group, self.mp_ranks = new_groups(grid.model_parallel_groups, rank)
         dp_cp = sorted(
             {tuple(sorted(_dp_cp_ranks(grid, r))) for r in range(grid.world_size)},
         )
-        self.dp_cp_group, self.dp_cp_ranks = _new_groups([list(g) for g in dp_cp], rank)
+        self.dp_cp_group, self.dp_cp_ranks = new_groups([list(g) for g in dp_cp], rank)
         emb = [sorted({g[0], g[-1]}) for g in grid.groups["pp"]]
         # Middle pipeline stages (pp > 2) are in no embedding group: theirs is None.
-        self.embedding_group, self.embedding_ranks = _new_groups(emb, rank, members_only=True)
+        self.embedding_group, self.embedding_ranks = new_groups(emb, rank, members_only=True)
         self._groups += [self.mp_group, self.dp_cp_group]
         if self.embedding_group is not None:
             self._groups.append(self.embedding_group)
@@ -176,7 +186,7 @@ class ParallelContext:
                 timeout=timedelta(seconds=timeout_s),
             )
             owns = True
-        return cls(grid, rank, local_rank, owns_default_group=owns)
+        return cls(grid, rank, local_rank, owns_default_group=owns, timeout_s=timeout_s)
 
     def destroy(self) -> None:
         """Destroy this context's groups (and the default group if `from_env` created it)."""
