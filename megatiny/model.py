@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatiny.config import ModelConfig
 from megatiny.kernels import use_kernels
+from megatiny.moe import MoE
 
 
 class LayerNorm(nn.Module):
@@ -241,7 +242,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_index)
         self.norm2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_index) else MLP(config)
 
     def forward(self, x, rope=None, kv_cache=None, offset=0):
         x = x + self.attn(self.norm1(x), rope, kv_cache, offset)
@@ -324,7 +325,7 @@ class GPT(nn.Module):
         if "norm" in name:
             return torch.ones(shape, dtype=dtype)
         std = self.config.init_std
-        if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+        if name.endswith(("attn.proj.weight", "mlp.proj.weight", "experts.proj_weight")):
             std = std / math.sqrt(2 * self.config.n_layers)
         g = torch.Generator().manual_seed((self.init_seed ^ zlib.crc32(name.encode())) % 2**63)
         return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(dtype)

@@ -88,3 +88,25 @@ def test_from_env_initializes_gloo_and_destroys():
     for r, (desc, still_up) in enumerate(outs):
         assert desc == ("gloo", r % 2, r // 2, [r - r % 2, r - r % 2 + 1])
         assert not still_up
+
+
+def _describe_experts(tp, ep):
+    ctx = ParallelContext.initialize(tp=tp, ep=ep)
+    out = {}
+    for dim in ("ep", "edp"):
+        group, ranks = getattr(ctx, f"{dim}_group"), getattr(ctx, f"{dim}_ranks")
+        got = [torch.zeros(1) for _ in ranks]
+        dist.all_gather(got, torch.tensor([float(ctx.rank)]), group=group)
+        out[dim] = (ranks, [int(t.item()) for t in got], getattr(ctx, f"{dim}_rank"),
+                    getattr(ctx, f"{dim}_size"))  # fmt: skip
+    ctx.destroy()
+    return out
+
+
+def test_expert_groups_match_grid():
+    grid = build_grid(8, tp=2, ep=2)
+    for r, out in enumerate(run_ranks(_describe_experts, 8, args=(2, 2))):
+        for dim, size in (("ep", 2), ("edp", 2)):
+            ranks, gathered, coord, got_size = out[dim]
+            assert ranks == gathered == grid.group_of(dim, r)
+            assert (coord, got_size) == (grid.expert_coords(r)[dim], size)

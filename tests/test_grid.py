@@ -68,3 +68,36 @@ def test_bad_sizes_raise_with_fix():
         build_grid(0)
     with pytest.raises(ValueError, match="outside"):
         build_grid(4, tp=2).coords(4)
+
+
+def test_expert_parallel_groups_are_carved_from_dp():
+    """ep consecutive dp ranks hold different experts; edp groups replicate one expert shard."""
+    n = 0
+    for world, tp, cp, pp in _layouts():
+        dp = world // (tp * cp * pp)
+        for ep in (e for e in range(1, dp + 1) if dp % e == 0):
+            g = build_grid(world, tp=tp, pp=pp, cp=cp, ep=ep)
+            n += 1
+            for name, size in (("ep", ep), ("edp", dp // ep)):
+                assert sorted(r for grp in g.groups[name] for r in grp) == list(range(world))
+                assert all(len(grp) == size for grp in g.groups[name])
+            for r in range(world):
+                c, e = g.coords(r), g.expert_coords(r)
+                assert c["dp"] == e["edp"] * ep + e["ep"]
+                dp_group = g.group_of("dp", r)
+                ep_group, edp_group = g.group_of("ep", r), g.group_of("edp", r)
+                assert set(ep_group) <= set(dp_group) and set(edp_group) <= set(dp_group)
+                assert [g.expert_coords(m)["ep"] for m in ep_group] == list(range(ep))
+                assert [g.expert_coords(m)["edp"] for m in edp_group] == list(range(dp // ep))
+                assert set(ep_group) & set(edp_group) == {r}
+    assert n > 204
+    g = build_grid(8, tp=2, ep=2)  # dp=4: [0, 2, 4, 6] -> ep [0, 2], [4, 6]; edp [0, 4], [2, 6]
+    assert g.groups["ep"] == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert g.groups["edp"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
+
+
+def test_ep_must_divide_dp():
+    with pytest.raises(ValueError, match=r"ep=3 does not divide dp=4.*choose ep in \[1, 2, 4\]"):
+        build_grid(8, tp=2, ep=3)
+    with pytest.raises(ValueError, match="ep=0 must be a positive integer"):
+        build_grid(4, ep=0)

@@ -46,6 +46,13 @@ class ModelConfig:
                     Megatron's selective recompute) | "full" (every block)
     fused_kernels   use megatiny.kernels (Triton) for softmax / norms / cross-entropy when the
                     tensors are on CUDA (or TRITON_INTERPRET=1); plain torch otherwise
+    moe_experts     experts per mixture-of-experts layer (0: a dense model; megatiny/moe.py)
+    moe_top_k       experts each token is routed to
+    moe_every       block i's MLP is an MoE layer when i % moe_every == 0 (1: every block)
+    moe_capacity_factor  None: dropless; c: each expert takes at most ceil(c N k / E) of a
+                    micro-batch's N k assignments (per rank), the rest are dropped
+    moe_aux_loss_coeff   weight of the Switch/GShard load-balancing loss E sum_e f_e P_e
+    moe_z_loss_coeff     weight of the router z-loss mean_t logsumexp(router logits)^2
     """
 
     vocab_size: int = 50257
@@ -66,6 +73,12 @@ class ModelConfig:
     init_std: float = 0.02
     recompute: str = "none"
     fused_kernels: bool = False
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_capacity_factor: float | None = None
+    moe_aux_loss_coeff: float = 0.01
+    moe_z_loss_coeff: float = 0.001
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
@@ -105,6 +118,33 @@ class ModelConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("norm_eps, init_std and rope_theta must be positive")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.moe_experts < 0:
+            raise ValueError(f"moe_experts={self.moe_experts} must be >= 0 (0: a dense model)")
+        if not self.moe_experts:
+            return
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(
+                f"moe_top_k={self.moe_top_k} must be in [1, moe_experts={self.moe_experts}]"
+            )
+        if self.moe_every < 1:
+            raise ValueError(f"moe_every={self.moe_every} must be >= 1 (1: every block)")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ValueError(
+                f"moe_capacity_factor={self.moe_capacity_factor} must be > 0, or null (dropless)"
+            )
+        if self.moe_aux_loss_coeff < 0 or self.moe_z_loss_coeff < 0:
+            raise ValueError("moe_aux_loss_coeff and moe_z_loss_coeff must be >= 0")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block `index`'s MLP is a mixture of experts (Megatron's moe_layer_freq)."""
+        return self.moe_experts > 0 and index % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     # -- presets -------------------------------------------------------------------------------
 
@@ -183,7 +223,10 @@ class ModelConfig:
         attn += self.q_dim * h + b * h
         n_in = 2 * f if self.activation == "swiglu" else f
         mlp = h * n_in + b * n_in + f * h + b * h
-        total = self.n_layers * (2 * norm + attn + mlp) + norm
+        moe = self.moe_experts * (h * n_in + f * h) + self.moe_experts * h  # experts + router
+        dense_layers = self.n_layers - self.moe_layers
+        total = self.n_layers * (2 * norm + attn) + dense_layers * mlp + self.moe_layers * moe
+        total += norm
         embeddings = V * h + (self.max_seq_len * h if self.position == "learned" else 0)
         head = 0 if self.tie_embeddings else V * h
         return total + head + (0 if exclude_embeddings else embeddings)
@@ -201,11 +244,14 @@ class ModelConfig:
 
         with g kv heads, n query heads, f = ffn_hidden. For GPT-2 (g = n, f = 4h) this is the
         paper's 72 L h^2 (1 + s / 6h + V / 12 L h). MFU = tokens/s * F / peak FLOP/s.
+        In an MoE layer a token runs through moe_top_k experts (its MLP term times k; the router
+        and dropped tokens are not counted, as Megatron).
         """
         s = self.max_seq_len if seq_len is None else seq_len
         h, L = self.d_model, self.n_layers
         gated = 1.5 if self.activation == "swiglu" else 1.0
         attention = (1 + self.n_kv_heads / self.n_heads + s / h) * (self.q_dim / h)
-        mlp = self.ffn_hidden / h * gated
+        active = (L - self.moe_layers + self.moe_layers * self.moe_top_k) / L
+        mlp = self.ffn_hidden / h * gated * active
         logits = self.vocab_size / (2 * L * h)
         return 12.0 * L * h * h * (attention + mlp + logits)

@@ -51,6 +51,10 @@ class ParallelContext:
     same parameter shard: gradients are averaged over it), `embedding_group`/`embedding_ranks` (first
     and last pipeline stage of my pipeline, for tied embeddings), `rank`, `world_size`, `local_rank`,
     `device`, `backend`, `grid`, `is_first_stage`, `is_last_stage`.
+
+    Expert parallelism (carved from dp, see grid.py): `ep_size`/`ep_rank`/`ep_group`/`ep_ranks` (the
+    ranks that hold different experts and exchange tokens by all-to-all) and `edp_size`/`edp_rank`/
+    `edp_group`/`edp_ranks` (replicas of my experts: expert gradients are averaged over it).
     """
 
     def __init__(
@@ -112,6 +116,15 @@ class ParallelContext:
             self._groups.append(self.embedding_group)
         for name in DIMS + ("mp", "dp_cp", "embedding"):
             collectives.name_group(getattr(self, f"{name}_group"), name)
+        expert = grid.expert_coords(rank)
+        for name, size in (("ep", grid.ep), ("edp", grid.dp // grid.ep)):
+            group, ranks = new_groups(grid.groups[name], rank)
+            setattr(self, f"{name}_size", size)
+            setattr(self, f"{name}_rank", expert[name])
+            setattr(self, f"{name}_group", group)
+            setattr(self, f"{name}_ranks", ranks)
+            collectives.name_group(group, name)
+            self._groups.append(group)
         self.is_first_stage = self.pp_rank == 0
         self.is_last_stage = self.pp_rank == self.pp_size - 1
 
@@ -128,19 +141,27 @@ class ParallelContext:
     pp_size: int
     pp_rank: int
     pp_ranks: list[int]
+    ep_size: int
+    ep_rank: int
+    ep_ranks: list[int]
+    edp_size: int
+    edp_rank: int
+    edp_ranks: list[int]
 
     @classmethod
-    def initialize(cls, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None, device=None):
+    def initialize(
+        cls, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None, device=None, ep: int = 1
+    ):
         """Build the context inside an already-initialized default process group. `device`
         overrides the default (cuda:LOCAL_RANK under NCCL, else cpu), e.g. "meta" for a dry run
-        under the fake process group."""
+        under the fake process group. `ep` (expert parallelism) divides dp."""
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "ParallelContext.initialize() needs an initialized default process group: call "
                 "torch.distributed.init_process_group() first, or use ParallelContext.from_env() "
                 "under torchrun"
             )
-        grid = build_grid(dist.get_world_size(), tp=tp, pp=pp, cp=cp, dp=dp)
+        grid = build_grid(dist.get_world_size(), tp=tp, pp=pp, cp=cp, dp=dp, ep=ep)
         local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         return cls(grid, dist.get_rank(), local_rank, device=device)
 
@@ -153,6 +174,7 @@ class ParallelContext:
         dp: int | None = None,
         backend: str | None = None,
         timeout_s: float = 600,
+        ep: int = 1,
     ):
         """Initialize the default group from torchrun's environment, then build the context.
 
@@ -172,7 +194,7 @@ class ParallelContext:
             )
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
-        grid = build_grid(world_size, tp=tp, pp=pp, cp=cp, dp=dp)
+        grid = build_grid(world_size, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep)
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         owns = False
@@ -202,7 +224,8 @@ class ParallelContext:
         return (
             f"ParallelContext(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
             f"cp={self.cp_rank}/{self.cp_size}, dp={self.dp_rank}/{self.dp_size}, "
-            f"pp={self.pp_rank}/{self.pp_size}, device={self.device})"
+            f"pp={self.pp_rank}/{self.pp_size}, ep={self.ep_rank}/{self.ep_size}, "
+            f"device={self.device})"
         )
 
 

@@ -8,6 +8,15 @@ so the ranks of one TP group are consecutive (they talk the most and should shar
 pipeline stages are the slowest-varying coordinate. A group of dimension `d` is the set of ranks
 that agree on every coordinate except `d`. Nothing here touches torch.distributed, so the layout is
 tested exhaustively without processes.
+
+Expert parallelism is carved from data parallelism (Megatron's layout): the dp coordinate splits as
+
+    dp_rank = edp_rank * ep + ep_rank
+
+so `ep` consecutive dp ranks form an expert-parallel group (they hold different experts and swap
+tokens by all-to-all) and the dp / ep ranks with the same ep_rank form an expert-data-parallel
+group (replicas of the same experts: their gradients are averaged over it). groups["ep"] and
+groups["edp"]; `expert_coords(rank)` gives both coordinates.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ class Grid:
     dp: int
     pp: int
     groups: dict[str, list[list[int]]] = field(repr=False)
+    ep: int = 1
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -55,6 +65,11 @@ class Grid:
             rank = rank * size + coord
         return rank
 
+    def expert_coords(self, rank: int) -> dict[str, int]:
+        """{"ep": ep_rank, "edp": edp_rank}: the split of this rank's dp coordinate."""
+        dp = self.coords(rank)["dp"]
+        return {"ep": dp % self.ep, "edp": dp // self.ep}
+
     def group_of(self, dim: str, rank: int) -> list[int]:
         """The ranks of `rank`'s group along `dim` (sorted, `rank` included)."""
         for ranks in self.groups[dim]:
@@ -74,16 +89,17 @@ class Grid:
 
 
 def build_grid(
-    world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None
+    world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None, ep: int = 1
 ) -> Grid:
-    """Lay out `world_size` ranks as tp x cp x dp x pp (tp fastest). `dp=None` infers it.
+    """Lay out `world_size` ranks as tp x cp x dp x pp (tp fastest). `dp=None` infers it; `ep`
+    (expert parallelism) must divide dp.
 
     Raises ValueError, naming the fix, when a size is not a positive integer or the sizes do not
     multiply to `world_size`.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} must be a positive integer")
-    for name, value in (("tp", tp), ("pp", pp), ("cp", cp)) + (
+    for name, value in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) + (
         (("dp", dp),) if dp is not None else ()
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -103,6 +119,11 @@ def build_grid(
             + (f" (dp={world_size // model})" if world_size % model == 0 else "")
             + f" or launch {model * dp} ranks"
         )
+    if dp % ep:
+        raise ValueError(
+            f"ep={ep} does not divide dp={dp}: expert parallelism splits the data-parallel ranks; "
+            f"choose ep in {divisors(dp)} or launch more ranks"
+        )
     sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
     strides, stride = {}, 1
     for dim in DIMS:
@@ -113,4 +134,7 @@ def build_grid(
         # The group's first member is a rank whose `dim` coordinate is 0; members step by the stride.
         starts = [r for r in range(world_size) if (r // strides[dim]) % sizes[dim] == 0]
         groups[dim] = [[s + i * strides[dim] for i in range(sizes[dim])] for s in starts]
-    return Grid(world_size=world_size, tp=tp, cp=cp, dp=dp, pp=pp, groups=groups)
+    # ep: consecutive dp coordinates; edp: the same ep coordinate, stepping by ep along dp.
+    groups["ep"] = [g[i : i + ep] for g in groups["dp"] for i in range(0, dp, ep)]
+    groups["edp"] = [g[i::ep] for g in groups["dp"] for i in range(ep)]
+    return Grid(world_size=world_size, tp=tp, cp=cp, dp=dp, pp=pp, groups=groups, ep=ep)
