@@ -67,7 +67,7 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model).normal_(0.0, 0.02))
 
     def forward(self, x):
         return F.linear(x.float(), self.weight.float())
@@ -85,8 +85,11 @@ class Experts(nn.Module):
         E = config.moe_experts if num_experts is None else num_experts
         self.swiglu = config.activation == "swiglu"
         f, h = config.ffn_hidden, config.d_model
-        self.fc_weight = nn.Parameter(torch.empty(E, 2 * f if self.swiglu else f, h))
-        self.proj_weight = nn.Parameter(torch.empty(E, h, f))
+        # A standalone layer gets N(0, 0.02); inside a GPT, GPT.init_weights sets every weight.
+        self.fc_weight = nn.Parameter(
+            torch.empty(E, 2 * f if self.swiglu else f, h).normal_(0, 0.02)
+        )
+        self.proj_weight = nn.Parameter(torch.empty(E, h, f).normal_(0.0, 0.02))
 
     @property
     def num_experts(self) -> int:

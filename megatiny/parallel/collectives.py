@@ -232,6 +232,18 @@ def all_to_all(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = 
     )  # fmt: skip
 
 
+def all_to_all_single(
+    out: torch.Tensor, t: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None
+):
+    """Variable-size all-to-all along dim 0: `t`'s rows are cut into blocks of `in_splits[j]`
+    rows, block j goes to rank j; `out` receives `out_splits[j]` rows from rank j, in rank order
+    (`dist.all_to_all_single` with split sizes; MoE token dispatch)."""
+    return _issue(
+        "all_to_all", group, [out, t], _nbytes(t),
+        lambda: dist.all_to_all_single(out, t, out_splits, in_splits, group=group),
+    )  # fmt: skip
+
+
 def batch_isend_irecv(messages: list[tuple[str, torch.Tensor, int]], group=None) -> list:
     """Post ("send" | "recv", tensor, global peer rank) messages together; returns the handles.
     Each message is reported as its own send / recv op when its handle's wait() returns."""

@@ -20,6 +20,8 @@ query heads with their kv heads. `forward(ids)` gathers the logits on every TP r
     output           VocabParallelOutput          (megatiny/parallel/modules.py)
     attn.core        ShardedRNG                   attention dropout on sharded heads: per-rank masks
                      (cp > 1: around RingAttention or UlyssesAttention, context_parallel.py)
+    mlp (an MoE)     ExpertParallelMoE            experts split over ep (all-to-all token dispatch)
+                                                  and each expert over tp (experts.py)
 
 Sequence parallelism (`sequence_parallel=True`): outside the column/row regions activations are
 sequence shards [b, s/p, h]; column-parallel inputs are all-gathered (backward reduce-scatter),
@@ -49,8 +51,10 @@ import torch.distributed as dist
 from torch import nn
 
 from megatiny.model import LMOutput
+from megatiny.moe import MoE
 from megatiny.parallel import collectives
 from megatiny.parallel.context_parallel import apply_context_parallel
+from megatiny.parallel.experts import ExpertParallelMoE, ExpertShard, expert_source
 from megatiny.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -95,6 +99,8 @@ def tp_sharded_parameter_ids(model: nn.Module) -> set[int]:
             ids.update(id(p) for p in module.parameters(recurse=False))
         elif isinstance(module, RowParallelLinear | VocabParallelEmbedding):
             ids.add(id(module.weight))
+        elif isinstance(module, ExpertParallelMoE) and module.tp_size > 1:
+            ids.update(id(p) for p in module.experts.parameters())
     return ids
 
 
@@ -183,9 +189,13 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
         attn.proj = row(prefix + "attn.proj", attn.proj)
         attn.n_heads, attn.n_kv_heads = config.n_heads // tp, config.n_kv_heads // tp
         attn.core = ShardedRNG(attn.core, rng)
-        fc_splits = [config.ffn_hidden] * 2 if config.activation == "swiglu" else None
-        mlp.fc = column(prefix + "mlp.fc", mlp.fc, splits=fc_splits)
-        mlp.proj = row(prefix + "mlp.proj", mlp.proj)
+        if isinstance(mlp, MoE):  # experts over ep x tp, token all-to-all (experts.py)
+            full = expert_source(model, prefix + "mlp.experts.")
+            block.mlp = mlp = ExpertParallelMoE(mlp, ctx, sp, full, device)
+        else:
+            fc_splits = [config.ffn_hidden] * 2 if config.activation == "swiglu" else None
+            mlp.fc = column(prefix + "mlp.fc", mlp.fc, splits=fc_splits)
+            mlp.proj = row(prefix + "mlp.proj", mlp.proj)
         if sp:
             attn.resid_dropout = ShardedRNG(attn.resid_dropout, rng)
             mlp.dropout = ShardedRNG(mlp.dropout, rng)
@@ -234,13 +244,17 @@ def full_parameters(model, grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its .grad with `grads=True`) gathered to its single-device shape, in
     single-device names and order, on every TP rank. For equivalence tests and for exporting a
     TP-trained model (`GPT(config).load_state_dict(full_parameters(model))`). Collective: call on
-    every rank of the TP group."""
+    every rank of the TP group (with expert parallelism: on every rank of the tp x ep groups)."""
     group, V = tp_group_of(model), model.config.vocab_size
     out = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p.detach()
         if t is None:
             raise ValueError(f"parameter {name} has no gradient; run backward first")
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, ExpertShard):  # all experts, over ep and tp
+            out[name] = owner.full_parameter(name.rpartition(".")[2], t)
+            continue
         if group is None:
             out[name] = t.clone()
             continue
