@@ -154,11 +154,12 @@ def test_a2a_needs_heads_divisible_by_cp_and_decoding_is_refused():
 B, S, V = 2, 16, 96
 
 
-def model_config(family):
+def model_config(family, recompute="none"):
     if family == "gpt2":
-        return ModelConfig.gpt2(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=S)
+        return ModelConfig.gpt2(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=S,
+                                recompute=recompute)  # fmt: skip
     return ModelConfig.llama(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                             max_seq_len=S, ffn_hidden=64)  # fmt: skip
+                             max_seq_len=S, ffn_hidden=64, recompute=recompute)  # fmt: skip
 
 
 def _batch():
@@ -170,7 +171,7 @@ def _batch():
     return {"input_ids": ids[:, :-1], "labels": labels, "loss_mask": mask}
 
 
-def _model_worker(family, tp, cp, mode, sp):
+def _model_worker(family, tp, cp, mode, sp, recompute="none"):
     batch = _batch()
     torch.manual_seed(0)
     ref = GPT(model_config(family))
@@ -181,7 +182,7 @@ def _model_worker(family, tp, cp, mode, sp):
 
     ctx = ParallelContext.initialize(tp=tp, cp=cp)
     torch.manual_seed(0)
-    model = GPT(model_config(family))
+    model = GPT(model_config(family, recompute))  # recomputation reruns the ring / all-to-all
     if tp > 1:
         parallelize(model, ctx, sequence_parallel=sp, cp_mode=mode)
     else:
@@ -226,6 +227,13 @@ def test_model_logits_and_gradients_match_one_rank(family, tp, cp, mode, sp):
 )
 def test_model_logits_and_gradients_match_one_rank_more_layouts(family, tp, cp, mode, sp):
     assert all(run_ranks(_model_worker, tp * cp, args=(family, tp, cp, mode, sp)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ring", "a2a"])
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_model_with_activation_recomputation_matches_one_rank(mode, recompute):
+    assert all(run_ranks(_model_worker, 2, args=("llama", 1, 2, mode, False, recompute)))
 
 
 # ---- communication volume and activation memory -----------------------------------------------

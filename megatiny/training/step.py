@@ -371,7 +371,7 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
 
     task = task or Task()
     check_supported(cfg, ctx.world_size)
-    if ctx.cp_size > 1 and type(task).loss_fn is not Task.loss_fn:
+    if ctx.cp_size > 1 and isinstance(task, Task) and type(task).loss_fn is not Task.loss_fn:
         raise ConfigError(
             f"parallel.cp={ctx.cp_size}: context parallelism runs causal-LM pretraining (its loss "
             f"is reduced over the sequence split); the {type(task).__name__} task has a loss of "
