@@ -3,6 +3,8 @@
 #   NPROC=2 launch/run_local.sh --config launch/configs/tiny-cpu.yaml train.steps=100   # CPU ranks
 #   NGPU=8  launch/run_local.sh --config launch/configs/gpt2-124m.yaml                  # one GPU node
 # NPROC (or NGPU) = processes on this node (default: number of GPUs, else 1).
+# MAX_RESTARTS=N (default 0): torchrun restarts the whole job up to N times when a rank dies, and
+# every attempt runs with --resume auto, so it continues from the newest intact checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -11,5 +13,8 @@ if [ -z "${NPROC:-}" ]; then
 fi
 # One intra-op thread per CPU rank unless told otherwise (ranks share the cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+RESUME=()
+[ "$MAX_RESTARTS" -gt 0 ] && RESUME=(--resume auto)   # an --resume of yours, later, wins
 exec "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
-  -m megatiny train "$@"
+  --max-restarts="$MAX_RESTARTS" -m megatiny train ${RESUME[@]+"${RESUME[@]}"} "$@"

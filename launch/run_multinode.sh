@@ -5,6 +5,9 @@
 # (default 29500), NGPU/NPROC (processes per node), RDZV_ID (job id, default megatiny),
 # LOCAL_ADDR (this node's address, when the hostname does not resolve to it). For gloo pick the
 # interface with GLOO_SOCKET_IFNAME, for NCCL with NCCL_SOCKET_IFNAME.
+# MAX_RESTARTS (default 3): when a rank dies, torchrun restarts the job on every node up to this
+# many times; each attempt runs with --resume auto (the newest intact checkpoint of run_dir).
+# MAX_RESTARTS=0 turns that off (and with it the implied --resume auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
@@ -16,6 +19,10 @@ EXTRA=()
 # Node 0 hosts the c10d store on MASTER_ADDR:MASTER_PORT.
 [ "$NODE_RANK" = 0 ] && EXTRA+=(--rdzv-conf is_host=1)
 [ -n "${LOCAL_ADDR:-}" ] && EXTRA+=(--local-addr="$LOCAL_ADDR")
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+RESUME=()
+[ "$MAX_RESTARTS" -gt 0 ] && RESUME=(--resume auto)   # an --resume of yours, later, wins
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
   --nproc-per-node="$NPROC" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
-  --rdzv-id="${RDZV_ID:-megatiny}" "${EXTRA[@]}" -m megatiny train "$@"
+  --rdzv-id="${RDZV_ID:-megatiny}" --max-restarts="$MAX_RESTARTS" "${EXTRA[@]}" \
+  -m megatiny train ${RESUME[@]+"${RESUME[@]}"} "$@"

@@ -6,8 +6,8 @@ megatiny/training/flight.py) and say who waits for whom.
       (its last op: dp all_reduce of step 2, done)
     rank 0 waits in the dp all_reduce of step 3 for rank 1
 
-How: a rank whose main thread is inside megatiny/parallel/collectives.py is blocked in its
-newest `running` op. A collective over group G is its k-th op on G (`gi`); a member that has
+How: a rank whose main thread is inside megatiny/parallel/collectives.py (or whose dump was
+written because an op raised, e.g. timed out) is blocked in its oldest unfinished op. A collective over group G is its k-th op on G (`gi`); a member that has
 posted fewer than k+1 ops on G has not reached it and is waited for. A recv from peer P is its k-th
 message from P (`pi`); P is waited for unless it posted its k-th send to this rank. Ranks that
 wait for nobody (computing, sleeping, in Python code, or without a dump: killed) are the cause.
@@ -70,7 +70,10 @@ def _location(dump: dict) -> str:
 def blocked_op(dump: dict) -> dict | None:
     """The op this rank waits in, None when it is not inside communication."""
     running = [op for op in dump.get("ops", []) if op.get("state") == "running"]
-    if not running or not _in_collective(dump):
+    # A dump written when an op failed (timed out) is made from the loop's exception handler:
+    # its unfinished op is the one that failed.
+    failed = dump.get("reason", "").startswith("exception")
+    if not running or not (failed or _in_collective(dump)):
         return None
     recvs = [op for op in running if op["op"] == "recv"]
     return recvs[0] if recvs else running[0]
