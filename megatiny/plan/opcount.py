@@ -11,6 +11,7 @@ autograd has decomposed them:
     bytes           every other op that is not a view: the bytes of its tensor inputs and outputs
                     (one read of each input, one write of each output: what a memory-bound
                     kernel moves through HBM)
+    ops             the number of non-view ops (each costs a launch / dispatch overhead)
     transient       the largest (inputs + outputs) bytes of one op during backward, e.g. the
                     logits gradient beside the softmax it is computed from
 
@@ -63,7 +64,7 @@ class OpCounter(TorchDispatchMode):
 
     def _add(self, key: str, value: float) -> None:
         row = self.counts.setdefault(self.phase, {"matmul_flops": 0, "attention_flops": 0,
-                                                  "bytes": 0})  # fmt: skip
+                                                  "bytes": 0, "ops": 0})  # fmt: skip
         row[key] += value
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -72,6 +73,8 @@ class OpCounter(TorchDispatchMode):
         if func.namespace in ("c10d", "_c10d_functional") or func in _FREE:
             return out
         packet = func._overloadpacket
+        if not func.is_view:
+            self._add("ops", 1)
         if packet in flop_registry:
             self._add("matmul_flops", flop_registry[packet](*args, **kwargs, out_val=out))
         elif func in _FLASH:

@@ -7,6 +7,9 @@ ran it):
               + attention FLOPs / 2 / (peak x attention_efficiency)   causal: flash kernels skip
                                                                       the masked half of s x s
               + other bytes / (HBM bandwidth x memory_efficiency)      memory-bound ops
+              + ops x op_overhead_us                                   dispatch cost per op
+                                                                       (CPU eager; 0 on GPUs,
+                                                                       where launches are async)
     t_tp      = sum over TP collectives of  calls x latency + bytes x f / bandwidth
                 f = 2(n-1)/n all-reduce, (n-1)/n all-gather / reduce-scatter (ring bus factors),
                 bytes = the full tensor (the tracer's convention); TP sits on the critical path
@@ -86,7 +89,7 @@ def comm_per_step(stage: dict, m: int) -> list[dict]:
 def ops_per_micro_batch(stage: dict) -> dict[str, float]:
     """FLOPs and bytes of one micro-batch (slope in m of the schedule phase)."""
     out = {}
-    for key in ("matmul_flops", "attention_flops", "bytes"):
+    for key in ("matmul_flops", "attention_flops", "bytes", "ops"):
         slope, _ = _affine(stage["runs"], lambda r, k=key: r["ops"]["micro_batches"][k])
         out[key] = slope
     return out
@@ -129,6 +132,7 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
         ops["matmul_flops"] / (peak * profile["matmul_efficiency"])
         + ops["attention_flops"] / 2 / (peak * profile["attention_efficiency"])
         + ops["bytes"] / hbm
+        + ops["ops"] * profile.get("op_overhead_us", 0.0) * 1e-6
     )
     m = cfg.train.accumulation_steps(stage["group_sizes"]["dp"])
     sizes = stage["group_sizes"]
