@@ -13,12 +13,9 @@ import torch
 import torch.distributed as dist
 
 from megatiny.config import ModelConfig
-from megatiny.model import GPT
 from megatiny.moe import MoE
 from megatiny.parallel import ParallelContext
-from megatiny.parallel.experts import ExpertParallelMoE, expert_parameter_ids
-from megatiny.parallel.parallelize import full_parameters, parallelize
-from megatiny.parallel.tracer import CommTracer
+from megatiny.parallel.experts import ExpertParallelMoE
 from megatiny.testing import run_ranks
 from megatiny.testing.equivalence import mismatch
 
@@ -116,3 +113,43 @@ def test_moe_layer_expert_parallel_equals_single(family, tp, ep, sp):
     want = _layer_reference(config, x, dy, dp)
     got = run_ranks(_layer_rank, tp * ep, args=(config, x, dy, tp, ep, sp))[0]
     _assert_close(got, want)
+
+
+# ---- training through the Trainer (`megatiny train`'s loop) --------------------------------------
+
+
+def _train_on_ranks(cfg):
+    from megatiny.training.loop import train
+
+    p = cfg.parallel
+    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, ep=p.ep)
+    try:
+        return train(cfg, ctx)
+    finally:
+        ctx.destroy()
+
+
+def _train_config(prefix, run_dir, *overrides):
+    from tests.test_train import tiny_config
+
+    model = dict(moe_experts=E, moe_top_k=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01,
+                 moe_every=2, n_layers=3)  # fmt: skip
+    common = ("train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=2",
+              "train.eval_iters=1")  # fmt: skip
+    return tiny_config(prefix, run_dir, *common, *overrides, **model)
+
+
+@pytest.mark.slow
+def test_train_losses_at_ep2_and_ep2_x_tp2_equal_one_rank(tmp_path):
+    from tests.test_train import make_corpus
+
+    prefix = make_corpus(tmp_path)
+    ref = run_ranks(_train_on_ranks, 1, args=(_train_config(prefix, tmp_path / "a"),))[0]
+    ep2 = run_ranks(
+        _train_on_ranks, 2, args=(_train_config(prefix, tmp_path / "b", "parallel.ep=2"),)
+    )
+    ep2tp2 = run_ranks(_train_on_ranks, 4, args=(_train_config(
+        prefix, tmp_path / "c", "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"),))  # fmt: skip
+    for out in ep2 + ep2tp2:
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-5)
+        assert out["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=1e-5)

@@ -37,13 +37,14 @@ class ParallelConfig:
     cp: int = 1
     cp_mode: str = "ring"  # ring (zig-zag ring attention) | a2a (all-to-all, Ulysses)
     dp: int | None = None
+    ep: int = 1  # expert parallelism: experts split over ep of the dp ranks (MoE models)
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
     zero1: bool = False
     ddp_bucket_mb: float = 25.0  # gradient all-reduce bucket size (overlapped with backward)
 
     def __post_init__(self):
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.dp is not None and self.dp < 1:
@@ -86,6 +87,30 @@ class ParallelConfig:
                     f"({g}) divisible by cp or dividing it; change parallel.cp or use "
                     "parallel.cp_mode=ring"
                 )
+
+    def check_expert_parallel(self, model: ModelConfig, dp: int) -> None:
+        """ep > 1: an MoE model whose experts split evenly, ep dividing dp; MoE without cp."""
+        if self.ep > 1 and not model.moe_experts:
+            raise ConfigError(
+                f"parallel.ep={self.ep} splits the experts of a mixture-of-experts model, but "
+                "model.moe_experts=0 (dense); set model.moe_experts or parallel.ep=1"
+            )
+        if model.moe_experts % self.ep:
+            good = [e for e in range(1, model.moe_experts + 1) if model.moe_experts % e == 0]
+            raise ConfigError(
+                f"model.moe_experts={model.moe_experts} is not divisible by parallel.ep={self.ep}; "
+                f"choose parallel.ep in {[e for e in good if dp % e == 0]}"
+            )
+        if dp % self.ep:
+            raise ConfigError(
+                f"parallel.ep={self.ep} does not divide dp={dp}: expert parallelism is carved "
+                f"from the data-parallel ranks; launch a multiple of {self.ep} replicas or lower ep"
+            )
+        if model.moe_experts and self.cp > 1:
+            raise ConfigError(
+                f"mixture of experts with parallel.cp={self.cp} is not supported (the router "
+                "statistics would be per sequence chunk); use parallel.cp=1"
+            )
 
     def data_parallel_size(self, world_size: int) -> int:
         """dp implied by world_size, with a clear error when the layout does not fit."""
@@ -261,8 +286,9 @@ class Config:
 
         p, m, t, d = self.parallel, self.model, self.train, self.data
         dp = p.data_parallel_size(world_size)
+        p.check_expert_parallel(m, dp)
         try:
-            build_grid(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp)
+            build_grid(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, ep=p.ep)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         try:

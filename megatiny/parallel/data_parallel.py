@@ -28,6 +28,12 @@ multiple of D and reduce-scattered instead of all-reduced; rank d receives the a
 the d-th 1/D slice of every bucket in `shard_grad`. The flat *parameter* buffer with the same layout
 (parameters become views into it) lets the optimizer all-gather updated slices in place.
 
+Expert parallelism (megatiny/parallel/experts.py): the weights of experts split over an ep group
+are not replicated over dp but over the expert-data-parallel group (dp / ep replicas of the same
+experts). They get buckets of their own, laid out after the dense ones, reduced (or, for ZeRO-1,
+reduce-scattered and sharded) over that group; the factor stays 1/D of the whole dp group, since
+an expert's gradient already sums the tokens of its ep group (the all-to-all's backward).
+
 The wrapper is not an nn.Module: the model keeps its own parameter names (checkpoints stay
 layout-free) and is called as before; `ddp(...)` forwards to it for convenience.
 """
@@ -51,12 +57,16 @@ def resolve_dp_group(ctx):
 
 
 class Bucket:
-    """A contiguous range [start, end) of the flat buffers and the parameters that live in it."""
+    """A contiguous range [start, end) of the flat buffers and the parameters that live in it,
+    reduced over `group` (`size` ranks, this one `rank`); its ZeRO-1 slices start at `shard_start`
+    of the shard buffer."""
 
-    def __init__(self, index: int, params: list[nn.Parameter], start: int, end: int):
+    def __init__(self, index: int, params: list[nn.Parameter], start: int, end: int,
+                 group=None, size: int = 1, rank: int = 0, shard_start: int = 0):  # fmt: skip
         self.index = index
         self.params = params
         self.start, self.end = start, end
+        self.group, self.size, self.rank, self.shard_start = group, size, rank, shard_start
         self.pending: set[int] = {id(p) for p in params}
         self.handle = None
 
@@ -121,15 +131,22 @@ class DistributedDataParallel:
         self.names = {id(p): n for n, p in named}
         self.params = [p for _, p in named]
         self._isolated = {id(p) for p in isolate}
-        self.buckets, self.offsets = self._layout(list(reversed(self.params)), bucket_mb)
+        experts = _expert_ids(module, ctx)
+        dense = [p for p in reversed(self.params) if id(p) not in experts]
+        kinds = [(dense, self.group, self.dp_size, self.dp_rank)]
+        if experts:  # expert weights split over ep: replicated (and reduced) over edp only
+            expert = [p for p in reversed(self.params) if id(p) in experts]
+            kinds.append((expert, ctx.edp_group, ctx.edp_size, ctx.edp_rank))
+        self.buckets, self.offsets = self._layout(kinds, bucket_mb)
         total = self.buckets[-1].end
         self.grad_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.shard_grad = None
         self.param_buffer = None
         if shard:
+            last = self.buckets[-1]
             self.shard_grad = torch.zeros(
-                total // self.dp_size, dtype=self.dtype, device=self.device
+                last.shard_start + last.numel // last.size, dtype=self.dtype, device=self.device
             )
             self._flatten_params()
         for p in self.params:
@@ -137,28 +154,31 @@ class DistributedDataParallel:
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     # ----------------------------------------------------------------------------- layout
-    def _layout(self, ordered: list[nn.Parameter], bucket_mb: float):
+    def _layout(self, kinds, bucket_mb: float):
+        """Buckets for each (params in order, group, size, rank) in `kinds`, one after the other."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         cap = max(1, int(bucket_mb * 2**20 / elem))
-        align = self.dp_size if self.shard else 1
-        buckets, offsets, current, start, pos = [], {}, [], 0, 0
+        buckets, offsets, current, start, pos, shard_pos = [], {}, [], 0, 0, 0
 
-        def close():
-            nonlocal current, start, pos
-            end = start + -(-(pos - start) // align) * align  # pad: D equal slices
-            buckets.append(Bucket(len(buckets), current, start, end))
+        def close(group, size, rank):
+            nonlocal current, start, pos, shard_pos
+            align = size if self.shard else 1
+            end = start + -(-(pos - start) // align) * align  # pad: `size` equal slices
+            buckets.append(Bucket(len(buckets), current, start, end, group, size, rank, shard_pos))
+            shard_pos += (end - start) // size
             current, start, pos = [], end, end
 
-        for p in ordered:
-            if id(p) in self._isolated and current:
-                close()
-            offsets[id(p)] = pos
-            pos += p.numel()
-            current.append(p)
-            if pos - start >= cap or id(p) in self._isolated:
-                close()
-        if current:
-            close()
+        for ordered, *where in kinds:
+            for p in ordered:
+                if id(p) in self._isolated and current:
+                    close(*where)
+                offsets[id(p)] = pos
+                pos += p.numel()
+                current.append(p)
+                if pos - start >= cap or id(p) in self._isolated:
+                    close(*where)
+            if current:
+                close(*where)
         return buckets, offsets
 
     def _grad_view(self, p: nn.Parameter) -> torch.Tensor:
@@ -176,13 +196,13 @@ class DistributedDataParallel:
 
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
         """[lo, hi) of the flat buffers owned by this rank within `bucket` (ZeRO-1)."""
-        size = bucket.numel // self.dp_size
-        lo = bucket.start + self.dp_rank * size
+        size = bucket.numel // bucket.size
+        lo = bucket.start + bucket.rank * size
         return lo, lo + size
 
     def shard_offset(self, bucket: Bucket) -> int:
         """Where this rank's slice of `bucket` starts in `shard_grad`."""
-        return bucket.start // self.dp_size
+        return bucket.shard_start
 
     # ------------------------------------------------------------------------ hooks & comm
     def _absorb(self, p: nn.Parameter) -> None:
@@ -214,18 +234,19 @@ class DistributedDataParallel:
         if self.events is not None:
             self.events.append(("launch", bucket.index))
         flat = self.grad_buffer[bucket.start : bucket.end]
-        if self.dp_size == 1:
+        if self.dp_size > 1:
+            flat.div_(self.dp_size)  # experts too: their replicas x ep group = the dp group
+        if bucket.size == 1:
             if self.shard:
                 self.shard_grad[self.shard_offset(bucket) :][: bucket.numel].copy_(flat)
             bucket.handle = _DONE
             return
-        flat.div_(self.dp_size)
         if self.shard:
             off = self.shard_offset(bucket)
-            out = self.shard_grad[off : off + bucket.numel // self.dp_size]
-            bucket.handle = collectives.reduce_scatter_into(out, flat, self.group, async_op=True)
+            out = self.shard_grad[off : off + bucket.numel // bucket.size]
+            bucket.handle = collectives.reduce_scatter_into(out, flat, bucket.group, async_op=True)
         else:
-            bucket.handle = collectives.all_reduce(flat, self.group, async_op=True)
+            bucket.handle = collectives.all_reduce(flat, bucket.group, async_op=True)
 
     def finish_grad_sync(self) -> None:
         """Wait until every bucket is reduced; call once per step before the optimizer."""
@@ -266,19 +287,28 @@ class DistributedDataParallel:
     @torch.no_grad()
     def broadcast_params(self, src_dp_rank: int = 0) -> None:
         """Copy dp-rank `src_dp_rank`'s parameters to every replica (start from identical weights)."""
-        if self.dp_size == 1:
-            return
-        src = (
-            dist.get_global_rank(self.group, src_dp_rank) if self.group is not None else src_dp_rank
-        )
-        for p in self.params:
-            collectives.broadcast(p.data, src, self.group)
+        for bucket in self.buckets:  # experts: from the first replica of the same experts
+            if bucket.size == 1:
+                continue
+            group = bucket.group
+            src = dist.get_global_rank(group, src_dp_rank) if group is not None else src_dp_rank
+            for p in bucket.params:
+                collectives.broadcast(p.data, src, group)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def parameters(self):
         return iter(self.params)
+
+
+def _expert_ids(module: nn.Module, ctx) -> set[int]:
+    """Expert weights split over an ep group > 1 (empty without expert parallelism)."""
+    if getattr(ctx, "ep_size", 1) == 1:
+        return set()
+    from megatiny.parallel.experts import expert_parameter_ids
+
+    return expert_parameter_ids(module)
 
 
 class _Done:

@@ -24,6 +24,11 @@ m and v) to 8/D bytes/param, plus a 4/D bytes/param fp32 master copy of the slic
 Each parameter's part of my slice is its own tensor in the inner optimizer, placed in the param
 group of the original parameter (so weight decay rules still apply per parameter). Those tensors
 are views into one flat fp32 `master` buffer.
+
+Expert parallelism: the buckets of expert weights split over ep are sliced over the
+expert-data-parallel group (each bucket knows its group, `bucket.group` / `bucket.size`), so D
+above is that group's size for them; the clipping norm's all-reduce over the whole dp group then
+sums the slices of every expert exactly once.
 """
 
 from __future__ import annotations
@@ -176,16 +181,16 @@ class ZeroOptimizer:
         handles, staged = [], []
         for bucket in ddp.buckets:
             soff = ddp.shard_offset(bucket)
-            mine = self.master[soff : soff + bucket.numel // ddp.dp_size]
+            mine = self.master[soff : soff + bucket.numel // bucket.size]
             out = ddp.param_buffer[bucket.start : bucket.end]
-            if ddp.dp_size == 1:
+            if bucket.size == 1:
                 out.copy_(mine)
                 continue
             if out.dtype != mine.dtype:
                 tmp = torch.empty(bucket.numel, dtype=mine.dtype, device=mine.device)
                 staged.append((out, tmp))
                 out = tmp
-            handles.append(collectives.all_gather_into(out, mine, ddp.group, async_op=True))
+            handles.append(collectives.all_gather_into(out, mine, bucket.group, async_op=True))
         for h in handles:
             h.wait()
         for out, tmp in staged:
@@ -247,10 +252,12 @@ class ZeroOptimizer:
         )
         for bucket in ddp.buckets:
             soff = ddp.shard_offset(bucket)
-            n = bucket.numel // ddp.dp_size
-            collectives.all_gather_into(
-                flat[bucket.start : bucket.end], flat_shard[soff : soff + n], ddp.group
-            )
+            n = bucket.numel // bucket.size
+            dst = flat[bucket.start : bucket.end]
+            if bucket.size == 1:
+                dst.copy_(flat_shard[soff : soff + n])
+            else:
+                collectives.all_gather_into(dst, flat_shard[soff : soff + n], bucket.group)
         return flat
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from megatiny.parallel import collectives
+from megatiny.parallel.experts import expert_parameter_ids
 from megatiny.parallel.parallelize import tp_sharded_parameter_ids
 
 
@@ -169,10 +170,22 @@ def global_grad_norm(
     device = params[0].grad.device if params else (ctx.device if distributed else "cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
     counted = [
-        p.grad.detach()
+        p
         for p in params
         if id(p) not in skip and cp_rank == 0 and (id(p) in sharded or tp_rank == 0)
     ]
+    # Experts split over ep live on the other ranks of my ep group (dp ranks): summed over it.
+    experts = (
+        expert_parameter_ids(model) if distributed and getattr(ctx, "ep_size", 1) > 1 else set()
+    )
+    if experts:
+        expert_total = total.clone()
+        for p in counted:
+            if id(p) in experts:
+                expert_total += p.grad.detach().float().pow(2).sum()
+        collectives.all_reduce(expert_total, ctx.ep_group)
+        total = total + expert_total
+    counted = [p.grad.detach() for p in counted if id(p) not in experts]
     if counted:
         norms = torch._foreach_norm(counted)  # one fused pass instead of a loop of reductions
         total = total + torch.stack(norms).float().pow(2).sum()

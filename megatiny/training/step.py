@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatiny.config import Config, ConfigError
+from megatiny.moe import set_aux_loss_scale
 from megatiny.parallel import collectives
 
 
@@ -188,6 +189,7 @@ class Trainer:
         grad_sync = None
         if self.ddp is not None:
             grad_sync = lambda last: contextlib.nullcontext() if last else self.ddp.no_sync()  # noqa: E731
+        set_aux_loss_scale(self.model, 1.0 / self.accumulation)  # MoE: as each micro-batch's loss
         loss = self.schedule(
             self.model, self.micro_batches(), loss_fn=self.loss_fn, grad_sync=grad_sync,
             autocast=self.autocast,
@@ -294,16 +296,19 @@ def shard_model(model: torch.nn.Module, cfg: Config, ctx) -> torch.nn.Module:
     its context-parallel attention (cp > 1), and (pp > 1) the PipelineModel of its chunks; at
     tp = pp = 1 the model moved to the device."""
     from megatiny.parallel.context_parallel import apply_context_parallel
+    from megatiny.parallel.experts import apply_expert_parallel  # tp > 1: parallelize does it
 
     p = cfg.parallel
     if ctx.tp_size == 1 and ctx.pp_size == 1:
-        return apply_context_parallel(model.to(ctx.device), ctx, p.cp_mode)
+        model = apply_expert_parallel(model.to(ctx.device), ctx)
+        return apply_context_parallel(model, ctx, p.cp_mode)
     from megatiny.parallel.parallelize import materialize, parallelize
     from megatiny.parallel.pipeline import build_pipeline, keep_stages
 
     v = p.virtual_pipeline_size
     keep_stages(model, ctx, v)
-    if ctx.tp_size == 1:
+    if ctx.tp_size == 1:  # this rank's experts first: only they are generated
+        apply_expert_parallel(model, ctx)
         apply_context_parallel(materialize(model, ctx.device), ctx, p.cp_mode)
     else:
         parallelize(model, ctx, sequence_parallel=p.sequence_parallel, cp_mode=p.cp_mode)
