@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
     "datasketch==2.0.0",
     "safetensors==0.8.0",
     "transformers==5.24.0",
+    "jinja2==3.1.6",  # chat templates (transformers' renderer)
+    "gguf==0.19.0",  # `convert --from-hf --gguf-file` (transformers' GGUF loader) ...
+    "accelerate==1.15.0",  # ... which also needs accelerate
     "tqdm==4.70.1",
     "rich==15.0.0",
     "tensorboard==2.21.0",

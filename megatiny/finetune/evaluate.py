@@ -90,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--png", help="write the confusion matrix here")
     parser.add_argument("--json", help="write the metrics here")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU (as finetune)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    result = evaluate(args.model, args.data, args.max_len, args.tokenizer, args.batch_size)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cuda.is_available())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        result = evaluate(args.model, args.data, args.max_len, args.tokenizer, args.batch_size)
     result["data"] = args.data
     if args.png:
         title = (f"{os.path.basename(os.path.normpath(args.model))} on "
