@@ -182,3 +182,21 @@ def test_plan_activations_within_10_percent_of_a_real_run(overrides):
     ):
         predicted = stages[pp_rank]["memory_bytes"]["activations"]
         assert abs(predicted - measured) <= 0.10 * measured, (pp_rank, predicted, measured)
+
+
+def _metrics(trainer):
+    from megatiny.training.memory import memory_metrics
+
+    return memory_metrics(trainer)
+
+
+def test_memory_metrics_of_a_run_equal_the_plan():
+    overrides = ["parallel.pp=2", "train.global_batch_size=8", "parallel.zero1=false"]
+    stages = {st["pp_rank"]: st["memory_bytes"] for st in planned(overrides, 2)["stages"]}
+    for (_, _, pp_rank), _, m in run_ranks(real_step, 2, args=(overrides,),
+                                           kwargs={"measure": _metrics}):  # fmt: skip
+        plan = stages[pp_rank]
+        for key in ("params", "grads", "optimizer", "activations"):
+            assert m[f"memory_{key}"] == plan[key]
+        assert m["memory_total"] == sum(m[f"memory_{k}"] for k in ("params", "grads",
+                                                                    "optimizer", "activations"))  # fmt: skip
