@@ -144,3 +144,32 @@ def test_shakespeare_converter(tmp_path):
                                        "test/act-1/scene-2", "test/act-2/scene-3"]  # fmt: skip
     assert "Ham. To be, or not to be,\nthat is the question." in recs[3]["text"]
     assert recs[0]["text"] == "From fairest\ncreatures"
+
+
+def test_unwritable_output_is_one_line_not_a_traceback(tmp_path, capsys):
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"text": "a document with enough words to count"}\n')
+    (tmp_path / "afile").write_text("")
+    args = ["data", "dedup", "--input", str(src), "--no-progress"]
+    assert cli(args + ["--output", str(tmp_path / "afile" / "out.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "afile" in err and "is a file, not a directory" in err
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert cli(args + ["--output", str(ro / "out.jsonl")]) == 1
+        err = capsys.readouterr().err
+        assert "Permission denied" in err and "Traceback" not in err
+
+
+def test_empty_corpus_is_reported(tmp_path, capsys):
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    out = str(tmp_path / "out")
+    assert cli(["data", "pipeline", "--input", str(src), "--output-prefix", out,
+                "--no-progress"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"warning: {out}.bin holds 0 tokens: the input holds no documents" in err
+    summary = json.load(open(out + ".pipeline.json"))
+    assert summary["tokens"] == 0 and summary["warnings"]

@@ -266,6 +266,32 @@ def main(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"megatiny data {args.data_command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable output: read-only directory, a parent that is a file, ...
+        print(f"megatiny data {args.data_command}: error: {_os_error(e)}", file=sys.stderr)
+        return 1
     if args.data_command != "pipeline":
         _print_report(rep)
+    for warning in _empty_output_warnings(args.data_command, rep):
+        print(f"megatiny data {args.data_command}: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    """'cannot write /data/out.jsonl: Permission denied (check that ...)' in one line."""
+    path = e.filename or "?"
+    reason = e.strerror or str(e)
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        reason += " (a parent of the output path is a file, not a directory)"
+    elif isinstance(e, PermissionError):
+        reason += " (choose a writable output location)"
+    return f"{path}: {reason}"
+
+
+def _empty_output_warnings(command: str, rep: dict) -> list[str]:
+    """An empty corpus passes every stage; say so instead of writing a 0-token dataset quietly."""
+    out = list(rep.get("warnings", []))
+    if command == "tokenize" and rep.get("tokens") == 0:
+        out.append("0 tokens written: the input holds no documents; training on it will fail")
+    elif command not in ("pipeline", "tokenize") and rep.get("docs_kept") == 0:
+        out.append(f"no document kept ({rep.get('docs_in', 0)} in): the output is empty")
+    return out

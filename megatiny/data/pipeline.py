@@ -184,11 +184,22 @@ def run_pipeline(inputs, output_prefix: str, cfg: dict | None = None, progress=T
     )
     summary["stages"]["tokenize"] = _brief(rep)
     summary["tokens"] = rep.get("tokens")
+    summary["warnings"] = _empty_warnings(summary["stages"], out)
     summary["tokenizer"] = tok_path
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["config"] = cfg
     write_json_atomic(f"{out}.pipeline.json", summary)
     return summary
+
+
+def _empty_warnings(stages: dict, out: str) -> list[str]:
+    """Name the stage that emptied the corpus when the dataset ends with 0 tokens."""
+    if stages.get("tokenize", {}).get("tokens") != 0:
+        return []
+    emptied = next((n for n, r in stages.items() if r.get("docs_kept") == 0), "tokenize")
+    docs_in = next(iter(stages.values()), {}).get("docs_in", 0)
+    where = "the input holds no documents" if not docs_in else f"{emptied} kept no document"
+    return [f"{out}.bin holds 0 tokens: {where}; training on it will fail"]
 
 
 def _brief(rep: dict) -> dict:
