@@ -13,9 +13,12 @@ import torch
 import torch.distributed as dist
 
 from megatiny.config import ModelConfig
+from megatiny.model import GPT
 from megatiny.moe import MoE
 from megatiny.parallel import ParallelContext
-from megatiny.parallel.experts import ExpertParallelMoE
+from megatiny.parallel.experts import ExpertParallelMoE, expert_parameter_ids
+from megatiny.parallel.parallelize import full_parameters, parallelize
+from megatiny.parallel.tracer import CommTracer
 from megatiny.testing import run_ranks
 from megatiny.testing.equivalence import mismatch
 
@@ -133,14 +136,16 @@ def _train_config(prefix, run_dir, *overrides):
     from tests.test_train import tiny_config
 
     model = dict(moe_experts=E, moe_top_k=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01,
-                 moe_every=2, n_layers=3)  # fmt: skip
+                 moe_every=2, n_layers=4)  # fmt: skip
     common = ("train.steps=3", "train.global_batch_size=8", "train.micro_batch_size=2",
               "train.eval_iters=1")  # fmt: skip
     return tiny_config(prefix, run_dir, *common, *overrides, **model)
 
 
 @pytest.mark.slow
-def test_train_losses_at_ep2_and_ep2_x_tp2_equal_one_rank(tmp_path):
+def test_train_losses_at_ep2_x_tp2_x_pp2_equal_one_rank(tmp_path):
+    """3 AdamW steps (clipping, 4 micro-batches, blocks 0 and 2 MoE) at ep2, ep2 x tp2 + SP and
+    ep2 x pp2 with ZeRO-1 (the aux losses enter through the activations on both stages)."""
     from tests.test_train import make_corpus
 
     prefix = make_corpus(tmp_path)
@@ -150,6 +155,90 @@ def test_train_losses_at_ep2_and_ep2_x_tp2_equal_one_rank(tmp_path):
     )
     ep2tp2 = run_ranks(_train_on_ranks, 4, args=(_train_config(
         prefix, tmp_path / "c", "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"),))  # fmt: skip
-    for out in ep2 + ep2tp2:
+    pp2ep2 = run_ranks(_train_on_ranks, 4, args=(_train_config(
+        prefix, tmp_path / "d", "parallel.ep=2", "parallel.pp=2", "parallel.zero1=true"),))  # fmt: skip
+    for out in ep2 + ep2tp2 + pp2ep2:
         torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-5)
         assert out["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=1e-5)
+
+
+# ---- the whole GPT -------------------------------------------------------------------------------
+
+
+def _model_reference(config, ids, dp):
+    torch.manual_seed(0)
+    model = GPT(config)
+    losses = [model(x, labels=x) for x in ids.chunk(dp)]
+    sum(losses).backward()
+    grads = {f"grad {n}": p.grad for n, p in model.named_parameters()}
+    return {"loss": torch.stack(losses).detach(), **grads}
+
+
+def _model_rank(config, ids, tp, ep, sp):
+    from megatiny.parallel.experts import apply_expert_parallel
+
+    ctx = ParallelContext.initialize(tp=tp, ep=ep)
+    torch.manual_seed(0)
+    model = GPT(config)
+    if tp > 1:
+        parallelize(model, ctx, sequence_parallel=sp)
+    else:
+        apply_expert_parallel(model, ctx)
+    x = ids.chunk(ctx.dp_size)[ctx.dp_rank]
+    loss = model(x, labels=x)
+    loss.backward()
+    experts = expert_parameter_ids(model)
+    for p in model.parameters():  # the data-parallel sum, over the right group
+        dist.all_reduce(p.grad, group=ctx.edp_group if id(p) in experts else ctx.dp_group)
+    losses = [torch.zeros(()) for _ in range(ctx.dp_size)]
+    dist.all_gather(losses, loss.detach(), group=ctx.dp_group)
+    out = {"loss": torch.stack(losses)}
+    out.update({f"grad {n}": g for n, g in full_parameters(model, grads=True).items()})
+    ctx.destroy()
+    return out
+
+
+MODEL_CASES = [
+    pytest.param(1, 2, False, id="ep2"),
+    pytest.param(1, 4, False, id="ep4", marks=slow),
+    pytest.param(2, 2, True, id="tp2spxep2", marks=slow),
+]
+
+
+@pytest.mark.parametrize("tp,ep,sp", MODEL_CASES)
+def test_gpt_with_moe_expert_parallel_equals_single(tp, ep, sp):
+    config = moe_config("llama", n_layers=3, moe_every=2)  # blocks 0 and 2 are MoE
+    ids = torch.randint(0, 64, (2 * ep, 16), generator=torch.Generator().manual_seed(3))
+    want = _model_reference(config, ids, ep)
+    got = run_ranks(_model_rank, tp * ep, args=(config, ids, tp, ep, sp))[0]
+    assert set(got) == set(want)
+    _assert_close(got, want)
+
+
+# ---- communication volume ----------------------------------------------------------------------
+
+
+def _a2a_bytes(config, ids):
+    from megatiny.parallel.experts import apply_expert_parallel
+
+    ctx = ParallelContext.initialize(ep=2)
+    torch.manual_seed(0)
+    model = apply_expert_parallel(GPT(config), ctx)
+    x = ids.chunk(2)[ctx.dp_rank]
+    with CommTracer(ctx.rank) as tracer:
+        model(x, labels=x).backward()
+    return tracer.bytes_by("group", "op")
+
+
+def test_all_to_all_bytes_are_analytical():
+    """Per MoE layer and rank: the [E] int64 counts (forward), the N k dispatched rows and the R
+    received ones each way in the forward (dispatch, combine) and the backward (the reverse
+    all-to-alls): 8 E + 2 (N k + R) h 4 bytes. Over the ep group sum R = sum N k, so the total is
+    ep (8 E + 4 N k h 4) per layer, whatever the routing."""
+    config = moe_config("llama", n_layers=2, moe_every=1)
+    b, s, ep, k, L = 2, 16, 2, config.moe_top_k, 2
+    ids = torch.randint(0, 64, (b * ep, s), generator=torch.Generator().manual_seed(5))
+    traced = run_ranks(_a2a_bytes, ep, args=(config, ids))
+    assert all(set(t) == {("ep", "all_to_all")} for t in traced)  # nothing else at tp = 1
+    N = b * s
+    assert sum(t[("ep", "all_to_all")] for t in traced) == L * ep * (8 * E + 4 * N * k * H * 4)
