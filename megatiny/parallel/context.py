@@ -41,6 +41,24 @@ def _new_groups(all_ranks: list[list[int]], rank: int, members_only: bool = Fals
     return mine, my_ranks
 
 
+def _attempt_store(rank: int, world_size: int, timeout_s: float):
+    """Under a restarted torchrun attempt (`--max-restarts`), the env:// store with this attempt's
+    own key prefix, else None (torch's env:// default).
+
+    torchrun keeps the same agent store for every attempt, and group keys are the same each time,
+    so the restarted ranks would read the dead attempt's addresses ("Connection refused")."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and not agent_store, timeout=timedelta(seconds=timeout_s),
+        multi_tenant=not agent_store,
+    )  # fmt: skip
+    return dist.PrefixStore(f"megatiny/attempt_{attempt}", store)
+
+
 class ParallelContext:
     """The process groups of one rank for a tp x cp x dp x pp layout.
 
@@ -206,6 +224,7 @@ class ParallelContext:
                 rank=rank,
                 world_size=world_size,
                 timeout=timedelta(seconds=timeout_s),
+                store=_attempt_store(rank, world_size, timeout_s),
             )
             owns = True
         return cls(grid, rank, local_rank, owns_default_group=owns, timeout_s=timeout_s)
