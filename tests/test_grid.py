@@ -90,6 +90,9 @@ def test_expert_parallel_groups_are_carved_from_dp():
                 assert [g.expert_coords(m)["ep"] for m in ep_group] == list(range(ep))
                 assert [g.expert_coords(m)["edp"] for m in edp_group] == list(range(dp // ep))
                 assert set(ep_group) & set(edp_group) == {r}
+                ep_tp = g.group_of("ep_tp", r)  # every expert shard once: tp x ep
+                assert len(ep_tp) == tp * ep and set(ep_group) <= set(ep_tp)
+                assert set(g.group_of("tp", r)) <= set(ep_tp)
     assert n > 204
     g = build_grid(8, tp=2, ep=2)  # dp=4: [0, 2, 4, 6] -> ep [0, 2], [4, 6]; edp [0, 4], [2, 6]
     assert g.groups["ep"] == [[0, 2], [4, 6], [1, 3], [5, 7]]

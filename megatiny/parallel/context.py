@@ -72,7 +72,8 @@ class ParallelContext:
 
     Expert parallelism (carved from dp, see grid.py): `ep_size`/`ep_rank`/`ep_group`/`ep_ranks` (the
     ranks that hold different experts and exchange tokens by all-to-all) and `edp_size`/`edp_rank`/
-    `edp_group`/`edp_ranks` (replicas of my experts: expert gradients are averaged over it).
+    `edp_group`/`edp_ranks` (replicas of my experts: expert gradients are averaged over it);
+    `ep_tp_group`/`ep_tp_ranks` (tp x ep: every expert shard once, for checkpoints).
     """
 
     def __init__(
@@ -143,6 +144,9 @@ class ParallelContext:
             setattr(self, f"{name}_ranks", ranks)
             collectives.name_group(group, name)
             self._groups.append(group)
+        self.ep_tp_group, self.ep_tp_ranks = new_groups(grid.groups["ep_tp"], rank)
+        collectives.name_group(self.ep_tp_group, "ep_tp")
+        self._groups.append(self.ep_tp_group)
         self.is_first_stage = self.pp_rank == 0
         self.is_last_stage = self.pp_rank == self.pp_size - 1
 

@@ -111,6 +111,10 @@ class ExpertShard(Experts):
         nn.Module.__init__(self)
         self.swiglu = experts.swiglu
         self.tp_group, self.ep_group = ctx.tp_group, ctx.ep_group
+        self.ep_tp_group = getattr(ctx, "ep_tp_group", None)
+        self.tp_size, self.tp_rank, self.ep_size, self.ep_rank = (
+            ctx.tp_size, ctx.tp_rank, ctx.ep_size, ctx.ep_rank
+        )  # fmt: skip
         tp, r = ctx.tp_size, ctx.tp_rank
         E = experts.num_experts
         n = E // ctx.ep_size
@@ -126,6 +130,32 @@ class ExpertShard(Experts):
         trainable = experts.fc_weight.requires_grad
         self.fc_weight = nn.Parameter(fc.to(device).clone(), requires_grad=trainable)
         self.proj_weight = nn.Parameter(proj.to(device).clone(), requires_grad=trainable)
+
+    def checkpoint_shards(self, leaf: str, local: torch.Tensor):
+        """(full shape, [(view of `local`, its offsets in the full tensor)]) for a checkpoint's
+        ShardedTensor over `ep_tp_group`, whose ranks hold every piece once. `local` is the
+        weight or a tensor shaped like it (an optimizer moment)."""
+        n, rows, cols = local.shape
+        first, tp, r = self.ep_rank * n, self.tp_size, self.tp_rank
+        if leaf == "proj_weight":
+            return (n * self.ep_size, rows, cols * tp), [(local, (first, 0, r * cols))]
+        if not self.swiglu:
+            return (n * self.ep_size, rows * tp, cols), [(local, (first, r * rows, 0))]
+        f_local = rows // 2  # [gate_r | up_r]: two pieces
+        full = (n * self.ep_size, rows * tp, cols)
+        gate, up = local.narrow(1, 0, f_local), local.narrow(1, f_local, f_local)
+        return full, [(gate, (first, r * f_local, 0)), (up, (first, f_local * tp + r * f_local, 0))]
+
+    def sharded_tensor(self, name: str, local: torch.Tensor, global_rank: int):
+        """`local` (a weight, or a tensor shaped like it) as a ShardedTensor of the full
+        [E, ...] tensor over the tp x ep ranks (layout-free checkpoints)."""
+        from torch.distributed._shard.metadata import ShardMetadata
+        from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+        full, pieces = self.checkpoint_shards(name.rpartition(".")[2], local)
+        where = f"rank:{global_rank}/{local.device}"
+        shards = [Shard(v, ShardMetadata(list(o), list(v.shape), where)) for v, o in pieces]
+        return init_from_local_shards(shards, *full, process_group=self.ep_tp_group)
 
     @torch.no_grad()
     def full_parameter(self, leaf: str, local: torch.Tensor) -> torch.Tensor:

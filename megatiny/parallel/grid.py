@@ -16,7 +16,8 @@ Expert parallelism is carved from data parallelism (Megatron's layout): the dp c
 so `ep` consecutive dp ranks form an expert-parallel group (they hold different experts and swap
 tokens by all-to-all) and the dp / ep ranks with the same ep_rank form an expert-data-parallel
 group (replicas of the same experts: their gradients are averaged over it). groups["ep"] and
-groups["edp"]; `expert_coords(rank)` gives both coordinates.
+groups["edp"]; `expert_coords(rank)` gives both coordinates. groups["ep_tp"] (tp x ep ranks of one
+edp replica and stage) hold every expert's shards exactly once: a checkpoint's expert tensors.
 """
 
 from __future__ import annotations
@@ -137,4 +138,8 @@ def build_grid(
     # ep: consecutive dp coordinates; edp: the same ep coordinate, stepping by ep along dp.
     groups["ep"] = [g[i : i + ep] for g in groups["dp"] for i in range(0, dp, ep)]
     groups["edp"] = [g[i::ep] for g in groups["dp"] for i in range(ep)]
+    tp_of = {r: g for g in groups["tp"] for r in g}
+    groups["ep_tp"] = [
+        sorted(r for m in g for r in tp_of[m]) for g in groups["ep"] if g[0] % tp == 0
+    ]
     return Grid(world_size=world_size, tp=tp, cp=cp, dp=dp, pp=pp, groups=groups, ep=ep)

@@ -124,7 +124,9 @@ def model_state(model: nn.Module, ctx=None) -> dict[str, object]:
         seen.add(id(p))
         spec = _shard_pieces(modules[name.rpartition(".")[0]], name, p, vocab) if ctx else None
         t = p.detach()
-        if spec is None:
+        if ctx and hasattr(owner := modules[name.rpartition(".")[0]], "sharded_tensor"):
+            out[name] = owner.sharded_tensor(name, t, ctx.rank)  # experts: over ep x tp
+        elif spec is None:
             out[name] = t
         else:
             dim, full, pieces = spec
@@ -151,7 +153,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx=None
         spec = _shard_pieces(modules[name.rpartition(".")[0]], name, p, vocab) if ctx else None
         for key in ("exp_avg", "exp_avg_sq"):
             t = state[key]
-            if spec is None:
+            if ctx and hasattr(owner := modules[name.rpartition(".")[0]], "sharded_tensor"):
+                out[f"{name}.{key}"] = owner.sharded_tensor(name, t, ctx.rank)
+            elif spec is None:
                 out[f"{name}.{key}"] = t
             else:
                 dim, full, pieces = spec
