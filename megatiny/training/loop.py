@@ -126,9 +126,11 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
         if rank0:
             print(f"resumed from {meta['path']} at step {trainer.step}", flush=True)
             _check_schedule(cfg, meta)
+    # Rows after the starting step were logged by a run that crashed before saving them.
+    replaying = resume_from is not None or tc.resume == "auto"
     if rank0:  # every check passed: this run's config, and each step logged once
         cfg.save_yaml(os.path.join(run_dir, "config.yaml"))
-        if resume_from is not None:
+        if replaying:
             for name in ("metrics.jsonl", "comm.jsonl"):
                 moved = rundir.drop_rows_after(os.path.join(run_dir, name), trainer.step)
                 if moved:
@@ -152,7 +154,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                                trainer.scheduler, ctx, extra, keep=tc.keep_checkpoints)  # fmt: skip
 
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=tc.tensorboard,
-                           purge_step=trainer.step + 1 if resume_from is not None else None)  # fmt: skip
+                           purge_step=trainer.step + 1 if replaying else None)  # fmt: skip
     tokens_per_step = tc.global_batch_size_for(ctx.dp_size) * cfg.data.seq_length
     meter = Throughput(
         tokens_per_step, cfg.model.flops_per_token(cfg.data.seq_length), ctx.world_size,
