@@ -171,7 +171,7 @@ def test_tp2_matches_tp1(tmp_path):
     prefix = make_corpus(tmp_path)
     ref = run_training(tiny_config(prefix, tmp_path / "a"))[0]["losses"]
     for extra in (["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]):
-        outs = run_training(tiny_config(prefix, tmp_path / "b", *extra), world_size=2)
+        outs = run_training(tiny_config(prefix, tmp_path / "_".join(extra), *extra), world_size=2)
         for out in outs:
             np.testing.assert_allclose(out["losses"], ref, rtol=2e-5, atol=2e-5)
 
