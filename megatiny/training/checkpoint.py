@@ -245,10 +245,14 @@ def _dcp_load(state: dict, path: str, distributed: bool) -> None:
             detail = next(
                 (ln.strip() for ln in reversed(lines) if "Error" in ln), lines[-1:] or [""]
             )
+            shape = "size mismatch" in str(detail).lower()  # meta.json's shape is not the tensors'
             raise CheckpointError(
-                f"cannot load checkpoint {path}: {type(e).__name__}: {str(detail)[:300]}. Check "
-                f"it with `megatiny checkpoint verify {path}`; `--resume auto` falls back to the "
-                "newest intact checkpoint"
+                f"checkpoint {path} holds tensors of a different model shape than its meta.json "
+                f"says ({str(detail)[:300]})"
+                if shape
+                else f"cannot load checkpoint {path}: "
+                f"{type(e).__name__}: {str(detail)[:300]}. Check it with `megatiny checkpoint "
+                f"verify {path}`; `--resume auto` falls back to the newest intact checkpoint"
             ) from None
 
 
@@ -273,15 +277,12 @@ def resolve(path: str) -> str | None:
 
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.fsync(fd)
+    os.close(fd)
 
 
 def _barrier(distributed: bool) -> None:
-    if distributed:
-        collectives.barrier()
+    return collectives.barrier() if distributed else None
 
 
 def save_checkpoint(
