@@ -85,6 +85,12 @@ def test_single_rank_run_writes_metrics_config_and_checkpoint(tmp_path):
     for key in ("loss", "lr", "grad_norm", "tokens_per_second", "mfu", "peak_memory_gib"):
         assert key in train_records[0]
     assert [r["loss"] for r in train_records] == pytest.approx(out["losses"])
+    # memory accounting once early and at the end (megatiny.training.memory): state bytes exact
+    params = cfg.model.num_parameters() * 4
+    for record in (train_records[0], train_records[-1]):
+        assert record["memory_params"] == params and record["memory_grads"] == params
+        assert record["memory_optimizer"] == 2 * params and record["memory_activations"] > 0
+    assert "memory_params" not in train_records[1]
     valid = [r for r in records if r.get("split") == "valid"]
     assert [r["step"] for r in valid] == [3, 5] and valid[-1]["perplexity"] == pytest.approx(
         np.exp(valid[-1]["loss"])

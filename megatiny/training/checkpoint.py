@@ -50,7 +50,7 @@ META = "meta.json"
 # The fields that define parameter shapes; a checkpoint must agree on all of them to load.
 SHAPE_FIELDS = (
     "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "norm",
-    "activation", "position", "tie_embeddings", "bias",
+    "activation", "position", "tie_embeddings", "bias", "moe_experts", "moe_every",
 )  # fmt: skip
 
 warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
@@ -344,7 +344,7 @@ def read_meta(step_dir: str) -> dict:
 
 def check_same_shape(saved: dict, model_config, path: str) -> None:
     """Refuse a checkpoint whose parameter shapes differ, naming every differing field."""
-    current = model_config.to_dict()
+    current, saved = model_config.to_dict(), {"moe_experts": 0, "moe_every": 1, **saved}  # pre-MoE
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs this run {current[k]!r}"
         for k in SHAPE_FIELDS

@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+import torch
+
 from megatiny.config import Config, ConfigError
 from megatiny.training.step import NonFiniteLoss, Trainer, build_trainer, check_supported
 
@@ -178,6 +180,24 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
         if tracer is not None:
             tracer.mark(step, name)
 
+    def collective_metrics(step: int) -> dict:
+        """Metrics every rank computes together (they issue collectives): MoE router statistics
+        at each log step; `memory_*` (one extra forward under saved-tensor hooks) once early and
+        at the end. The RNG is restored so the extra forward changes no dropout mask."""
+        out = {}
+        phase(step, "metrics")
+        if cfg.model.moe_experts:
+            from megatiny.parallel.experts import reduce_moe_metrics
+
+            out.update(reduce_moe_metrics(trainer.model, ctx))
+        if step in (tc.log_interval, tc.steps):
+            from megatiny.training.memory import memory_metrics
+
+            devices = [ctx.device] if ctx.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                out.update(memory_metrics(trainer))
+        return out
+
     def evaluate(step: int) -> dict:
         phase(step, "eval")
         result = trainer.evaluate()
@@ -227,6 +247,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                      **meter.measure(), "peak_memory_gib": peak_memory_gib(ctx.device),
                      "consumed_samples": trainer.consumed_samples,
                      "skipped_steps": trainer.skipped_steps}  # fmt: skip
+                m.update(collective_metrics(step))
                 if rank0:
                     say(format_line(step, tc.steps, m))
                 writer.write(step, m)
@@ -340,7 +361,7 @@ def main(args) -> int:
 
     p = cfg.parallel
     ctx = ParallelContext.from_env(tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp, backend=cfg.train.backend,
-                                   timeout_s=cfg.train.timeout_s)  # fmt: skip
+                                   timeout_s=cfg.train.timeout_s, ep=p.ep)  # fmt: skip
     t0 = time.time()
     try:
         summary = train(cfg, ctx)
