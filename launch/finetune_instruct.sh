@@ -9,8 +9,9 @@
 # MODEL_DIR: a megatiny model directory with a chat tokenizer (launch/prepare_smollm.sh). Knobs
 # (environment): STEPS (60), BATCH (8), LR (5e-5), TRAINABLE (last N blocks, 4; "all" = every
 # block), MAX_LEN (128), PRECISION (auto; bf16 speeds up CPUs with AMX), HELD_OUT (fraction, 0.1).
-# Writes OUTDIR/data/{train,valid}.jsonl, OUTDIR/before (a zero-learning-rate step: the held-out
-# loss of the untouched model), OUTDIR/run (the fine-tuned model) and OUTDIR/replies.txt.
+# Writes OUTDIR/data/{train,valid}.jsonl, OUTDIR/before (one step at lr 1e-30, which changes no
+# fp32 weight: the held-out loss of the untouched model), OUTDIR/run (the fine-tuned model) and
+# OUTDIR/replies.txt.
 set -euo pipefail
 
 MODEL="${1:?usage: launch/finetune_instruct.sh MODEL_DIR OUTDIR}"
@@ -51,9 +52,9 @@ BLOCKS=(--trainable-blocks "$TRAINABLE")
 COMMON=(--task instruction --checkpoint "$MODEL" --tokenizer "$MODEL" --prompt-format chat
         --train "$OUT/data/train.jsonl" --valid "$OUT/data/valid.jsonl" --max-len "$MAX_LEN"
         --batch-size "$BATCH" --precision "$PRECISION" --no-progress-bar "${BLOCKS[@]}")
-echo "== held-out loss of the untouched model (one step at learning rate 0) =="
+echo "== held-out loss of the untouched model (one step at lr 1e-30: below fp32 resolution) =="
 [[ -f "$OUT/before/finetune.json" ]] ||
-    "$PYTHON" -m megatiny finetune "${COMMON[@]}" --output "$OUT/before" --steps 1 --lr 0
+    "$PYTHON" -m megatiny finetune "${COMMON[@]}" --output "$OUT/before" --steps 1 --lr 1e-30
 echo "== fine-tuning =="
 [[ -f "$OUT/run/finetune.json" ]] ||
     "$PYTHON" -m megatiny finetune "${COMMON[@]}" --output "$OUT/run" --steps "$STEPS" --lr "$LR" \

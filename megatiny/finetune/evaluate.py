@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.model, args.data, args.max_len, args.tokenizer, args.batch_size)
     result["data"] = args.data
     if args.png:
-        title = (f"{os.path.basename(os.path.normpath(args.model))} on "
+        model_name = os.path.join(*os.path.normpath(args.model).split(os.sep)[-2:])
+        title = (f"{model_name} on "
                  f"{os.path.basename(args.data)}: accuracy {100 * result['accuracy']:.2f} %")  # fmt: skip
         plot_confusion(torch.tensor(result["confusion"]), result["labels"], args.png, title)
     if args.json:
