@@ -46,6 +46,8 @@ class ModelConfig:
                     Megatron's selective recompute) | "full" (every block)
     fused_kernels   use megatiny.kernels (Triton) for softmax / norms / cross-entropy when the
                     tensors are on CUDA (or TRITON_INTERPRET=1); plain torch otherwise
+    dtype           "fp32" | "bf16": the training run's parameter dtype; bf16 keeps fp32 main
+                    parameters and gradient buckets in the optimizer (Megatron's --bf16)
     moe_experts     experts per mixture-of-experts layer (0: a dense model; megatiny/moe.py)
     moe_top_k       experts each token is routed to
     moe_every       block i's MLP is an MoE layer when i % moe_every == 0 (1: every block)
@@ -73,6 +75,7 @@ class ModelConfig:
     init_std: float = 0.02
     recompute: str = "none"
     fused_kernels: bool = False
+    dtype: str = "fp32"
     moe_experts: int = 0
     moe_top_k: int = 2
     moe_every: int = 1
@@ -89,6 +92,7 @@ class ModelConfig:
         _choices("activation", self.activation, ("gelu", "swiglu"))
         _choices("position", self.position, ("learned", "rope"))
         _choices("recompute", self.recompute, ("none", "selective", "full"))
+        _choices("dtype", self.dtype, ("fp32", "bf16"))
         if self.d_model % self.n_heads:
             good = [h for h in divisors(self.d_model) if h <= 4 * self.n_heads]
             raise ValueError(

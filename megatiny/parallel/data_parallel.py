@@ -23,6 +23,10 @@ for the work handles (and launches, in bucket order, any bucket whose parameters
 Gradient accumulation: inside `no_sync()` the hooks do nothing and gradients simply accumulate in
 `p.grad`; the backward of the last micro-batch (outside `no_sync`) launches the reduction.
 
+Low-precision parameters (bf16): the buffer stays fp32 (Megatron's main grads). Each parameter's
+slice is `p.main_grad`; the hook adds every micro-batch's bf16 `p.grad` into it and frees `p.grad`,
+so accumulation and reduction happen in fp32.
+
 ZeRO-1 (`shard=True`, used by `megatiny.parallel.zero.ZeroOptimizer`): each bucket is padded to a
 multiple of D and reduce-scattered instead of all-reduced; rank d receives the averaged gradient of
 the d-th 1/D slice of every bucket in `shard_grad`. The flat *parameter* buffer with the same layout
@@ -126,7 +130,9 @@ class DistributedDataParallel:
                 f"DistributedDataParallel needs one parameter dtype, got {sorted(map(str, dtypes))}"
                 "; keep fp32 master parameters and use autocast for low precision"
             )
-        self.dtype = named[0][1].dtype
+        self.param_dtype = named[0][1].dtype
+        self.main_grads = self.param_dtype in (torch.bfloat16, torch.float16)
+        self.dtype = torch.float32 if self.main_grads else self.param_dtype  # the grad buffer
         self.device = named[0][1].device
         self.names = {id(p): n for n, p in named}
         self.params = [p for _, p in named]
@@ -150,8 +156,15 @@ class DistributedDataParallel:
             )
             self._flatten_params()
         for p in self.params:
-            p.grad = self._grad_view(p)
+            self._point(p)
             p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _point(self, p: nn.Parameter) -> None:
+        """Make the parameter's gradient (or, bf16, its fp32 main gradient) its buffer slice."""
+        if self.main_grads:
+            p.main_grad, p.grad = self._grad_view(p), None
+        else:
+            p.grad = self._grad_view(p)
 
     # ----------------------------------------------------------------------------- layout
     def _layout(self, kinds, bucket_mb: float):
@@ -187,7 +200,7 @@ class DistributedDataParallel:
 
     def _flatten_params(self) -> None:
         """Make every parameter a view into one flat buffer laid out like the gradients."""
-        self.param_buffer = torch.zeros_like(self.grad_buffer)
+        self.param_buffer = torch.zeros_like(self.grad_buffer, dtype=self.param_dtype)
         for p in self.params:
             off = self.offsets[id(p)]
             view = self.param_buffer[off : off + p.numel()].view_as(p)
@@ -207,6 +220,8 @@ class DistributedDataParallel:
     # ------------------------------------------------------------------------ hooks & comm
     def _absorb(self, p: nn.Parameter) -> None:
         # optimizer.zero_grad(set_to_none=True) drops our view; copy the fresh grad back in.
+        if self.main_grads:  # already added into p.main_grad by the hook
+            return
         view = self._grad_view(p)
         if p.grad is None:
             view.zero_()
@@ -215,6 +230,9 @@ class DistributedDataParallel:
         p.grad = view
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if self.main_grads:  # every micro-batch: accumulate in fp32, free the bf16 gradient
+            p.main_grad.add_(p.grad)
+            p.grad = None
         if not self.sync_enabled:
             return
         bucket = self.bucket_of[id(p)]
@@ -280,7 +298,7 @@ class DistributedDataParallel:
         if self.shard_grad is not None:
             self.shard_grad.zero_()
         for p in self.params:
-            p.grad = self._grad_view(p)
+            self._point(p)
         for bucket in self.buckets:
             bucket.reset()
 
@@ -328,8 +346,9 @@ def build_data_parallel(model: nn.Module, ctx, shard: bool = False, bucket_mb: f
     pipeline model's tied embedding copy (first / last stage) gets its own bucket.
     """
     group = resolve_dp_group(ctx)
-    if dist.get_world_size(group) == 1 and not shard:
-        return None
+    low_precision = any(p.dtype != torch.float32 for p in model.parameters())
+    if dist.get_world_size(group) == 1 and not shard and not low_precision:
+        return None  # (bf16 parameters need it at any dp: it holds their fp32 main gradients)
     isolate = ()
     if getattr(model, "chunks", None) is not None:
         from megatiny.parallel.pipeline import tied_embedding_weight

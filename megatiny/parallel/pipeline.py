@@ -289,8 +289,9 @@ def sync_tied_grads(chunks: list[nn.Module], ctx, ddp=None) -> None:
             raise RuntimeError("the tied embedding must be isolated in its own DDP bucket")
         off = ddp.shard_offset(bucket)
         grad = ddp.shard_grad[off : off + bucket.numel // ddp.dp_size]
-    else:
-        grad = weight.grad
+    else:  # bf16 parameters: their fp32 main gradient (DistributedDataParallel)
+        grad = getattr(weight, "main_grad", None)
+        grad = weight.grad if grad is None else grad
     collectives.all_reduce(grad, ctx.embedding_group)
 
 

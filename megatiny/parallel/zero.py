@@ -246,7 +246,8 @@ class ZeroOptimizer:
         ddp = self.ddp
         flat_shard = torch.zeros_like(self.master)
         for piece, _, s, e, off in self.pieces:
-            flat_shard[off : off + (e - s)] = self.optimizer.state[piece][key]
+            value = piece.detach() if key == "main_param" else self.optimizer.state[piece][key]
+            flat_shard[off : off + (e - s)] = value
         flat = torch.zeros(
             ddp.grad_buffer.numel(), dtype=flat_shard.dtype, device=flat_shard.device
         )
@@ -269,6 +270,8 @@ class ZeroOptimizer:
         if ddp.dp_size > 1:
             collectives.all_reduce(has_state, ddp.group, op=dist.ReduceOp.MAX)
         out: dict[int, dict[str, torch.Tensor]] = {id(p): {} for p in ddp.params}
+        if ddp.main_grads:  # bf16 parameters: the fp32 main weights are state to save too
+            self._gather_into(out, "main_param")
         # A dry run on the meta device has no values: it takes this rank's own answer.
         if not (any(states) if has_state.is_meta else has_state.item()):
             return out
@@ -280,13 +283,21 @@ class ZeroOptimizer:
             collectives.all_reduce(step, ddp.group, op=dist.ReduceOp.MAX)
         step = torch.zeros(()) if step.is_meta else step.cpu()  # AdamW keeps `step` on CPU
         for key in ("exp_avg", "exp_avg_sq"):
-            flat = self._gather_flat(key)
-            for p in ddp.params:
-                off = ddp.offsets[id(p)]
-                out[id(p)][key] = flat[off : off + p.numel()].view_as(p)
+            self._gather_into(out, key)
         for p in ddp.params:
             out[id(p)]["step"] = step.clone()
         return out
+
+    def _gather_into(self, out: dict, key: str) -> None:
+        flat = self._gather_flat(key)
+        for p in self.ddp.params:
+            off = self.ddp.offsets[id(p)]
+            out[id(p)][key] = flat[off : off + p.numel()].view(p.shape)
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """The per-parameter tensors a checkpoint saves (see `state`)."""
+        return ("exp_avg", "exp_avg_sq") + (("main_param",) if self.ddp.main_grads else ())
 
     @torch.no_grad()
     def _scatter(self, by_id: dict[int, dict[str, torch.Tensor]]) -> None:
@@ -299,7 +310,9 @@ class ZeroOptimizer:
             a = ddp.offsets[id(p)]
             st = {}
             for key, t in full.items():
-                if t.numel() > 1 or key != "step":
+                if key == "main_param":  # into the fp32 master slice itself
+                    piece.data.copy_(t.reshape(-1)[s - a : e - a])
+                elif t.numel() > 1 or key != "step":
                     st[key] = t.reshape(-1)[s - a : e - a].clone().to(piece.device)
                 else:
                     st[key] = t.detach().clone().reshape(())

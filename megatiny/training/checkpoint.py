@@ -146,12 +146,12 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx=None
             continue
         seen.add(id(p))
         state = optimizer.state[p]
-        if not state:
+        if "exp_avg" not in state:  # fp32 moments also for bf16 parameters (fp32 optimizer)
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=torch.float32)
         spec = _shard_pieces(modules[name.rpartition(".")[0]], name, p, vocab) if ctx else None
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in getattr(optimizer, "state_keys", ("exp_avg", "exp_avg_sq")):
             t = state[key]
             if ctx and hasattr(owner := modules[name.rpartition(".")[0]], "sharded_tensor"):
                 out[f"{name}.{key}"] = owner.sharded_tensor(name, t, ctx.rank)

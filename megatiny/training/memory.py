@@ -212,7 +212,8 @@ def memory_metrics(trainer, batch: dict | None = None) -> dict[str, int]:
     chunks = getattr(trainer.model, "chunks", None) or [_as_chunk(trainer.model)]
     seq = cfg.data.seq_length // (ctx.tp_size if cfg.parallel.sequence_parallel else 1)
     shape = (cfg.train.micro_batch_size, seq, cfg.model.d_model)
-    per_chunk = chunk_activation_bytes(chunks, batch, shape, autocast=trainer.autocast)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32  # pipeline messages
+    per_chunk = chunk_activation_bytes(chunks, batch, shape, dtype, autocast=trainer.autocast)
     out["activations"] = activation_bytes(
         per_chunk, ctx.pp_size, ctx.pp_rank, trainer.accumulation,
         cfg.parallel.virtual_pipeline_size or 1,

@@ -71,7 +71,99 @@ def build_optimizer(model: nn.Module, train_config, zero1_ddp=None):
         from megatiny.parallel.zero import ZeroOptimizer
 
         return ZeroOptimizer(zero1_ddp, groups, **kwargs)
+    if any(p.dtype != torch.float32 for g in groups for p in g["params"]):
+        return MixedPrecisionAdamW(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """A parameter's gradient: its fp32 `main_grad` when it has one (bf16 parameters under
+    DistributedDataParallel), else `.grad`."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+class MixedPrecisionAdamW:
+    """AdamW on fp32 main copies of low-precision (bf16) parameters — Megatron's
+    Float16OptimizerWithFloat16Params. The gradients are the fp32 `main_grad`s that
+    DistributedDataParallel accumulates and reduces; after the update each main parameter is
+    rounded back into its model parameter. `state[p]` (model parameter p) is the AdamW state of
+    its main copy, with the main copy itself under "main_param", so checkpoints save and load the
+    fp32 weights too (`state_keys`) and a resumed run continues exactly."""
+
+    state_keys = ("exp_avg", "exp_avg_sq", "main_param")
+
+    def __init__(self, groups, **kwargs):
+        self.main_of, main_groups = {}, []
+        for group in groups:
+            mains = []
+            for p in group["params"]:
+                main = nn.Parameter(p.detach().float().clone())
+                self.main_of[id(p)] = (p, main)
+                mains.append(main)
+            main_groups.append({**group, "params": mains})
+        self.optimizer = torch.optim.AdamW(main_groups, **kwargs)
+        self.state = _MainState(self)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, main in self.main_of.values():
+            grad = grad_of(p)
+            main.grad = None if grad is None else grad.float()
+        self.optimizer.step()
+        for p, main in self.main_of.values():
+            p.copy_(main)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, main in self.main_of.values():
+            main.grad = None
+            if set_to_none:
+                p.grad = None
+
+
+class _MainState:
+    """`optimizer.state[model_param]` -> the state of its fp32 main copy (+ "main_param")."""
+
+    def __init__(self, opt: MixedPrecisionAdamW):
+        self.opt = opt
+
+    def __getitem__(self, p) -> _MainView:
+        _, main = self.opt.main_of[id(p)]
+        return _MainView(self.opt.optimizer.state[main], main)
+
+    def __contains__(self, p) -> bool:
+        return id(p) in self.opt.main_of
+
+    def values(self):
+        return [self[p] for p, _ in self.opt.main_of.values()]
+
+
+class _MainView(dict):
+    """AdamW's state dict of a main parameter, with "main_param" readable (not stored in it, so
+    AdamW still sees empty state before its first step)."""
+
+    def __init__(self, state: dict, main: torch.Tensor):
+        super().__init__()
+        self.inner, self.main = state, main
+
+    def __getitem__(self, key):
+        return self.main.data if key == "main_param" else self.inner[key]
+
+    def __setitem__(self, key, value):
+        self.inner[key] = value
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __contains__(self, key) -> bool:
+        return key == "main_param" or key in self.inner
+
+    def __iter__(self):
+        return iter(self.inner)
 
 
 class WarmupCosine:
@@ -160,14 +252,14 @@ def global_grad_norm(
     """
     import torch.distributed as dist
 
-    params = unique_parameters(p for p in model.parameters() if p.grad is not None)
+    params = unique_parameters(p for p in model.parameters() if grad_of(p) is not None)
     skip = skip_parameter_ids or set()
     distributed = ctx is not None and dist.is_initialized()
     sharded = tp_sharded_parameter_ids(model) if distributed and ctx.tp_size > 1 else set()
     tp_rank = ctx.tp_rank if distributed else 0
     cp_rank = getattr(ctx, "cp_rank", 0) if distributed else 0
     # The context's device even when this rank holds no gradient: the total enters a collective.
-    device = params[0].grad.device if params else (ctx.device if distributed else "cpu")
+    device = grad_of(params[0]).device if params else (ctx.device if distributed else "cpu")
     total = torch.zeros((), dtype=torch.float32, device=device)
     counted = [
         p
@@ -182,10 +274,10 @@ def global_grad_norm(
         expert_total = total.clone()
         for p in counted:
             if id(p) in experts:
-                expert_total += p.grad.detach().float().pow(2).sum()
+                expert_total += grad_of(p).detach().float().pow(2).sum()
         collectives.all_reduce(expert_total, ctx.ep_group)
         total = total + expert_total
-    counted = [p.grad.detach() for p in counted if id(p) not in experts]
+    counted = [grad_of(p).detach() for p in counted if id(p) not in experts]
     if counted:
         norms = torch._foreach_norm(counted)  # one fused pass instead of a loop of reductions
         total = total + torch.stack(norms).float().pow(2).sum()
@@ -205,7 +297,8 @@ def clip_grad_norm_(
     norm = global_grad_norm(model, ctx, skip_parameter_ids)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        grads = [p.grad for p in unique_parameters(model.parameters()) if p.grad is not None]
+        params = unique_parameters(model.parameters())
+        grads = [grad_of(p) for p in params if grad_of(p) is not None]
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].device))
     return norm

@@ -119,6 +119,8 @@ class Task:
         return build_model(cfg, ctx)
 
     def build_data(self, cfg: Config, ctx, dp: int):
+        from megatiny.training.data import build_data
+
         return build_data(cfg, ctx, dp)
 
     def loss_fn(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -317,44 +319,6 @@ def shard_model(model: torch.nn.Module, cfg: Config, ctx) -> torch.nn.Module:
     return model
 
 
-def build_data(cfg: Config, ctx, dp: int):
-    """(train, valid) datasets. Rank 0 builds (and caches) the sample indices first, so the other
-    ranks only read the cache."""
-    tc, dc = cfg.train, cfg.data
-    num_samples = {
-        "train": tc.steps * tc.global_batch_size_for(dp),
-        "valid": tc.eval_iters * tc.global_batch_size_for(dp),  # evaluate_iters' samples
-        "test": tc.micro_batch_size * dp,
-    }
-
-    def build():
-        if isinstance(dc.path, str):
-            from megatiny.data.gpt_dataset import GPTDataset
-
-            kw = dict(
-                split=dc.split, seq_length=dc.seq_length, seed=tc.seed, cache_dir=dc.cache_dir
-            )
-            return tuple(
-                GPTDataset(dc.path, num_samples=num_samples[name], split_name=name, **kw)
-                for name in ("train", "valid")
-            )
-        from megatiny.data.blended import build_datasets
-
-        train, valid, _ = build_datasets([str(x) for x in dc.path], dc.split, dc.seq_length,
-                                         num_samples, tc.seed)  # fmt: skip
-        return train, valid
-
-    try:
-        if ctx.rank == 0:
-            datasets = build()
-        collectives.barrier()
-        if ctx.rank != 0:
-            datasets = build()
-    except ValueError as e:
-        raise ConfigError(f"data: {e}") from None
-    return datasets
-
-
 def check_supported(cfg: Config, world_size: int | None = None) -> None:
     """Layouts the loop cannot run fail here, before any process group work."""
     from megatiny.parallel.pipeline import validate_pipeline
@@ -384,6 +348,8 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
         )
     dp = ctx.dp_size
     model = task.build_model(cfg, ctx)
+    if cfg.model.dtype == "bf16":  # bf16 weights; fp32 main params/grads in DDP and the optimizer
+        model.to(torch.bfloat16)
     from megatiny.parallel.data_parallel import build_data_parallel
 
     # Gradients averaged over dp x cp in buckets, overlapped with the backward pass (None when
@@ -408,6 +374,7 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
         schedule = as_trainer_schedule(build_schedule(
             ctx, model.chunks, cfg.train.micro_batch_size, cfg.data.seq_length,
             sequence_parallel=p.sequence_parallel,
+            dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32,
         ))  # fmt: skip
     # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp / cp rank.
     torch.manual_seed(
