@@ -19,7 +19,6 @@ micro-batch's last labelled token (causal attention: they change nothing before 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatiny.finetune import data as fd
 from megatiny.finetune.config import FinetuneConfig, model_config
@@ -116,19 +115,20 @@ class FinetuneTask(Task):
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer) -> dict:
-        """Loss over the whole validation set (classification: and accuracy, and macro F1 when
-        the logits are on one stage, pp=1): its rows in micro-batches over the dp ranks, each
-        micro-batch's mean loss weighted by its number of loss terms (rows or response tokens)."""
+        """Loss over the whole validation set (classification: and accuracy and macro F1): its
+        rows in micro-batches over the dp ranks, each micro-batch's mean loss weighted by its
+        number of loss terms (rows or response tokens). The class predictions are read off the
+        head's output by a forward hook (on the last pipeline stage), so every layout scores
+        with the same forward as training."""
         ctx, micro = trainer.ctx, trainer.cfg.train.micro_batch_size
         valid, model = trainer.valid_data, trainer.model
         head = getattr(model, "output", None)  # None on a pipeline stage without the head
+        n_cls = len(self.labels.names) if self.labels is not None else 0
+        confusion = torch.zeros(n_cls * n_cls, dtype=torch.float64, device=ctx.device)
+        logits, hook = [], None  # confusion[true, predicted], flat
         if isinstance(head, ClassificationOutput):
             head.correct = 0
-        # confusion[true, predicted] over the validation rows (needs the logits: one stage)
-        confusion = None
-        if self.labels is not None and ctx.pp_size == 1:
-            n_cls = len(self.labels.names)
-            confusion = torch.zeros(n_cls * n_cls, dtype=torch.float64, device=ctx.device)
+            hook = head.head.register_forward_hook(lambda m, i, out: logits.append(out.detach()))
         loss_sum, terms = 0.0, 0
         model.eval()
         try:
@@ -137,52 +137,38 @@ class FinetuneTask(Task):
                 samples = [valid[i] if i < len(valid) else valid.empty() for i in idx]
                 batch = collate(samples, range(len(samples)), ctx.device)
                 n = int((batch["labels"] != fd.IGNORE_INDEX).sum())
-                if confusion is not None:  # one forward gives the loss and the predictions
-                    loss = self._classify(trainer, batch, confusion)
-                elif ctx.pp_size == 1:
+                if ctx.pp_size == 1:
                     with trainer.autocast():
                         loss = trainer.loss_fn(model, batch)
                 else:
                     loss = trainer.schedule(model, [batch], forward_only=True,
                                             autocast=trainer.autocast)  # fmt: skip
                 loss_sum, terms = loss_sum + float(loss) * n, terms + n
+                for scores in logits:  # [b, s' <= s, classes]: the (trimmed) batch's columns
+                    labels = batch["labels"][:, : scores.shape[1]]
+                    labelled = labels != fd.IGNORE_INDEX
+                    pairs = labels[labelled] * n_cls + scores[labelled].argmax(-1)
+                    confusion += torch.bincount(pairs, minlength=n_cls * n_cls).to(confusion)
+                logits.clear()
         finally:
             model.train()
+            if hook is not None:
+                hook.remove()
         correct = head.correct if isinstance(head, ClassificationOutput) else 0
         totals = torch.tensor([loss_sum, terms, correct], dtype=torch.float64, device=ctx.device)
-        if confusion is not None:
-            totals = torch.cat([totals, confusion])
+        totals = torch.cat([totals, confusion])
         if ctx.pp_size > 1:  # the accuracy is counted on the last stage
             collectives.broadcast(totals, ctx.pp_ranks[-1], ctx.pp_group)
         if ctx.dp_size > 1:
             collectives.all_reduce(totals, ctx.dp_group)
         loss_sum, terms, correct = totals[:3].tolist()
         out = {"loss": loss_sum / max(terms, 1.0)}
-        if confusion is not None:
-            n_cls = len(self.labels.names)
-            matrix = totals[3:].view(n_cls, n_cls)
-            out["accuracy"] = float(matrix.trace() / len(valid))
-            out["f1"] = macro_f1(matrix)
-        elif self.labels is not None:
+        if self.labels is not None:
             out["accuracy"] = correct / len(valid)
+            out["f1"] = macro_f1(totals[3:].view(n_cls, n_cls))
         else:
             out["perplexity"] = float(torch.tensor(min(out["loss"], 50.0)).exp())
         return out
-
-    def _classify(self, trainer: Trainer, batch: dict, confusion: torch.Tensor) -> torch.Tensor:
-        """Mean loss of an evaluation micro-batch from its class logits (as `head_loss`);
-        adds its (true, predicted) pairs to the flat `confusion` counts."""
-        batch = trim_padding(batch, self.multiple)
-        with trainer.autocast():
-            logits = trainer.model(batch["input_ids"]).float()
-        labelled = batch["labels"] != fd.IGNORE_INDEX
-        target, scores = batch["labels"][labelled], logits[labelled]
-        n_cls = scores.shape[-1]
-        pairs = target * n_cls + scores.argmax(-1)
-        confusion += torch.bincount(pairs, minlength=n_cls * n_cls).to(confusion)
-        if not len(target):
-            return torch.zeros(())
-        return F.cross_entropy(scores, target)
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
