@@ -122,7 +122,7 @@ def test_plan_state_bytes_are_exact_for_llama_7b_at_32_ranks():
 def test_plan_json_has_the_design_fields(capsys):
     from megatiny.cli import main
 
-    code = main(["plan", "--config", "launch/configs/tiny-cpu.yaml", "model.vocab_size=256",
+    code = main(["plan", "--config", "launch/configs/tiny-cpu.yaml", "model.vocab_size=256", "data.tokenizer=null",
                  "--gpu", "a100-80g", "--json"])  # fmt: skip
     assert code == 0
     out = json.loads(capsys.readouterr().out)
@@ -141,7 +141,7 @@ def test_plan_json_has_the_design_fields(capsys):
 def test_plan_names_a_bad_layout(capsys):
     from megatiny.cli import main
 
-    code = main(["plan", "--config", "launch/configs/tiny-cpu.yaml", "model.vocab_size=256",
+    code = main(["plan", "--config", "launch/configs/tiny-cpu.yaml", "model.vocab_size=256", "data.tokenizer=null",
                  "parallel.tp=3"])  # fmt: skip
     assert code == 2
     assert "parallel.tp=3" in capsys.readouterr().err
