@@ -66,3 +66,24 @@ def test_run_ranks_reports_hang_with_the_rank_and_its_stack():
 def test_run_ranks_reports_a_dead_rank():
     with pytest.raises(RankError, match=r"died without a result, exit codes \{1: 7\}"):
         run_ranks(_die_on_one, 2)
+
+
+def test_a_process_group_that_fails_to_form_is_retried_on_a_new_port(tmp_path, monkeypatch):
+    # e.g. the free port was taken by another process before gloo bound it: the first attempt's
+    # rank 0 fails inside init_process_group; run_ranks starts afresh and the job succeeds.
+    real = dist.init_process_group
+    marker = tmp_path / "failed-once"
+
+    def flaky(*args, **kwargs):
+        if kwargs.get("rank") == 0 and not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("Gloo connectFullMesh failed: Connection closed by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", flaky)
+    assert run_ranks(_rank_and_world, 2, timeout=60) == [(0, 2), (1, 2)]
+    assert marker.exists()
+
+
+def _rank_and_world():
+    return dist.get_rank(), dist.get_world_size()

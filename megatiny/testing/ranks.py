@@ -70,9 +70,13 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, env, backend, pg_
         torch.set_num_threads(1)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
-        )
+        try:
+            dist.init_process_group(
+                backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
+            )
+        except Exception:  # noqa: BLE001 - e.g. a port taken between free_port() and bind
+            results.put((rank, "init_error", traceback.format_exc()))
+            return
         out = fn(*args, **kwargs)
         results.put((rank, "ok", _dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt
@@ -116,6 +120,25 @@ def run_ranks(
     if fn_args and args:
         raise TypeError("run_ranks: give fn's arguments positionally or as args=(...), not both")
     args = fn_args or tuple(args)
+    for attempt in range(INIT_ATTEMPTS):
+        try:
+            return _launch(fn, world_size, args, kwargs, backend, timeout, env)
+        except _InitFailed as e:
+            # Forming the process group failed (a free port grabbed by another process between
+            # free_port() and bind, or a peer from another job): start afresh on a new port.
+            if attempt == INIT_ATTEMPTS - 1:
+                raise RankError(f"the process group never formed:\n{e}") from None
+    raise AssertionError("unreachable")
+
+
+INIT_ATTEMPTS = 3
+
+
+class _InitFailed(Exception):
+    """init_process_group failed on a rank: nothing of `fn` ran, the launch can be retried."""
+
+
+def _launch(fn, world_size, args, kwargs, backend, timeout, env) -> list[Any]:
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = free_port()
@@ -179,6 +202,8 @@ def _collect(procs, results, world_size: int, timeout: float, stacks: str) -> di
                     codes = {r: procs[r].exitcode for r in dead}
                     raise RankError(f"ranks died without a result, exit codes {codes}") from None
             continue
+        if status == "init_error":
+            raise _InitFailed(f"rank {rank} of {world_size}:\n{payload}")
         if status == "error":
             raise RankError(f"rank {rank} of {world_size} failed:\n{payload}")
         outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
