@@ -53,3 +53,16 @@ def test_unsupported_mixtral_is_refused():
         from_mixtral(tiny_mixtral(num_experts_per_tok=1))
     with pytest.raises(ValueError, match="sliding_window=8"):
         from_mixtral(tiny_mixtral(sliding_window=8))
+
+
+def test_from_hf_and_to_hf_dispatch_mixtral():
+    from megatiny.hf import from_hf, to_hf
+
+    hf = tiny_mixtral()
+    model = from_hf(hf).eval()
+    assert model.config.moe_experts == 4
+    back = to_hf(model)
+    assert type(back).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)

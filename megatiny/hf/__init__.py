@@ -181,8 +181,12 @@ def from_hf(hf_model) -> GPT:
         config, mapper = _config_from_gpt2(hf_model.config), _gpt2_state
     elif kind == "llama":
         config, mapper = _config_from_llama(hf_model.config), _llama_state
+    elif kind == "mixtral":
+        from megatiny.hf.mixtral import from_mixtral
+
+        return from_mixtral(hf_model)
     else:
-        raise ValueError(f"model_type={kind!r} is not supported; use a GPT-2 or Llama model")
+        raise ValueError(f"model_type={kind!r} is not supported; use GPT-2, Llama or Mixtral")
     state = mapper(config, hf_model.state_dict(), to_hf=False)
     with torch.device("meta"):
         model = GPT(config)
@@ -198,6 +202,10 @@ def to_hf(model: GPT, special_ids: dict | None = None):
 
     if tp_group_of(model) is not None:
         raise ValueError("to_hf needs the single-device model; export before parallelize()")
+    if model.config.moe_experts:  # a mixture of experts: transformers' MixtralForCausalLM
+        from megatiny.hf.mixtral import to_mixtral
+
+        return to_mixtral(model)
     hf_config = _hf_config(model.config)
     cls = GPT2LMHeadModel if family(model.config) == "gpt2" else LlamaForCausalLM
     hf = cls(hf_config)  # a real device: non-persistent buffers (RoPE inv_freq) must exist
