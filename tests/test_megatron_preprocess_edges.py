@@ -88,3 +88,16 @@ def test_empty_last_document_with_kept_partial_sample_is_refused(build):
     # drop_last, or no extra token: no negative offset, no error
     assert build(sizes, docs, 4, 1, 11, True, 1).min() >= 0
     assert build(sizes, docs, 4, 1, 11, False, 0).min() >= 0
+
+
+def test_tokenize_cli_flags_reach_the_tokenizer(corpus):
+    from megatiny.cli import main
+
+    d, tok = corpus
+    out = str(d / "cli")
+    code = main(["data", "tokenize", "--input", str(d / "docs.jsonl"), "--tokenizer",
+                 str(d / "tok"), "--output-prefix", out, "--keep-empty", "--eod-in-text"])  # fmt: skip
+    assert code in (0, None)
+    ref_bin, ref_idx = megatron_idx(tok, DOCS, True)
+    assert open(out + ".bin", "rb").read() == ref_bin
+    assert open(out + ".idx", "rb").read() == ref_idx

@@ -119,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--no-eod", action="store_true", help="do not append <|endoftext|>")
     p.add_argument("--dtype", default=None, choices=["uint16", "int32"], help="default: by vocab")
+    p.add_argument(
+        "--keep-empty",
+        action="store_true",
+        help="keep empty documents as zero-length documents (Megatron's preprocess_data)",
+    )
+    p.add_argument("--eod-in-text", action="store_true",
+                   help="a literal <|endoftext|> in the text is the EOD id, not text")  # fmt: skip
 
 
 def _parse_value(v: str):
@@ -249,6 +256,8 @@ def _run(args) -> dict:
             dtype=args.dtype,
             report_path=args.report,
             progress=progress,
+            keep_empty=args.keep_empty,
+            eod_in_text=args.eod_in_text,
         )
     raise ValueError(f"unknown data stage {cmd!r}")
 
