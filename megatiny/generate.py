@@ -103,6 +103,13 @@ def generate(
     ids = ids[None] if ids.dim() == 1 else ids
     if ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    lo, hi = int(ids.min()), int(ids.max())  # once per prompt, before any token is generated
+    if lo < 0 or hi >= model.config.vocab_size:
+        raise ValueError(
+            f"prompt token id {hi if hi >= model.config.vocab_size else lo} is outside the "
+            f"vocabulary 0..{model.config.vocab_size - 1}; was the prompt made with another "
+            "tokenizer?"
+        )
     limit = model.config.max_seq_len
     if ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
@@ -246,15 +253,28 @@ def main(args) -> int:
             if args.prompt is not None:
                 prompt = tokenizer.encode(args.prompt, special=True)
             else:
-                prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+                prompt = _parse_ids(args.prompt_ids)
             out = run(prompt)
             if rank0:
                 print(tokenizer.decode(out) if tokenizer is not None
                       else ",".join(str(i) for i in out))  # fmt: skip
+    except ValueError as e:  # bad prompt or arguments: one line, not a traceback
+        print(f"megatiny generate: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if ctx is not None:
             ctx.destroy()
     return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        bad = next(x for x in text.split(",") if x.strip() and not x.strip().lstrip("-").isdigit())
+        raise ValueError(
+            f"--prompt-ids takes comma-separated integers, got {bad.strip()!r}"
+        ) from None
 
 
 def _chat(run, tokenizer, args, ctx, rank0: bool) -> None:

@@ -270,3 +270,18 @@ def test_public_names_import():
 
     assert callable(parallelize) and not isinstance(parallelize, type(megatiny))
     assert ParallelContext.__name__ == "ParallelContext"
+
+
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        ("1,x,3", "comma-separated integers, got 'x'"),
+        ("1,99999", "prompt token id 99999 is outside"),
+    ],
+)
+def test_generate_bad_prompt_ids_are_one_line_errors(
+    ids, message, tiny_model_and_tokenizer, capsys
+):
+    model_dir, _ = tiny_model_and_tokenizer
+    code, _, err = run_cli(["generate", "--checkpoint", model_dir, "--prompt-ids", ids], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
