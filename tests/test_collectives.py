@@ -1,9 +1,6 @@
 """The one place collectives are issued: the device check, the observers, and dry runs of the
 real layout code on the meta device under torch's fake process group (no GPU, no peers)."""
 
-import multiprocessing as mp
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,28 +10,7 @@ from megatiny.model import GPT
 from megatiny.parallel import collectives
 from megatiny.parallel.context import ParallelContext
 from megatiny.parallel.parallelize import parallelize
-from megatiny.testing import run_ranks
-
-
-def _in_fork(fn, *args):
-    """Run fn(*args) in a forked process (a fake default process group must not leak into this
-    one) and return its result or raise its error."""
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-
-    def target():
-        try:
-            queue.put(("ok", fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
-            queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-
-    proc = ctx.Process(target=target)
-    proc.start()
-    kind, value = queue.get(timeout=120)
-    proc.join(timeout=30)
-    if kind == "error":
-        raise RuntimeError(value)
-    return value
+from megatiny.testing import run_in_fork, run_ranks
 
 
 def _fake_world(world_size: int, **layout):
@@ -81,7 +57,7 @@ def _observed_ops():
 
 
 def test_observers_see_group_op_and_bytes():
-    assert _in_fork(_observed_ops) == [
+    assert run_in_fork(_observed_ops) == [
         ("tp", "all_reduce", 3 * 5 * 4, (3, 5)),
         ("dp", "all_gather", 6 * 5 * 4, (6, 5)),
     ]
@@ -106,7 +82,7 @@ def _meta_tp_step(sp):
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
 def test_tensor_parallel_step_runs_on_meta_under_the_fake_group(sp, monkeypatch):
     monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
-    assert _in_fork(_meta_tp_step, sp) == ["meta"]
+    assert run_in_fork(_meta_tp_step, sp) == ["meta"]
 
 
 def _meta_zero1_checkpoint_state():
@@ -134,7 +110,7 @@ def test_zero1_checkpoint_state_keeps_collectives_on_the_device(monkeypatch):
     # Before the fix, ZeRO-1 all-reduced AdamW's CPU `step` over dp: NCCL rejects that at the first
     # save. On meta under the device check the same stray CPU tensor raises here.
     monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
-    assert _in_fork(_meta_zero1_checkpoint_state) == ["Tensor"]
+    assert run_in_fork(_meta_zero1_checkpoint_state) == ["Tensor"]
 
 
 def _meta_grad_norm_without_grads():
@@ -149,7 +125,7 @@ def _meta_grad_norm_without_grads():
 
 def test_grad_norm_of_a_rank_without_gradients_stays_on_the_device(monkeypatch):
     monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
-    assert _in_fork(_meta_grad_norm_without_grads) == "meta"
+    assert run_in_fork(_meta_grad_norm_without_grads) == "meta"
 
 
 def _set_device_before_first_collective():
@@ -226,5 +202,5 @@ def test_a_training_step_reads_the_device_once(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MEGATINY_CHECK_DEVICES", "1")
     make_corpus(tmp_path)
     layout, overrides = LAYOUTS[name]
-    reads, skipped = _in_fork(_meta_train_step, str(tmp_path), layout, overrides)
+    reads, skipped = run_in_fork(_meta_train_step, str(tmp_path), layout, overrides)
     assert reads == ["tolist"] and not skipped

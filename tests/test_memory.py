@@ -22,36 +22,14 @@ split: 4 sbh + 12 sbh / t (Korthikanti: sbh (10 + 24/t) bytes). With SP everythi
 same 1 sbh). Full recompute keeps only each block's input: sbh (/ t under SP).
 """
 
-import multiprocessing as mp
-import traceback
-
 import pytest
 import torch
 
-from megatiny.testing import run_ranks
+from megatiny.testing import run_in_fork, run_ranks
 from megatiny.training.memory import ActivationCounter, in_flight
 from tests.test_plan import planned, real_step
 
 b, s, h, a = 2, 16, 64, 4
-
-
-def _in_fork(fn, *args):
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-
-    def target():
-        try:
-            queue.put(("ok", fn(*args)))
-        except BaseException as e:  # noqa: BLE001 - reported to the parent
-            queue.put(("error", f"{e}\n{traceback.format_exc()}"))
-
-    proc = ctx.Process(target=target)
-    proc.start()
-    kind, value = queue.get(timeout=120)
-    proc.join(timeout=30)
-    if kind == "error":
-        raise RuntimeError(value)
-    return value
 
 
 def _block_bytes(tp, sp, recompute):
@@ -100,7 +78,7 @@ def expected_block_bytes(tp, sp, recompute):
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2+sp"])
 def test_block_activations_reconcile_with_korthikanti(tp, sp, recompute):
-    assert _in_fork(_block_bytes, tp, sp, recompute) == expected_block_bytes(tp, sp, recompute)
+    assert run_in_fork(_block_bytes, tp, sp, recompute) == expected_block_bytes(tp, sp, recompute)
 
 
 def _max_in_flight(v, m):

@@ -269,5 +269,16 @@ def batch_isend_irecv(messages: list[tuple[str, torch.Tensor, int]], group=None)
     ]
 
 
+def all_gather_cat(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Every rank's `t` concatenated along `dim` (no autograd; e.g. to gather shards back to a
+    full tensor). A copy of `t` on a group of one."""
+    p = dist.get_world_size(group)
+    if p == 1:
+        return t.clone()
+    out = torch.empty((p * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    all_gather_into(out, t.contiguous(), group)
+    return torch.cat(out.chunk(p), dim=dim)
+
+
 def barrier(group=None) -> None:
     _issue("barrier", group, [], 0, lambda: dist.barrier(group=group))

@@ -79,15 +79,6 @@ def all_to_all_rows(x, out_splits: list[int], in_splits: list[int], group):
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def _gather_along(t: torch.Tensor, group, dim: int) -> torch.Tensor:
-    p = dist.get_world_size(group)
-    if p == 1:
-        return t.clone()
-    out = torch.empty((p * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    collectives.all_gather_into(out, t.contiguous(), group)
-    return torch.cat(out.chunk(p), dim=dim)
-
-
 def expert_major_order(recv_counts: torch.Tensor) -> torch.Tensor:
     """Rows received source-major ([ep, local experts] blocks of recv_counts[j, e] rows) ->
     the permutation that groups them by local expert (source order inside an expert)."""
@@ -162,14 +153,14 @@ class ExpertShard(Experts):
         tp = dist.get_world_size(self.tp_group)
         t = local
         if tp > 1 and leaf == "proj_weight":
-            t = _gather_along(t, self.tp_group, dim=2)
+            t = collectives.all_gather_cat(t, self.tp_group, dim=2)
         elif tp > 1 and self.swiglu:  # rank-major [gate_r | up_r] -> [gate | up]
             n, rows, h = t.shape
-            pieces = _gather_along(t.reshape(n, 2, rows // 2, h), self.tp_group, dim=2)
+            pieces = collectives.all_gather_cat(t.reshape(n, 2, rows // 2, h), self.tp_group, dim=2)
             t = pieces.reshape(n, rows * tp, h)
         elif tp > 1:
-            t = _gather_along(t, self.tp_group, dim=1)
-        return _gather_along(t, self.ep_group, dim=0)
+            t = collectives.all_gather_cat(t, self.tp_group, dim=1)
+        return collectives.all_gather_cat(t, self.ep_group, dim=0)
 
 
 class ExpertParallelMoE(MoE):

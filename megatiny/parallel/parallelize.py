@@ -47,7 +47,6 @@ Create the optimizer after parallelize(): the parameters are new tensors.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatiny.model import LMOutput
@@ -230,15 +229,6 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
 # --- gathering shards back to single-device shapes -------------------------------------------
 
 
-def _gather_dim(t: torch.Tensor, group, dim: int) -> torch.Tensor:
-    p = dist.get_world_size(group)
-    if p == 1:
-        return t.clone()
-    out = torch.empty((p * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    collectives.all_gather_into(out, t.contiguous(), group)
-    return torch.cat(out.chunk(p), dim=dim)
-
-
 @torch.no_grad()
 def full_parameters(model, grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its .grad with `grads=True`) gathered to its single-device shape, in
@@ -261,12 +251,12 @@ def full_parameters(model, grads: bool = False) -> dict[str, torch.Tensor]:
         owner, leaf = name.rsplit(".", 1)
         module = model.get_submodule(owner)
         if isinstance(module, VocabParallelEmbedding):
-            t = _gather_dim(t, group, 0)[:V]
+            t = collectives.all_gather_cat(t, group, 0)[:V]
         elif isinstance(module, ColumnParallelLinear):
-            t = module.unshard(_gather_dim(t, group, 0), dim=0)
+            t = module.unshard(collectives.all_gather_cat(t, group, 0), dim=0)
             if owner == "lm_head":
                 t = t[:V]
         elif isinstance(module, RowParallelLinear) and leaf == "weight":
-            t = _gather_dim(t, group, 1)
+            t = collectives.all_gather_cat(t, group, 1)
         out[name] = t.clone()
     return out

@@ -15,7 +15,7 @@ docs/extending.md writes a new parallel layer and proves it with these.
 
 from megatiny.testing.equivalence import Layout, assert_parallel_equivalent, parse_layout
 from megatiny.testing.gather import full_parameters, full_tensor
-from megatiny.testing.ranks import RankError, free_port, run_ranks
+from megatiny.testing.ranks import RankError, free_port, run_in_fork, run_ranks
 
 __all__ = [
     "Layout",
@@ -25,5 +25,6 @@ __all__ = [
     "full_parameters",
     "full_tensor",
     "parse_layout",
+    "run_in_fork",
     "run_ranks",
 ]

@@ -208,3 +208,32 @@ def _collect(procs, results, world_size: int, timeout: float, stacks: str) -> di
             raise RankError(f"rank {rank} of {world_size} failed:\n{payload}")
         outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     return outputs
+
+
+def run_in_fork(fn: Callable, *args: Any, timeout: float = 120.0) -> Any:
+    """fn(*args) in one forked process, its result or its error (as RankError) returned here:
+    for work that must not leak into this process, such as a fake default process group for a
+    meta-device dry run."""
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+
+    def target():
+        try:
+            results.put(("ok", fn(*args)))
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            results.put(("error", traceback.format_exc()))
+
+    proc = ctx.Process(target=target, daemon=True)
+    proc.start()
+    try:
+        kind, value = results.get(timeout=timeout)
+    except queue.Empty:
+        raise RankError(f"run_in_fork: {getattr(fn, '__name__', fn)} did not finish within "
+                        f"{timeout:.0f}s") from None  # fmt: skip
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if kind == "error":
+        raise RankError(f"run_in_fork: {getattr(fn, '__name__', fn)} failed:\n{value}")
+    return value
