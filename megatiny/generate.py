@@ -185,6 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute without a KV cache")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when there is a GPU, else cpu), cpu, cuda or cuda:N; "
+                        "under torchrun each rank uses its context's device")  # fmt: skip
 
 
 def _has_tokenizer(directory: str) -> bool:
@@ -236,6 +239,11 @@ def main(args) -> int:
     model = load_any(args.checkpoint).eval()
     if ctx is not None:
         model = parallelize(model, ctx)
+    else:
+        try:
+            model = model.to(resolve_device(args.device))
+        except ValueError as e:
+            raise SystemExit(f"megatiny generate: error: {e}") from None
     rank0 = ctx is None or ctx.rank == 0
     eos = None if args.ignore_eos or tokenizer is None else tokenizer.stop_ids
 
@@ -265,6 +273,16 @@ def main(args) -> int:
         if ctx is not None:
             ctx.destroy()
     return 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is cuda when torch sees a GPU, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
+    return device
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -129,3 +129,16 @@ def test_cli_generates_from_a_saved_model(tmp_path, capsys):
     assert cli_main(ids_args) == 0
     expected = generate(model, [5, 6, 7], 3, temperature=0)[0].tolist()
     assert capsys.readouterr().out.strip() == ",".join(map(str, expected))
+
+
+def test_generate_device_choice():
+    import torch
+
+    from megatiny.generate import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU here; use --device cpu"):
+            resolve_device("cuda:0")
