@@ -31,12 +31,7 @@ LR = 1e-3
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-2 * LR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -287,13 +287,13 @@ class DocumentFilter:
 
     def judge(self, rec: dict, text: str, where: str) -> tuple[str | None, Any]:
         """(drop reason or None to keep, payload for `decide` / `observe` / the report)."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define judge(rec, text, where)")
 
     def decide(self, res: Result) -> str | None:
         return None
 
     def observe(self, res: Result) -> None:
-        pass
+        """Called for every result in input order; the default keeps no statistics."""
 
     def report(self) -> dict:
         return {}

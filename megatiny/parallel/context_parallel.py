@@ -147,38 +147,30 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     return torch.cat(out.unbind(0), dim=gather_dim)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """[b, h, s/p, d] -> [b, h/p, s, d]: heads scattered, sequence gathered; backward the inverse."""
+class _AllToAll(torch.autograd.Function):
+    """Scatter `scatter_dim`, gather `gather_dim` over the group; backward is the same exchange
+    with the two dims swapped."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group, scatter_dim=1, gather_dim=2)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _all_to_all(dy, ctx.group, scatter_dim=2, gather_dim=1), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """[b, h/p, s, d] -> [b, h, s/p, d]; backward the inverse."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group, scatter_dim=2, gather_dim=1)
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim=scatter_dim, gather_dim=gather_dim)
 
     @staticmethod
     def backward(ctx, dy):
-        return _all_to_all(dy, ctx.group, scatter_dim=1, gather_dim=2), None
+        scatter_dim, gather_dim = ctx.dims
+        dx = _all_to_all(dy, ctx.group, scatter_dim=gather_dim, gather_dim=scatter_dim)
+        return dx, None, None, None
 
 
 def seq_to_heads(x, group):
-    return _SeqToHeads.apply(x, group)
+    """[b, h, s/p, d] -> [b, h/p, s, d]: heads scattered, sequence gathered."""
+    return _AllToAll.apply(x, group, 1, 2)
 
 
 def heads_to_seq(x, group):
-    return _HeadsToSeq.apply(x, group)
+    """[b, h/p, s, d] -> [b, h, s/p, d]: the inverse of seq_to_heads."""
+    return _AllToAll.apply(x, group, 2, 1)
 
 
 # ---- the attention cores -------------------------------------------------------------------------

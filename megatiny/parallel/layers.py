@@ -74,10 +74,8 @@ class _ParallelLinear(nn.Module):
                 for p in self.parameters():
                     p.uniform_(-bound, bound)
 
-    def shard(self, full: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full bias (each subclass defines `shard` for the weight)."""
         return self.shard(full)
 
     @classmethod

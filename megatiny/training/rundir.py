@@ -16,6 +16,7 @@ resumed run's metrics hold each step once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -99,10 +100,8 @@ class RunLock:
                         f"train.run_dir; if that run is gone, delete {self.path}"
                     ) from None
                 warning = f"took over the stale lock {self.path} ({reason})"
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(info, f)
@@ -114,10 +113,8 @@ class RunLock:
         if self.held:
             other = self._read()
             if other is None or other.get("pid") == os.getpid():
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
             self.held = False
 
 
