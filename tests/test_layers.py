@@ -289,3 +289,36 @@ def test_sequence_parallel_column_saves_only_the_shard():
     for ref_bytes, sp_bytes in run_ranks(_sp_column_memory, 2):
         assert ref_bytes == 2 * 8 * 16 * 4
         assert sp_bytes == ref_bytes // 2
+
+
+def _sp_column_under_autocast():
+    from megatiny.parallel.tracer import CommTracer
+
+    ctx = ParallelContext.initialize(tp=2)
+    g, r = ctx.tp_group, ctx.tp_rank
+    torch.manual_seed(0)
+    full = nn.Linear(16, 32)
+    x = torch.randn(2, 8, 16)
+    col = ColumnParallelLinear.from_linear(full, g, sequence_parallel=True)
+    shard = x[:, r * 4 : (r + 1) * 4].clone().requires_grad_()
+    with CommTracer(rank=r) as tracer:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved, out = _saved_activation_bytes(lambda: col(shard), col.parameters())
+        out.float().sum().backward()
+    # The reference: gather in fp32, then the GEMM casts (what autocast does to F.linear).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(x, full.weight.chunk(2)[r], full.bias.chunk(2)[r])
+    ctx.destroy()
+    close_ = torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    return tracer.bytes_by("op"), saved, out.dtype, close_, shard.grad.dtype
+
+
+def test_sequence_parallel_column_gathers_in_the_autocast_dtype():
+    # Under autocast the shard is cast to bf16 before the all-gather (forward, and the re-gather
+    # in backward), so the gathers move half the bytes and the saved shard is bf16; the output is
+    # what gathering fp32 and casting for the GEMM gives. dX returns in fp32.
+    for by_op, saved, dtype, equal, grad_dtype in run_ranks(_sp_column_under_autocast, 2):
+        assert by_op[("all_gather",)] == 2 * (2 * 8 * 16 * 2)  # two gathers of X [2, 8, 16] bf16
+        assert by_op[("reduce_scatter",)] == 2 * 8 * 16 * 4  # dX reduced in fp32
+        assert saved == 2 * 4 * 16 * 2
+        assert dtype == torch.bfloat16 and equal and grad_dtype == torch.float32

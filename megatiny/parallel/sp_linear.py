@@ -30,16 +30,19 @@ class _SequenceParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, group):
         # Under autocast the GEMMs run in its dtype; backward (outside autocast) uses the same.
-        kind = x.device.type
+        # The shard is cast before it is gathered (the GEMM would cast it anyway: same result),
+        # so the all-gathers move, and the saved shard holds, bf16 rather than fp32.
+        kind = "cuda" if x.is_meta else x.device.type  # meta: the plan's dry run sets CUDA's flag
         autocast = kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind)
         dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
-        total, _ = _gather_seq(x, group, async_op=False)
+        x_low = x.to(dtype)
+        total, _ = _gather_seq(x_low, group, async_op=False)
         total = total.movedim(0, 1)
-        ctx.save_for_backward(x, weight)
-        ctx.group, ctx.dtype = group, dtype
+        ctx.save_for_backward(x_low, weight)
+        ctx.group, ctx.dtype, ctx.x_dtype = group, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         b = None if bias is None else bias.to(dtype)
-        return torch.nn.functional.linear(total.to(dtype), weight.to(dtype), b)
+        return torch.nn.functional.linear(total, weight.to(dtype), b)
 
     @staticmethod
     def backward(ctx, dy):
@@ -51,9 +54,9 @@ class _SequenceParallelLinear(torch.autograd.Function):
         dx_total = dy.matmul(weight.to(ctx.dtype))
         if handle is not None:
             handle.wait()
-        total = gathered.movedim(0, 1).to(ctx.dtype)
-        dx_t = dx_total.to(x.dtype).movedim(1, 0).contiguous()
-        dx = torch.empty((dx_t.shape[0] // p,) + tuple(dx_t.shape[1:]), dtype=x.dtype,
+        total = gathered.movedim(0, 1)
+        dx_t = dx_total.to(ctx.x_dtype).movedim(1, 0).contiguous()
+        dx = torch.empty((dx_t.shape[0] // p,) + tuple(dx_t.shape[1:]), dtype=ctx.x_dtype,
                          device=dy.device)  # fmt: skip
         handle = collectives.reduce_scatter_into(dx, dx_t, group, async_op=True)  # overlaps dA
         dy2 = dy.reshape(-1, dy.shape[-1])

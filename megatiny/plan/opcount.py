@@ -113,16 +113,26 @@ class MetaAutocast(TorchFunctionMode):
     (torch has no meta autocast): matmuls and attention cast fp32 inputs to bf16, the fp32 list
     (norms, softmax, cross-entropy) casts bf16 inputs to fp32, everything else runs in its
     inputs' dtype. The casts are autograd ops, so a bf16 copy of a weight is saved for backward
-    exactly as under CUDA autocast. `active` tells the dry run's attention wrapper."""
+    exactly as under CUDA autocast. `active` tells the dry run's attention wrapper. It also
+    raises CUDA autocast's flag (a flag only: no CUDA tensor exists here), which code that picks
+    a GEMM dtype by hand reads for meta tensors (the sequence-parallel linear casts before it
+    gathers)."""
 
     active = 0
 
     def __enter__(self):
+        if MetaAutocast.active == 0:
+            self._saved = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+            torch.set_autocast_enabled("cuda", True)
+            torch.set_autocast_dtype("cuda", torch.bfloat16)
         MetaAutocast.active += 1
         return super().__enter__()
 
     def __exit__(self, *exc):
         MetaAutocast.active -= 1
+        if MetaAutocast.active == 0:
+            torch.set_autocast_enabled("cuda", self._saved[0])
+            torch.set_autocast_dtype("cuda", self._saved[1])
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
