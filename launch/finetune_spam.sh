@@ -10,7 +10,8 @@
 # elsewhere). Knobs (environment): MAX_LEN (tokens per email, 128), TRAINABLE (last N blocks
 # trained, 2), STEPS (300), BATCH (8), LR (1e-4), EVAL_INTERVAL (steps between validation
 # evaluations; default one epoch), SEED (123, the split), NPROC (1; >1: torchrun data parallel),
-# PRECISION (auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU, e.g. with AMX).
+# PRECISION (auto: bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU, e.g. with AMX),
+# POOLING (last: the head reads the appended eos; mean: the mean over the email's tokens).
 # Writes OUTDIR/data/{train,valid,test}.jsonl + report.json, OUTDIR/run (the fine-tuning run:
 # metrics.jsonl with validation accuracy and F1, the model) and OUTDIR/test.json +
 # OUTDIR/confusion_test.png.
@@ -22,6 +23,7 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 TOKENIZER="${TOKENIZER:-$MODEL}"
 MAX_LEN="${MAX_LEN:-128}" TRAINABLE="${TRAINABLE:-2}" STEPS="${STEPS:-300}" BATCH="${BATCH:-8}"
 LR="${LR:-1e-4}" SEED="${SEED:-123}" NPROC="${NPROC:-1}" PRECISION="${PRECISION:-auto}"
+POOLING="${POOLING:-last}"
 
 mkdir -p "$OUT/raw"
 if [[ ! -d "$OUT/raw/package/data" ]]; then
@@ -45,7 +47,7 @@ fi
     --train "$OUT/data/train.jsonl" --valid "$OUT/data/valid.jsonl" --output "$OUT/run" \
     --max-len "$MAX_LEN" --trainable-blocks "$TRAINABLE" --steps "$STEPS" --batch-size "$BATCH" \
     --lr "$LR" --warmup-steps 10 --eval-interval "$EVAL_INTERVAL" --log-interval 10 \
-    --precision "$PRECISION" --no-progress-bar --resume auto
+    --pooling "$POOLING" --precision "$PRECISION" --no-progress-bar --resume auto
 "$PYTHON" -m megatiny.finetune.evaluate --model "$OUT/run" --tokenizer "$TOKENIZER" \
     --data "$OUT/data/test.jsonl" --max-len "$MAX_LEN" --json "$OUT/test.json" \
     --png "$OUT/confusion_test.png" --precision "$PRECISION"

@@ -22,7 +22,7 @@ from megatiny.finetune.data import (
     encode_instruction,
     instruction_rows,
 )
-from megatiny.finetune.model import load_classifier, predict
+from megatiny.finetune.model import HEAD_FILE, attach_classifier, load_classifier, predict
 from megatiny.hf import load_model, save_model
 from megatiny.model import GPT
 
@@ -100,6 +100,64 @@ def test_classification_learns_separable_topics_and_reloads(assets, tmp_path):
     pred = predict(model, tok, [r["text"] for r in valid], max_len=MAX_LEN)
     acc = np.mean([label_map.names[p] == r["label"] for p, r in zip(pred, valid)])
     assert acc == pytest.approx(accuracy)
+
+
+def test_mean_pooling_reads_the_real_tokens_only(assets):
+    """pooling="mean": the logits at a row's last real token are the head applied to the mean of
+    the final-normed hidden states over its real tokens; the padding after them changes nothing,
+    and it is another function than last-token pooling (the same head)."""
+    model = attach_classifier(load_model(assets["base"]), 3, seed=0, pooling="mean").eval()
+    rows, width = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], 7
+    last = torch.tensor([len(r) - 1 for r in rows])
+    pads = [[0] * width, [77, 3, 99, 4, 250, 1, 8]]  # two pad contents after the real tokens
+    batches = [torch.tensor([r + p[len(r) :] for r in rows]) for p in pads]
+    with torch.no_grad():
+        mean = [model(ids)[torch.arange(2), last] for ids in batches]
+        torch.testing.assert_close(mean[1], mean[0], rtol=0, atol=1e-6)
+        hidden = []
+        hook = model.norm_f.register_forward_hook(lambda m, i, out: hidden.append(out))
+        for k, row in enumerate(rows):  # each row alone, unpadded
+            model(torch.tensor([row]))
+            want = model.output.head(hidden[-1][0].mean(0))
+            torch.testing.assert_close(mean[0][k], want, rtol=1e-5, atol=1e-6)
+        hook.remove()
+        model.output.pooling = "last"
+        assert not torch.allclose(model(batches[0])[torch.arange(2), last], mean[0], atol=1e-3)
+
+
+def test_evaluator_uses_the_pooling_of_the_run(assets, tmp_path, capsys):
+    """A mean-pooled run saves its pooling with the head; `python -m megatiny.finetune.evaluate`
+    reloads it and scores the validation rows exactly as the run's last evaluation did."""
+    from safetensors.torch import load_file, save_file
+
+    from megatiny.finetune import evaluate
+
+    out = finetune(cls_config(assets, tmp_path / "mean", steps=4, pooling="mean"))
+    model, labels = load_classifier(str(tmp_path / "mean"))
+    assert model.output.pooling == "mean"
+    capsys.readouterr()
+    argv = ["--model", str(tmp_path / "mean"), "--data", assets["valid"], "--max-len",
+            str(MAX_LEN), "--json", str(tmp_path / "test.json")]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    result = json.load(open(tmp_path / "test.json"))
+    assert result["pooling"] == "mean"
+    assert result["accuracy"] == pytest.approx(out["evals"][-1]["accuracy"])
+    # The valid loss through the reloaded model equals the run's (the last pooling's does not).
+    from megatiny.finetune.data import classification_rows, encode_classification, to_sample
+
+    tok = load_tokenizer(assets["tok"])
+    encoded = encode_classification(classification_rows(assets["valid"]), tok, labels, MAX_LEN)
+    samples = [to_sample(e, MAX_LEN, tok.pad_id) for e in encoded]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("input_ids", "labels")}
+    with torch.no_grad():
+        loss = float(model(batch["input_ids"], labels=batch["labels"]))
+        assert loss == pytest.approx(out["evals"][-1]["loss"], rel=1e-5)
+        model.output.pooling = "last"
+        assert float(model(batch["input_ids"], labels=batch["labels"])) != pytest.approx(loss)
+    # A head saved before pooling was configurable (no metadata) is a last-token head.
+    head = tmp_path / "mean" / HEAD_FILE
+    save_file(load_file(str(head)), str(head))
+    assert load_classifier(str(tmp_path / "mean"))[0].output.pooling == "last"
 
 
 def test_freezing_keeps_all_but_last_blocks_fixed(assets, tmp_path):
@@ -181,6 +239,10 @@ def test_bad_input_gives_clear_errors(assets, tmp_path):
     with pytest.raises(FinetuneError, match=r"integer label 3 is outside \[0, 3\)"):
         finetune(cls_config(assets, d / "o", train=ints, valid=None, num_classes=3))
     no_output = write_jsonl(d / "c.jsonl", [{"instruction": "say hi"}])
+    with pytest.raises(FinetuneError, match="pooling='max'; choose one of last, mean"):
+        cls_config(assets, d / "o", pooling="max")
+    with pytest.raises(FinetuneError, match="applies to --task classification only"):
+        cls_config(assets, d / "o", task="instruction", pooling="mean")
     with pytest.raises(FinetuneError, match="has no 'output' field"):
         finetune(cls_config(assets, d / "o", task="instruction", train=no_output))
     # A model dir whose tensors do not match its config (another model shape).

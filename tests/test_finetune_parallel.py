@@ -1,6 +1,7 @@
 """Fine-tuning runs on the pretraining Trainer, so every layout applies: tp=2 (+ sequence
 parallelism), pp=2, dp=2 and dp=2 with ZeRO-1 give the one-rank losses, evaluation and final
-weights, for classification and instruction SFT; `--resume auto` continues bitwise."""
+weights, for classification (last-token and mean pooling) and instruction SFT; `--resume auto`
+continues bitwise."""
 
 import json
 import os
@@ -118,6 +119,23 @@ def test_layouts_match_one_rank(assets, tmp_path, task, body):
     assert moved > 100 * WEIGHT_ATOL  # the steps really train
     for name, layout in LAYOUTS.items():
         cfg = config(assets, task, body, tmp_path / name, **layout)
+        for run in run_ranks(_finetune_on_ranks, 2, args=(cfg,), timeout=240):
+            assert_same_run(run, ref, tmp_path / name, tmp_path / "ref")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body", ["gpt2", "llama"])
+def test_mean_pooling_layouts_match_one_rank(assets, tmp_path, body):
+    """The mean-pooled classifier (`pooling="mean"`: the head reads the running mean of the
+    hidden states, gathered whole under sequence parallelism): tp=2 + SP, pp=2 and dp=2 +
+    ZeRO-1 == one rank, and it is another function than the last-token head."""
+    ref = finetune(config(assets, "classification", body, tmp_path / "ref", pooling="mean"))
+    ref = (ref["losses"], ref["evals"])
+    last = finetune(config(assets, "classification", body, tmp_path / "last", steps=1))
+    assert abs(last["losses"][0] - ref[0][0]) > 1e-4  # the same init, another pooled input
+    for name in ("tp2-sp", "pp2", "dp2-zero1"):
+        cfg = config(assets, "classification", body, tmp_path / name, pooling="mean",
+                     **LAYOUTS[name])  # fmt: skip
         for run in run_ranks(_finetune_on_ranks, 2, args=(cfg,), timeout=240):
             assert_same_run(run, ref, tmp_path / name, tmp_path / "ref")
 

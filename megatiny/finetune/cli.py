@@ -58,7 +58,7 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
             print(f"dropped {task.dropped} rows whose prompt fills --max-len {task.seq_length}")
         summary = train(run, ctx, build_trainer(run, ctx, task))
         if rank0:
-            export(summary["checkpoint"], task.body_config, cfg.output, task.labels)
+            export(summary["checkpoint"], task.body_config, cfg.output, task.labels, cfg.pooling)
             # the tokenizer travels with the model: `generate --checkpoint OUT [--chat]` finds it
             copy_tokenizer_files(cfg.tokenizer, cfg.output)
             losses = summary["losses"]
@@ -129,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output", default="runs/finetune",
       help="run directory: the model, metrics, labels and checkpoints")  # fmt: skip
     a("--num-classes", type=int, help="classification: number of classes (default: inferred)")
+    a("--pooling", default="last", choices=["last", "mean"],
+      help="classification: the head reads the last real token's hidden state (last) or the "
+      "mean over the row's real tokens (mean)")  # fmt: skip
     a("--steps", type=int, default=100)
     a("--batch-size", type=int, default=8, help="rows per optimizer step (over all dp ranks)")
     a("--micro-batch-size", type=int, help="rows per forward pass per dp rank")

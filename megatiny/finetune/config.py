@@ -19,6 +19,7 @@ from megatiny.config import (
     TrainConfig,
 )
 from megatiny.finetune.data import PROMPT_FORMATS, FinetuneError
+from megatiny.finetune.model import POOLINGS
 
 TASKS = ("classification", "instruction")
 
@@ -32,6 +33,7 @@ class FinetuneConfig:
     valid: str | None = None
     output: str = "runs/finetune"
     num_classes: int | None = None
+    pooling: str = "last"  # classification: the head reads the last real token | their mean
     steps: int = 100
     batch_size: int = 8  # rows per optimizer step, over all dp ranks
     micro_batch_size: int | None = None  # per dp rank; None = batch_size / dp (no accumulation)
@@ -71,6 +73,10 @@ class FinetuneConfig:
             raise FinetuneError(
                 f"prompt_format={self.prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}"
             )
+        if self.pooling not in POOLINGS:
+            raise FinetuneError(f"pooling={self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.pooling != "last" and not self.classify:
+            raise FinetuneError(f"pooling={self.pooling!r} applies to --task classification only")
         if self.num_classes is not None and self.num_classes < 2:
             raise FinetuneError(f"num_classes={self.num_classes} must be >= 2")
 

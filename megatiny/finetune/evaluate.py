@@ -7,7 +7,9 @@ macro F1, the confusion matrix (JSON and a PNG).
 `--model` is the output directory of `megatiny finetune --task classification` (the model, its
 head, labels.json and the tokenizer files; `--tokenizer` overrides). Rows are encoded as in
 training (`encode_classification`: text cut to --max-len - 1 tokens + eos) and classified at
-their last token, on one device. Prints one JSON object and writes it to `--json`.
+their last token with the pooling the run trained (`--pooling`, saved with the head: the last
+token's hidden state or the mean over the row's tokens), on one device. Prints one JSON
+object and writes it to `--json`.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def evaluate(model_dir: str, data: str, max_len: int, tokenizer: str | None = No
     n = len(labels.names)
     confusion = torch.bincount(torch.tensor(truth) * n + torch.tensor(predicted),
                                minlength=n * n).view(n, n)  # fmt: skip
-    return scores(confusion, labels.names)
+    return {**scores(confusion, labels.names), "pooling": model.output.pooling}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 autocast on CUDA, fp32 on CPU (as finetune)")  # fmt: skip
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cuda.is_available())
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         result = evaluate(args.model, args.data, args.max_len, args.tokenizer, args.batch_size)
     result["data"] = args.data
     if args.png:

@@ -8,11 +8,19 @@ Classification is the GPT with `model.output = ClassificationOutput(d_model, num
     labels[b, i] = class of row b at its last real token (the EOD appended to every text), else -100
 
 so `GPT.head_loss`, the masked mean over labels != -100, is the mean cross-entropy over the rows,
-and pipeline stages, checkpoints and the Trainer run it as they run the LM loss. The head is
-small and replicated on every tensor-parallel rank. Its input is replicated too: after the
-row-parallel all-reduce, or, under sequence parallelism, gathered from the sequence shards with a
-backward that only *splits* the gradient (every rank already holds the full one), so its
-gradient is the same on every TP rank without communication.
+and pipeline stages, checkpoints and the Trainer run it as they run the LM loss. With
+`pooling="mean"` the head reads the running mean of the final-normed hidden states instead,
+
+    logits[b, i] = W (1 / (i + 1)) sum_{j <= i} norm_f(h)[b, j] + b
+
+which at the last real token is the mean over the row's real tokens: rows are right-padded, and
+under causal attention the padding that follows changes nothing before it. The labels, the loss
+and every layout stay as they are.
+
+The head is small and replicated on every tensor-parallel rank. Its input is replicated too:
+after the row-parallel all-reduce, or, under sequence parallelism, gathered from the sequence
+shards (before any pooling) with a backward that only *splits* the gradient (every rank already
+holds the full one), so its gradient is the same on every TP rank without communication.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from megatiny.finetune import data as fd
 from megatiny.finetune.data import FinetuneError
 
 HEAD_FILE, LABELS_FILE = "classifier_head.safetensors", "labels.json"
+POOLINGS = ("last", "mean")  # the hidden state the class head reads; see the module docstring
 
 
 # ---- the classification head ----------------------------------------------------------------
@@ -39,10 +48,15 @@ class ClassificationOutput(nn.Module):
     Same interface as megatiny.model.LMOutput (`logits(h, weight)`, `loss(h, weight, labels)` ->
     per-token loss); `weight` (the LM head) is not read. While evaluating (`.eval()`), `loss`
     also counts the correct predictions at labelled positions in `correct` (the accuracy's
-    numerator, on the last pipeline stage)."""
+    numerator, on the last pipeline stage). `pooling`: "last" reads the hidden state at each
+    position, "mean" the running mean over the positions up to it."""
 
-    def __init__(self, d_model: int, num_classes: int, init_std: float = 0.02, seed: int = 0):
+    def __init__(self, d_model: int, num_classes: int, init_std: float = 0.02, seed: int = 0,
+                 pooling: str = "last"):  # fmt: skip
         super().__init__()
+        if pooling not in POOLINGS:
+            raise FinetuneError(f"pooling={pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
         self.head = nn.Linear(d_model, num_classes)
         self.sp_group = None  # the TP group when h arrives as sequence shards
         self.correct = 0
@@ -61,6 +75,8 @@ class ClassificationOutput(nn.Module):
             from megatiny.parallel.comm import gather_from_sp
 
             h = gather_from_sp(h, self.sp_group, dim=1, tensor_parallel_output_grad=False)
+        if self.pooling == "mean":
+            h = running_mean(h)
         return self.head(h)
 
     def loss(self, h, weight, labels):
@@ -78,10 +94,18 @@ class ClassificationOutput(nn.Module):
         return per_token
 
 
-def attach_classifier(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+def running_mean(h: torch.Tensor) -> torch.Tensor:
+    """[b, s, d] -> [b, s, d]: position i holds the mean of h[:, :i + 1] (summed in fp32)."""
+    count = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=torch.float32)
+    return (h.float().cumsum(1) / count[:, None]).to(h.dtype)
+
+
+def attach_classifier(model: nn.Module, num_classes: int, seed: int,
+                      pooling: str = "last") -> nn.Module:  # fmt: skip
     """Replace the LM output of a single-device GPT by a classification head (in place)."""
     config = model.config
-    model.output = ClassificationOutput(config.d_model, num_classes, config.init_std, seed)
+    model.output = ClassificationOutput(config.d_model, num_classes, config.init_std, seed,
+                                        pooling)  # fmt: skip
     return model
 
 
@@ -139,10 +163,12 @@ def freeze(model: nn.Module, trainable_blocks: int | None) -> None:
 # ---- saving and reloading ---------------------------------------------------------------------
 
 
-def export(checkpoint: str, body_config, directory: str, labels: fd.LabelMap | None) -> None:
+def export(checkpoint: str, body_config, directory: str, labels: fd.LabelMap | None,
+           pooling: str = "last") -> None:  # fmt: skip
     """Write the fine-tuned model of a (layout-free) training checkpoint as a model directory:
     model.safetensors + model_config.json (loadable by `megatiny generate`) and, for a
-    classifier, the head and the label names. One process, single-device shapes."""
+    classifier, the head (its pooling in the file's metadata) and the label names. One
+    process, single-device shapes."""
     from safetensors.torch import save_file
 
     from megatiny.fsutil import atomic_path, atomic_write
@@ -159,7 +185,7 @@ def export(checkpoint: str, body_config, directory: str, labels: fd.LabelMap | N
     if labels is not None:
         head = {k: v.detach().contiguous() for k, v in model.output.head.state_dict().items()}
         with atomic_path(os.path.join(directory, HEAD_FILE)) as tmp:
-            save_file(head, tmp)
+            save_file(head, tmp, metadata={"pooling": pooling})
         atomic_write(os.path.join(directory, LABELS_FILE),
                      lambda f: json.dump(labels.to_dict(), f, indent=1), "w", "utf-8")  # fmt: skip
         model.output = LMOutput(body_config)
@@ -167,8 +193,9 @@ def export(checkpoint: str, body_config, directory: str, labels: fd.LabelMap | N
 
 
 def load_classifier(directory: str, device="cpu") -> tuple[nn.Module, fd.LabelMap]:
-    """The classifier saved by a classification run (a GPT whose `output` is the head) and its
-    label names."""
+    """The classifier saved by a classification run (a GPT whose `output` is the head, with the
+    pooling it was trained with) and its label names."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from megatiny.hf import load_model
@@ -186,14 +213,17 @@ def load_classifier(directory: str, device="cpu") -> tuple[nn.Module, fd.LabelMa
             f"{HEAD_FILE} in {directory} has shape {tuple(head['weight'].shape)} but the model "
             f"there needs {want} (classes x d_model): the head comes from another model shape"
         )
-    attach_classifier(model, len(labels.names), seed=0)
+    with safe_open(os.path.join(directory, HEAD_FILE), "pt") as f:
+        pooling = (f.metadata() or {}).get("pooling", "last")  # heads saved before pooling: last
+    attach_classifier(model, len(labels.names), seed=0, pooling=pooling)
     model.output.head.load_state_dict(head)
     return model.to(device).eval(), labels
 
 
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer, texts: list[str], max_len: int, bs: int = 16):
-    """Class ids for `texts` (single device): the argmax of the logits at each text's EOD."""
+    """Class ids for `texts` (single device): the argmax of the logits at each text's EOD (for
+    either pooling: mean pooling's running mean there covers exactly the text's tokens)."""
     rows = [{"text": t, "label": 0, "_where": "predict"} for t in texts]
     encoded = fd.encode_classification(rows, tokenizer, fd.LabelMap(["0"], True), max_len)
     device = next(model.parameters()).device

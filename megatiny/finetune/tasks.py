@@ -96,7 +96,7 @@ class FinetuneTask(Task):
             raise RuntimeError("FinetuneTask.build_model runs once: the body is sharded in place")
         model, self.body = self.body, None
         if self.labels is not None:
-            attach_classifier(model, len(self.labels.names), self.cfg.seed)
+            attach_classifier(model, len(self.labels.names), self.cfg.seed, self.cfg.pooling)
         model = shard_model(model, run, ctx)
         freeze(model, self.cfg.trainable_blocks)  # after parallelize, which makes new parameters
         _zero_grad_for_frozen_tied_embedding(model, run, ctx)
