@@ -24,7 +24,8 @@ CLI: `megatiny generate --checkpoint DIR --tokenizer TOKDIR --prompt "..."`; und
 `torchrun --nproc-per-node N` the model is split over N tensor-parallel ranks. `--chat` wraps the
 prompt in the tokenizer's chat template (a user turn + the assistant header, special tokens
 encoded as such) and prints only the reply; `--interactive` (implies `--chat`) is a conversation
-read from stdin, one line per turn, the history kept (rank 0 reads, the TP ranks receive it).
+read from stdin, one line per turn, the history kept (rank 0 reads, the TP ranks receive it) and
+trimmed to the model's context: the oldest turns go first (`fit_conversation`).
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def main(args) -> int:
 
     try:
         if args.chat:
-            _chat(run, tokenizer, args, ctx, rank0)
+            _chat(run, tokenizer, args, ctx, rank0, model.config.max_seq_len)
         else:
             if args.prompt is not None:
                 prompt = tokenizer.encode(args.prompt, special=True)
@@ -295,8 +296,9 @@ def _parse_ids(text: str) -> list[int]:
         ) from None
 
 
-def _chat(run, tokenizer, args, ctx, rank0: bool) -> None:
-    """One reply to --prompt, or a conversation read line by line from stdin on rank 0."""
+def _chat(run, tokenizer, args, ctx, rank0: bool, context: int) -> None:
+    """One reply to --prompt, or a conversation read line by line from stdin on rank 0. The
+    prompt of each turn is the history that fits in `context` tokens with --max-new-tokens."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = args.interactive
     if interactive and rank0:
@@ -308,7 +310,19 @@ def _chat(run, tokenizer, args, ctx, rank0: bool) -> None:
             if not text:
                 return
         messages.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            prompt, dropped = fit_conversation(messages, tokenizer, context, args.max_new_tokens)
+        except ValueError as e:
+            if not interactive:
+                raise
+            messages.pop()  # the conversation goes on without this message
+            if rank0:
+                print(f"megatiny generate: {e}", file=sys.stderr, flush=True)
+            continue
+        if dropped and rank0:
+            turns = f"{dropped} oldest turns" if dropped > 1 else "oldest turn"
+            print(f"(dropped the {turns} of the conversation to fit the model's {context}-token "
+                  "context)", file=sys.stderr)  # fmt: skip
         out = run(prompt)
         reply_ids = [t for t in out[len(prompt) :] if t not in tokenizer.stop_ids]
         reply = tokenizer.decode(reply_ids, skip_special=True)
@@ -317,6 +331,40 @@ def _chat(run, tokenizer, args, ctx, rank0: bool) -> None:
         if not interactive:
             return
         messages.append({"role": "assistant", "content": reply})
+
+
+def fit_conversation(messages: list[dict], tokenizer, context: int,
+                     max_new_tokens: int) -> tuple[list[int], int]:  # fmt: skip
+    """The chat prompt of `messages` (+ the assistant header) with room for `max_new_tokens` in
+    `context` tokens: the oldest turns (a user message and the replies to it) are dropped from
+    `messages` in place; a leading system message and the last message always stay. Returns
+    (prompt ids, turns dropped). ValueError, `messages` untouched, when the system message and
+    the last message alone do not fit."""
+
+    def ids(msgs):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+
+    budget = context - max_new_tokens
+    prompt = ids(messages)
+    if len(prompt) <= budget:
+        return prompt, 0
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    alone = len(ids(messages[:start] + messages[-1:]))
+    if alone > budget:
+        system = " and the system message" if start else ""
+        raise ValueError(
+            f"this message does not fit: with the chat template{system} it takes {alone} "
+            f"tokens, and with --max-new-tokens {max_new_tokens} that exceeds the model's "
+            f"context of {context} tokens (max_seq_len); shorten it or lower --max-new-tokens"
+        )
+    dropped = 0
+    while len(prompt) > budget:
+        del messages[start]  # the oldest user message, then the replies up to the next one
+        while len(messages) - start > 1 and messages[start]["role"] != "user":
+            del messages[start]
+        dropped += 1
+        prompt = ids(messages)
+    return prompt, dropped
 
 
 def _read_line(ctx, rank0: bool) -> str:

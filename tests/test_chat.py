@@ -13,7 +13,7 @@ import torch
 
 from megatiny.cli import main as cli_main
 from megatiny.data.tokenizer import load_tokenizer, read_tokenizer_config
-from megatiny.generate import generate
+from megatiny.generate import fit_conversation, generate
 from megatiny.hf import from_hf
 from megatiny.testing import run_ranks
 from tests.chat_fixtures import (
@@ -212,3 +212,73 @@ def test_chat_without_template_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no chat template"):
         cli_main(["generate", "--checkpoint", str(tmp_path / "m"), "--tokenizer",
                   str(tmp_path / "tok"), "--chat", "--prompt", "hi"])  # fmt: skip
+
+
+def test_fit_conversation_drops_the_oldest_turns_and_keeps_the_system(hf_dir):
+    tok = load_tokenizer(hf_dir)
+    system = {"role": "system", "content": "Be brief."}
+    turns = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital"},
+        {"role": "user", "content": "And Italy?"},
+        {"role": "assistant", "content": "Rome"},
+        {"role": "user", "content": "And Spain?"},
+    ]
+
+    def ids(messages):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+    full = ids([system, *turns])
+    messages = [system, *turns]
+    assert fit_conversation(messages, tok, len(full) + 8, 8) == (full, 0)
+    assert messages == [system, *turns]
+    # One token less: the first turn (question and reply) goes, the system message stays.
+    messages = [system, *turns]
+    prompt, dropped = fit_conversation(messages, tok, len(full) + 7, 8)
+    assert (dropped, messages) == (1, [system, *turns[2:]])
+    assert prompt == ids(messages) and len(prompt) <= len(full) - 1
+    # Room for the last message only: every earlier turn goes.
+    last = ids([system, turns[-1]])
+    messages = [system, *turns]
+    assert fit_conversation(messages, tok, len(last) + 8, 8) == (last, 2)
+    assert messages == [system, turns[-1]]
+    # Not even that: a clear error, the conversation untouched.
+    messages = [system, *turns]
+    with pytest.raises(ValueError, match=rf"takes {len(last)} tokens.*context of {len(last) + 7}"):
+        fit_conversation(messages, tok, len(last) + 7, 8)
+    assert messages == [system, *turns]
+    # Without a system message the oldest turn is the first message.
+    messages = list(turns)
+    prompt, dropped = fit_conversation(messages, tok, len(ids(turns)) + 7, 8)
+    assert (dropped, messages, prompt) == (1, turns[2:], ids(turns[2:]))
+
+
+def test_generate_chat_repl_trims_the_history_to_the_context(tmp_path, capsys, monkeypatch):
+    """A model with a 64-token context: a long conversation drops its oldest turns (a notice on
+    stderr) and goes on; a message that cannot fit even alone is refused with a message and the
+    conversation continues; the same message to `--chat --prompt` is a one-line error."""
+    import io
+
+    from megatiny.config import ModelConfig
+    from megatiny.hf import save_model
+    from megatiny.model import GPT
+
+    d = tmp_path / "m"
+    save_chat_tokenizer(str(d))
+    torch.manual_seed(0)
+    config = ModelConfig.llama(vocab_size=load_tokenizer(str(d)).vocab_size, max_seq_len=64,
+                               d_model=16, n_layers=1, n_heads=2)  # fmt: skip
+    save_model(GPT(config), str(d))
+    lines = ["What is the capital of France?", "And Italy?", "Paris " * 40, "And Spain?",
+             "And Rome?", ""]  # fmt: skip
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    argv = ["generate", "--checkpoint", str(d), "--interactive", "--system", "Be brief.",
+            "--temperature", "0", "--max-new-tokens", "8", "--ignore-eos"]  # fmt: skip
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("> ") == len(lines)  # every line was read: the REPL went on
+    assert "this message does not fit" in err and "context of 64 tokens" in err
+    assert "oldest turn" in err and "64-token context" in err
+    assert cli_main(["generate", "--checkpoint", str(d), "--chat", "--prompt", "Paris " * 40,
+                     "--max-new-tokens", "8"]) == 2  # fmt: skip
+    assert "this message does not fit" in capsys.readouterr().err
