@@ -16,8 +16,9 @@ from megatiny.config import ModelConfig
 from megatiny.model import GPT
 from megatiny.moe import MoE
 from megatiny.parallel import ParallelContext
-from megatiny.parallel.experts import ExpertParallelMoE, expert_parameter_ids
+from megatiny.parallel.experts import ExpertParallelMoE
 from megatiny.parallel.parallelize import full_parameters, parallelize
+from megatiny.parallel.sharding import full_from_shard, sharded_parameter_ids, sharding_of
 from megatiny.parallel.tracer import CommTracer
 from megatiny.testing import run_ranks
 from megatiny.testing.equivalence import mismatch
@@ -90,7 +91,7 @@ def _layer_rank(config, x, dy, tp, ep, sp):
         owner, _, leaf = name.rpartition(".")
         g = p.grad
         if owner == "experts":
-            g = moe.experts.full_parameter(leaf, g)
+            g = full_from_shard(g, sharding_of(moe.experts, leaf))
         out[f"grad {name}"] = g
     ctx.destroy()
     return out
@@ -197,7 +198,7 @@ def _model_rank(config, ids, tp, ep, sp):
     x = ids.chunk(ctx.dp_size)[ctx.dp_rank]
     loss = model(x, labels=x)
     loss.backward()
-    experts = expert_parameter_ids(model)
+    experts = sharded_parameter_ids(model, "ep")
     for p in model.parameters():  # the data-parallel sum, over the right group
         dist.all_reduce(p.grad, group=ctx.edp_group if id(p) in experts else ctx.dp_group)
     losses = [torch.zeros(()) for _ in range(ctx.dp_size)]

@@ -324,9 +324,9 @@ def _expert_ids(module: nn.Module, ctx) -> set[int]:
     """Expert weights split over an ep group > 1 (empty without expert parallelism)."""
     if getattr(ctx, "ep_size", 1) == 1:
         return set()
-    from megatiny.parallel.experts import expert_parameter_ids
+    from megatiny.parallel.sharding import sharded_parameter_ids
 
-    return expert_parameter_ids(module)
+    return sharded_parameter_ids(module, "ep")
 
 
 class _Done:

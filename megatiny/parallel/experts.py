@@ -41,6 +41,7 @@ from torch import nn
 from megatiny.moe import Experts, MoE, metrics_from_totals, moe_stat_totals
 from megatiny.parallel import collectives
 from megatiny.parallel.comm import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+from megatiny.parallel.sharding import Sharding, Split, shard_from_full
 
 
 class _AllToAll(torch.autograd.Function):
@@ -94,73 +95,30 @@ def expert_major_order(recv_counts: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertShard(Experts):
-    """This rank's experts [ep_rank E/p, ...), each cut to its tp slice. `full_parameter(leaf,
-    local)` reassembles a weight (or gradient) of all experts at full size (collective over the
-    tp and ep groups)."""
+    """This rank's experts [ep_rank E/p, ...), each cut to its tp slice; `parameter_sharding`
+    (megatiny/parallel/sharding.py) declares both splits: the expert dim 0 over ep, and fc's
+    rows (per [gate | up] segment with SwiGLU) or proj's columns over tp."""
 
     def __init__(self, experts: Experts, ctx, full: Callable, device):
         nn.Module.__init__(self)
         self.swiglu = experts.swiglu
         self.tp_group, self.ep_group = ctx.tp_group, ctx.ep_group
-        self.ep_tp_group = getattr(ctx, "ep_tp_group", None)
         self.tp_size, self.tp_rank, self.ep_size, self.ep_rank = (
             ctx.tp_size, ctx.tp_rank, ctx.ep_size, ctx.ep_rank
         )  # fmt: skip
-        tp, r = ctx.tp_size, ctx.tp_rank
-        E = experts.num_experts
-        n = E // ctx.ep_size
-        first = ctx.ep_rank * n
-        fc = full("fc_weight", experts.fc_weight)[first : first + n]
-        proj = full("proj_weight", experts.proj_weight)[first : first + n]
-        f = proj.shape[2]
-        if self.swiglu:  # [gate | up] -> [gate_r | up_r]
-            fc = fc.view(n, 2, f, -1).chunk(tp, dim=2)[r].reshape(n, 2 * f // tp, -1)
-        else:
-            fc = fc.chunk(tp, dim=1)[r]
-        proj = proj.chunk(tp, dim=2)[r]
+        f = experts.proj_weight.shape[2]
+        over_ep = Split(0, "ep", ctx.ep_size, ctx.ep_rank, process_group=ctx.ep_group)
+        tp = (ctx.tp_size, ctx.tp_rank, (f, f) if self.swiglu else ())
+        self.parameter_sharding = {
+            "fc_weight": Sharding((over_ep, Split(1, "tp", *tp, process_group=ctx.tp_group))),
+            "proj_weight": Sharding((over_ep, Split(2, "tp", *tp[:2], process_group=ctx.tp_group))),
+        }
         trainable = experts.fc_weight.requires_grad
-        self.fc_weight = nn.Parameter(fc.to(device).clone(), requires_grad=trainable)
-        self.proj_weight = nn.Parameter(proj.to(device).clone(), requires_grad=trainable)
-
-    def checkpoint_shards(self, leaf: str, local: torch.Tensor):
-        """(full shape, [(view of `local`, its offsets in the full tensor)]) for a checkpoint's
-        ShardedTensor over `ep_tp_group`, whose ranks hold every piece once. `local` is the
-        weight or a tensor shaped like it (an optimizer moment)."""
-        n, rows, cols = local.shape
-        first, tp, r = self.ep_rank * n, self.tp_size, self.tp_rank
-        if leaf == "proj_weight":
-            return (n * self.ep_size, rows, cols * tp), [(local, (first, 0, r * cols))]
-        if not self.swiglu:
-            return (n * self.ep_size, rows * tp, cols), [(local, (first, r * rows, 0))]
-        f_local = rows // 2  # [gate_r | up_r]: two pieces
-        full = (n * self.ep_size, rows * tp, cols)
-        gate, up = local.narrow(1, 0, f_local), local.narrow(1, f_local, f_local)
-        return full, [(gate, (first, r * f_local, 0)), (up, (first, f_local * tp + r * f_local, 0))]
-
-    def sharded_tensor(self, name: str, local: torch.Tensor, global_rank: int):
-        """`local` (a weight, or a tensor shaped like it) as a ShardedTensor of the full
-        [E, ...] tensor over the tp x ep ranks (layout-free checkpoints)."""
-        from torch.distributed._shard.metadata import ShardMetadata
-        from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
-
-        full, pieces = self.checkpoint_shards(name.rpartition(".")[2], local)
-        where = f"rank:{global_rank}/{local.device}"
-        shards = [Shard(v, ShardMetadata(list(o), list(v.shape), where)) for v, o in pieces]
-        return init_from_local_shards(shards, *full, process_group=self.ep_tp_group)
-
-    @torch.no_grad()
-    def full_parameter(self, leaf: str, local: torch.Tensor) -> torch.Tensor:
-        tp = dist.get_world_size(self.tp_group)
-        t = local
-        if tp > 1 and leaf == "proj_weight":
-            t = collectives.all_gather_cat(t, self.tp_group, dim=2)
-        elif tp > 1 and self.swiglu:  # rank-major [gate_r | up_r] -> [gate | up]
-            n, rows, h = t.shape
-            pieces = collectives.all_gather_cat(t.reshape(n, 2, rows // 2, h), self.tp_group, dim=2)
-            t = pieces.reshape(n, rows * tp, h)
-        elif tp > 1:
-            t = collectives.all_gather_cat(t, self.tp_group, dim=1)
-        return collectives.all_gather_cat(t, self.ep_group, dim=0)
+        for leaf in ("fc_weight", "proj_weight"):
+            shard = shard_from_full(
+                full(leaf, getattr(experts, leaf)), self.parameter_sharding[leaf]
+            )
+            setattr(self, leaf, nn.Parameter(shard.to(device).clone(), requires_grad=trainable))
 
 
 class ExpertParallelMoE(MoE):
@@ -245,16 +203,6 @@ def apply_expert_parallel(model: nn.Module, ctx, sequence_parallel: bool = False
             full = expert_source(model, f"blocks.{index}.mlp.experts.")
             block.mlp = ExpertParallelMoE(mlp, ctx, sequence_parallel, full)
     return model
-
-
-def expert_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the expert weights split over an ep group > 1 (reduced over edp, not dp)."""
-    return {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, ExpertParallelMoE) and m.ep_size > 1
-        for p in m.experts.parameters()
-    }
 
 
 def reduce_moe_metrics(model: nn.Module, ctx) -> dict[str, float]:

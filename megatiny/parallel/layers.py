@@ -24,6 +24,7 @@ from megatiny.parallel.comm import (
     reduce_scatter_to_sp,
     scatter_to_tp,
 )
+from megatiny.parallel.sharding import Sharding, shard_from_full
 from megatiny.parallel.sp_linear import sequence_parallel_linear
 
 
@@ -57,7 +58,8 @@ def _param(t: torch.Tensor, device, requires_grad: bool = True) -> nn.Parameter:
 
 class _ParallelLinear(nn.Module):
     """What the column- and row-parallel linears share: the group, the (sharded) parameters,
-    nn.Linear's default init with the full layer's fan-in, and cutting from a full nn.Linear."""
+    nn.Linear's default init with the full layer's fan-in, and cutting from a full nn.Linear.
+    `parameter_sharding` (megatiny/parallel/sharding.py) says how each parameter is split."""
 
     def __init__(self, in_features, out_features, group, weight_shape, bias_shape, device, dtype):
         super().__init__()
@@ -74,21 +76,24 @@ class _ParallelLinear(nn.Module):
                 for p in self.parameters():
                     p.uniform_(-bound, bound)
 
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full weight (or of a tensor split like it)."""
+        return shard_from_full(full, self.parameter_sharding["weight"])
+
     def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the full bias (each subclass defines `shard` for the weight)."""
-        return self.shard(full)
+        return shard_from_full(full, self.parameter_sharding.get("bias", Sharding()))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, weight=None, bias=None, **kw):
         """Cut this rank's shard from a full `nn.Linear` (weight [out, in]). `weight` / `bias`
-        replace the linear's full tensors (e.g. generated for a meta model, or padded); a meta
-        weight gives a meta shard, to be materialised later. `device` defaults to the weight's."""
+        replace the linear's full tensors (e.g. generated for a meta model); a meta weight gives a
+        meta shard, to be materialised later. `device` defaults to the weight's."""
         w = linear.weight if weight is None else weight
         b = linear.bias if bias is None else bias
         device = kw.pop("device", w.device)
         layer = cls(
-            linear.in_features, w.shape[0], group, bias=b is not None, device="meta",
-            dtype=kw.pop("dtype", w.dtype), **kw,
+            linear.in_features, w.shape[0] + kw.get("padding", 0), group, bias=b is not None,
+            device="meta", dtype=kw.pop("dtype", w.dtype), **kw,
         )  # fmt: skip
         if w.is_meta:
             return layer
@@ -111,7 +116,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     `splits` lists output-segment sizes of the full weight (e.g. [q, k, v] of a fused QKV); each
     segment is split evenly over p and this rank's pieces are concatenated, so Y_i holds
-    [q_i | k_i | v_i]. `local_splits` gives those local segment sizes.
+    [q_i | k_i | v_i]. `local_splits` gives those local segment sizes. The last `padding` of the
+    out_features rows are zero padding the full layer lacks (an LM head padded like the vocab).
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class ColumnParallelLinear(_ParallelLinear):
         device=None,
         dtype=None,
         splits: list[int] | None = None,
+        padding: int = 0,
     ):
         tp = dist.get_world_size(group)
         self_splits = list(splits) if splits is not None else [out_features]
@@ -141,11 +148,8 @@ class ColumnParallelLinear(_ParallelLinear):
         self.local_splits = [seg // tp for seg in self.splits]
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel
-
-    def shard(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a full [out_features, ...] tensor (weight or bias), per segment."""
-        pieces = full.split(self.splits, dim=0)
-        return torch.cat([seg.chunk(self.tp, dim=0)[self.tp_rank] for seg in pieces], dim=0)
+        rows = Sharding.split(0, "tp", tp, self.tp_rank, self.splits, padding, group)
+        self.parameter_sharding = {"weight": rows, "bias": rows}
 
     def unshard(self, gathered: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Reorder a rank-major concatenation of local outputs along `dim` into the full order."""
@@ -206,13 +210,10 @@ class RowParallelLinear(_ParallelLinear):
         )  # fmt: skip
         self.input_is_parallel = input_is_parallel
         self.sequence_parallel = sequence_parallel
-
-    def shard(self, full_weight: torch.Tensor) -> torch.Tensor:
-        """This rank's input columns of a full [out_features, in_features] weight."""
-        return full_weight.chunk(self.tp, dim=1)[self.tp_rank]
-
-    def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
-        return full  # replicated
+        # Input columns split; the bias is replicated (undeclared).
+        self.parameter_sharding = {
+            "weight": Sharding.split(1, "tp", tp, self.tp_rank, (), 0, group)
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -267,6 +268,10 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = self.tp_rank * per_rank
         self.vocab_end = self.vocab_start + per_rank
         self.sequence_parallel = sequence_parallel
+        padding = self.padded_vocab_size - num_embeddings
+        self.parameter_sharding = {
+            "weight": Sharding.split(0, "tp", self.tp, self.tp_rank, (), padding, group)
+        }
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, device=device, dtype=dtype))
         if self.weight.device.type != "meta":
             with torch.no_grad():
@@ -278,10 +283,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def shard(self, full_weight: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full [num_embeddings, dim] table, zero-padded to vocab_end."""
-        out = full_weight.new_zeros(self.vocab_end - self.vocab_start, full_weight.shape[1])
-        n = self._num_real_rows()
-        out[:n] = full_weight[self.vocab_start : self.vocab_start + n]
-        return out
+        return shard_from_full(full_weight, self.parameter_sharding["weight"])
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group, weight=None, **kw):

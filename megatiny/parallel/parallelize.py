@@ -51,9 +51,8 @@ from torch import nn
 
 from megatiny.model import LMOutput
 from megatiny.moe import MoE
-from megatiny.parallel import collectives
 from megatiny.parallel.context_parallel import apply_context_parallel
-from megatiny.parallel.experts import ExpertParallelMoE, ExpertShard, expert_source
+from megatiny.parallel.experts import ExpertParallelMoE, expert_source
 from megatiny.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -66,6 +65,7 @@ from megatiny.parallel.modules import (
     sequence_parallel_norm,
 )
 from megatiny.parallel.random import ShardedRNG, TPRandom
+from megatiny.parallel.sharding import full_from_shard, sharding_of
 
 _TP_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelOutput)
 
@@ -84,23 +84,6 @@ def is_sequence_parallel(model: nn.Module) -> bool:
         for m in model.modules()
         if isinstance(m, _TP_MODULES)
     )
-
-
-def tp_sharded_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters that are split over the TP group (each rank holds a different slice).
-
-    Column-parallel weight and bias, row-parallel weight and vocab-parallel embedding are split;
-    everything else (norms, row-parallel bias, position embedding) is replicated over TP.
-    """
-    ids = set()
-    for module in model.modules():
-        if isinstance(module, ColumnParallelLinear):
-            ids.update(id(p) for p in module.parameters(recurse=False))
-        elif isinstance(module, RowParallelLinear | VocabParallelEmbedding):
-            ids.add(id(module.weight))
-        elif isinstance(module, ExpertParallelMoE) and module.tp_size > 1:
-            ids.update(id(p) for p in module.experts.parameters())
-    return ids
 
 
 class _Source:
@@ -148,16 +131,15 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
     src = _Source(model)
     rng = TPRandom(None, ctx)
 
-    def column(name, linear, splits=None, pad_rows=0):
+    def column(name, linear, splits=None, padding=0):
         weight, bias = (
             src.full(name + ".weight", linear.weight),
             src.full(name + ".bias", linear.bias),
         )
-        if pad_rows:  # vocabulary padding of an untied head: zero rows
-            weight = torch.cat([weight, weight.new_zeros(pad_rows, weight.shape[1])])
         return ColumnParallelLinear.from_linear(
-            linear, group, weight, bias, sequence_parallel=sp, device=device, splits=splits
-        )
+            linear, group, weight, bias, sequence_parallel=sp, device=device, splits=splits,
+            padding=padding,
+        )  # fmt: skip
 
     def row(name, linear):
         weight, bias = (
@@ -205,8 +187,8 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
         if padded_vocab is None:  # a stage with the head but without the embedding
             multiple = tp * 128
             padded_vocab = -(-config.vocab_size // multiple) * multiple
-        pad = padded_vocab - config.vocab_size
-        model.lm_head = column("lm_head", model.lm_head, pad_rows=pad)
+        # vocabulary padding of an untied head: zero rows
+        model.lm_head = column("lm_head", model.lm_head, padding=padded_vocab - config.vocab_size)
     if sp and getattr(model, "norm_f", None) is not None:
         model.norm_f = sequence_parallel_norm(model.norm_f, group)
     output = getattr(model, "output", None)
@@ -232,31 +214,15 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
 @torch.no_grad()
 def full_parameters(model, grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its .grad with `grads=True`) gathered to its single-device shape, in
-    single-device names and order, on every TP rank. For equivalence tests and for exporting a
+    single-device names and order, on every rank. For equivalence tests and for exporting a
     TP-trained model (`GPT(config).load_state_dict(full_parameters(model))`). Collective: call on
-    every rank of the TP group (with expert parallelism: on every rank of the tp x ep groups)."""
-    group, V = tp_group_of(model), model.config.vocab_size
+    every rank of the groups the parameters are split over (megatiny/parallel/sharding.py: tp,
+    and with expert parallelism ep)."""
     out = {}
     for name, p in model.named_parameters():
         t = p.grad if grads else p.detach()
         if t is None:
             raise ValueError(f"parameter {name} has no gradient; run backward first")
-        owner = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(owner, ExpertShard):  # all experts, over ep and tp
-            out[name] = owner.full_parameter(name.rpartition(".")[2], t)
-            continue
-        if group is None:
-            out[name] = t.clone()
-            continue
-        owner, leaf = name.rsplit(".", 1)
-        module = model.get_submodule(owner)
-        if isinstance(module, VocabParallelEmbedding):
-            t = collectives.all_gather_cat(t, group, 0)[:V]
-        elif isinstance(module, ColumnParallelLinear):
-            t = module.unshard(collectives.all_gather_cat(t, group, 0), dim=0)
-            if owner == "lm_head":
-                t = t[:V]
-        elif isinstance(module, RowParallelLinear) and leaf == "weight":
-            t = collectives.all_gather_cat(t, group, 1)
-        out[name] = t.clone()
+        owner, _, leaf = name.rpartition(".")
+        out[name] = full_from_shard(t, sharding_of(model.get_submodule(owner), leaf))
     return out

@@ -134,9 +134,9 @@ class ZeroOptimizer:
         tp_rank = getattr(ctx, "tp_rank", 0)
         sharded = set()
         if tp_size > 1:
-            from megatiny.parallel.parallelize import tp_sharded_parameter_ids
+            from megatiny.parallel.sharding import sharded_parameter_ids
 
-            sharded = tp_sharded_parameter_ids(self.ddp.module)
+            sharded = sharded_parameter_ids(self.ddp.module, "tp")
         total = torch.zeros((), dtype=torch.float32, device=self.master.device)
         for piece, p, *_ in self.pieces:
             if id(p) in skip or not (id(p) in sharded or tp_rank == 0):

@@ -8,23 +8,28 @@ tp x 128). So, given the full shape it must have, a local shard is gathered by s
                                               (rank-major) and cut to the full size (padding dropped:
                                               a shard may even exceed the full size); differentiable
 
-A layer whose shard is not one contiguous block per rank tells how to reassemble it:
+That is how outputs and input gradients are gathered. A layer whose output shard is not one
+contiguous block per rank has `unshard(gathered, dim)`, which reorders a rank-major
+concatenation into the full order (`ColumnParallelLinear` with `splits`, e.g. a fused
+[q | k | v]: rank i holds [q_i | k_i | v_i]).
 
-- `unshard(gathered, dim)` reorders a rank-major concatenation into the full order
-  (`ColumnParallelLinear` with `splits`, e.g. a fused [q | k | v]: rank i holds [q_i | k_i | v_i]);
-  used for its output's last dim and its weight / bias dim 0;
-- `full_parameter(name, local) -> full` (a method a new layer may define) returns a parameter's
-  (or gradient's) full tensor itself; collective over the layer's group. It wins over the rules
-  above, so any sharding a layer invents stays gatherable.
+Parameters (and their gradients) are gathered by what their module declares in
+`parameter_sharding` (megatiny/parallel/sharding.py): which dims are split over which group,
+fused segments, padding. The same declaration drives checkpoints and gradient clipping, so a
+layer the harness can gather also checkpoints. An undeclared parameter is replicated and must
+have its single-device shape.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatiny.parallel.comm import gather_from_sp
+from megatiny.parallel.sharding import full_from_shard, sharding_of
 
 
 def split_dims(local_shape, full_shape, p: int) -> list[int]:
@@ -42,7 +47,7 @@ def split_dims(local_shape, full_shape, p: int) -> list[int]:
     if len(dims) > 1:
         raise ValueError(
             f"shard shape {local_shape} differs from full shape {full_shape} in dims {dims}; "
-            "only one split dim can be gathered by shape (define full_parameter on the layer)"
+            "only one split dim can be gathered by shape"
         )
     return dims
 
@@ -80,13 +85,23 @@ def full_parameter(
     module: nn.Module, leaf: str, local: torch.Tensor, full_shape, group
 ) -> torch.Tensor:
     """The full tensor of parameter `leaf` of `module` (or of its gradient, given as `local`),
-    gathered over `group` (the TP group of the layout, not the layer's own idea of it)."""
-    if hasattr(module, "full_parameter"):
-        return module.full_parameter(leaf, local)
-    unshard = getattr(module, "unshard", None) if local.dim() >= 1 else None
-    if unshard is not None and local.shape[0] != full_shape[0]:
-        return full_tensor(local, full_shape, group, unshard)
-    return full_tensor(local, full_shape, group)
+    gathered as the module declares (`parameter_sharding`) over `group`: the TP group of the
+    layout, not the layer's own idea of it (or {group name: process group})."""
+    groups = group if isinstance(group, Mapping) else {"tp": group}
+    sharding = sharding_of(module, leaf)
+    full = full_from_shard(local, sharding, groups) if sharding.splits else local
+    if tuple(full.shape) != tuple(full_shape):
+        what = (
+            f"declared as {sharding}, gathers to {tuple(full.shape)}"
+            if sharding.splits
+            else f"undeclared (so replicated), has shape {tuple(full.shape)}"
+        )
+        raise ValueError(
+            f"parameter {leaf} of {type(module).__name__} is {what}, not the single-device "
+            f"{tuple(full_shape)}: declare how it is split in the module's parameter_sharding "
+            "(megatiny/parallel/sharding.py, docs/extending.md)"
+        )
+    return full
 
 
 @torch.no_grad()

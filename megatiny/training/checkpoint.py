@@ -6,9 +6,10 @@ Layout on disk (`run_dir/checkpoints/`):
     latest               text file with the name of the newest complete step directory
 
 Layout-free: every tensor is stored under the parameter name of the *single-device* GPT with its
-full shape. A tensor-parallel shard is saved as a ShardedTensor whose pieces carry their offsets
-in the full tensor (a fused QKV shard is three pieces: q_i, k_i, v_i), and the vocab padding added
-by tensor parallelism is not saved. So a checkpoint written at tp=2 loads at tp=1 (and into the
+full shape. A shard is saved as a ShardedTensor whose pieces carry their offsets in the full
+tensor (a fused QKV shard is three pieces: q_i, k_i, v_i), and the vocab padding added by tensor
+parallelism is not saved; how a parameter is split is what its module declares
+(megatiny/parallel/sharding.py), so a new parallel layer needs nothing here. So a checkpoint written at tp=2 loads at tp=1 (and into the
 plain GPT of `load_model_for_inference`). Replicated tensors are written once (DCP deduplicates).
 
 State: model weights; AdamW moments per parameter name (same sharding as the parameter); the
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatiny.fsutil import atomic_write_text
 from megatiny.parallel import collectives
+from megatiny.parallel.sharding import Sharding, checkpoint_pieces, group_of, named_shardings
 from megatiny.training.manifest import write_manifest, write_rank_part
 from megatiny.training.rundir import prune
 
@@ -64,102 +66,45 @@ class CheckpointError(RuntimeError):
 # ---- layout-free state dicts ----------------------------------------------------------------
 
 
-def _shard_pieces(module: nn.Module, name: str, tensor: torch.Tensor, vocab_size: int):
-    """How this rank's `tensor` maps into the full tensor: (dim, full_size_along_dim, pieces) with
-    pieces = [(local_start, length, full_start)], or None when the tensor is replicated."""
-    from megatiny.parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-    )
-
-    leaf = name.rpartition(".")[2]
-    if isinstance(module, VocabParallelEmbedding) and leaf == "weight":
-        real = max(0, min(module.vocab_end, module.num_embeddings) - module.vocab_start)
-        return 0, module.num_embeddings, [(0, real, module.vocab_start)] if real else []
-    if isinstance(module, ColumnParallelLinear) and module.tp > 1:
-        pieces, local, full = [], 0, 0
-        for seg, seg_local in zip(module.splits, module.local_splits):
-            pieces.append((local, seg_local, full + module.tp_rank * seg_local))
-            local, full = local + seg_local, full + seg
-        if len(module.splits) == 1 and full > vocab_size and name.startswith("lm_head."):
-            # An untied LM head padded like the vocab: keep only the real vocabulary rows.
-            start = module.tp_rank * module.local_splits[0]
-            real = max(0, min(start + module.local_splits[0], vocab_size) - start)
-            return 0, vocab_size, [(0, real, start)] if real else []
-        return 0, full, pieces
-    if isinstance(module, RowParallelLinear) and leaf == "weight" and module.tp > 1:
-        n = tensor.shape[1]
-        return 1, n * module.tp, [(0, n, module.tp_rank * n)]
-    return None
-
-
-def _sharded(tensor: torch.Tensor, dim: int, full: int, pieces, group, global_rank: int):
+def _layout_free(t: torch.Tensor, sharding: Sharding, ctx) -> object:
+    """`t` (a parameter or a tensor shaped like it) as saved: itself when replicated, else a
+    ShardedTensor of the full tensor holding this rank's pieces at their offsets, over the ranks
+    of the groups it is split over (megatiny/parallel/sharding.py)."""
+    if ctx is None or not sharding.splits:
+        return t
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
-    shape = list(tensor.shape)
-    shape[dim] = full
-    shards = []
-    for local_start, length, full_start in pieces:
-        offsets = [0] * tensor.dim()
-        offsets[dim] = full_start
-        sizes = list(tensor.shape)
-        sizes[dim] = length
-        placement = f"rank:{global_rank}/{tensor.device}"  # a global rank of `group`
-        local = tensor.narrow(dim, local_start, length)
-        shards.append(Shard(local, ShardMetadata(offsets, sizes, placement)))
-    return init_from_local_shards(shards, *shape, process_group=group)
+    full, pieces = checkpoint_pieces(t, sharding)
+    where = f"rank:{ctx.rank}/{t.device}"  # a global rank of the group
+    shards = [Shard(v, ShardMetadata(list(o), list(v.shape), where)) for v, o in pieces]
+    return init_from_local_shards(shards, *full, process_group=group_of(ctx, sharding))
 
 
 def model_state(model: nn.Module, ctx=None) -> dict[str, object]:
     """{single-device name: tensor or ShardedTensor}; values share storage with the parameters,
     so `dcp.load` into this dict loads the model in place. Tied weights appear once."""
-    modules = dict(model.named_modules())
-    vocab = model.config.vocab_size
-    out, seen = {}, set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        spec = _shard_pieces(modules[name.rpartition(".")[0]], name, p, vocab) if ctx else None
-        t = p.detach()
-        if ctx and hasattr(owner := modules[name.rpartition(".")[0]], "sharded_tensor"):
-            out[name] = owner.sharded_tensor(name, t, ctx.rank)  # experts: over ep x tp
-        elif spec is None:
-            out[name] = t
-        else:
-            dim, full, pieces = spec
-            out[name] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.rank)
-    return out
+    return {
+        name: _layout_free(p.detach(), sharding, ctx)
+        for name, (p, sharding) in named_shardings(model).items()
+    }
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx=None) -> dict:
     """AdamW moments keyed `<param name>.<exp_avg|exp_avg_sq>` with the parameter's sharding, plus
     the per-parameter step count. Creates zero state for parameters that have none yet, so the
     same dict is a valid target for loading."""
-    modules = dict(model.named_modules())
-    vocab = model.config.vocab_size
-    out, seen = {}, set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
+    out = {}
+    for name, (p, sharding) in named_shardings(model).items():
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
         state = optimizer.state[p]
         if "exp_avg" not in state:  # fp32 moments also for bf16 parameters (fp32 optimizer)
             state["step"] = torch.zeros((), dtype=torch.float32)
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros_like(p, dtype=torch.float32)
-        spec = _shard_pieces(modules[name.rpartition(".")[0]], name, p, vocab) if ctx else None
         for key in getattr(optimizer, "state_keys", ("exp_avg", "exp_avg_sq")):
-            t = state[key]
-            if ctx and hasattr(owner := modules[name.rpartition(".")[0]], "sharded_tensor"):
-                out[f"{name}.{key}"] = owner.sharded_tensor(name, t, ctx.rank)
-            elif spec is None:
-                out[f"{name}.{key}"] = t
-            else:
-                dim, full, pieces = spec
-                out[f"{name}.{key}"] = _sharded(t, dim, full, pieces, ctx.tp_group, ctx.rank)
+            out[f"{name}.{key}"] = _layout_free(state[key], sharding, ctx)
         out[f"{name}.step"] = state["step"]
     return out
 

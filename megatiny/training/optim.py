@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from megatiny.parallel import collectives
-from megatiny.parallel.experts import expert_parameter_ids
-from megatiny.parallel.parallelize import tp_sharded_parameter_ids
+from megatiny.parallel.sharding import sharded_parameter_ids
 
 
 def _is_embedding(module: nn.Module) -> bool:
@@ -244,6 +243,7 @@ def global_grad_norm(
         ||g||^2 = sum over TP-split params of sum over TP ranks of ||g_shard||^2
                 + sum over replicated params of ||g||^2 (counted once: on tp_rank 0 only)
 
+    (split or replicated as each parameter's module declares: megatiny/parallel/sharding.py),
     summed over the model-parallel group (TP x CP x PP), which holds every parameter exactly once
     per model replica. CP ranks hold identical (already reduced) gradients, so only cp_rank 0
     contributes. `skip_parameter_ids` drops parameters that another stage owns (a tied embedding
@@ -255,7 +255,7 @@ def global_grad_norm(
     params = unique_parameters(p for p in model.parameters() if grad_of(p) is not None)
     skip = skip_parameter_ids or set()
     distributed = ctx is not None and dist.is_initialized()
-    sharded = tp_sharded_parameter_ids(model) if distributed and ctx.tp_size > 1 else set()
+    sharded = sharded_parameter_ids(model, "tp") if distributed and ctx.tp_size > 1 else set()
     tp_rank = ctx.tp_rank if distributed else 0
     cp_rank = getattr(ctx, "cp_rank", 0) if distributed else 0
     # The context's device even when this rank holds no gradient: the total enters a collective.
@@ -268,7 +268,9 @@ def global_grad_norm(
     ]
     # Experts split over ep live on the other ranks of my ep group (dp ranks): summed over it.
     experts = (
-        expert_parameter_ids(model) if distributed and getattr(ctx, "ep_size", 1) > 1 else set()
+        sharded_parameter_ids(model, "ep")
+        if distributed and getattr(ctx, "ep_size", 1) > 1
+        else set()
     )
     if experts:
         expert_total = total.clone()
