@@ -69,10 +69,16 @@ def test_cli_runs_layouts_and_refuses_unsupported_ones(capsys):
     base = ["parity", "--config", CONFIG, "--seq-length", "16", *SMALL, "--layouts"]
     assert main(base + ["tp=1", "tp=2,sequence_parallel=true"]) == 0
     assert "tp=2,sequence_parallel=true: all" in capsys.readouterr().out
-    assert main(base + ["tp=1", "pp=2"]) == 2
-    assert "pp is not supported yet" in capsys.readouterr().out
+    assert main(base + ["tp=1", "cp=2"]) == 2
+    assert "cp is not supported yet" in capsys.readouterr().out
     assert main(base + ["tp=2", "tp=1"]) == 2
-    assert "must have tp=1" in capsys.readouterr().out
+    assert "must have tp=1 and pp=1" in capsys.readouterr().out
+    # SMALL has 2 layers: not 2 x 2 virtual stages; an override after --layouts is an override.
+    assert main(base + ["tp=1", "pp=2,virtual_pipeline_size=2"]) == 2
+    assert "n_layers=2 is not divisible by pp*virtual_pipeline_size" in capsys.readouterr().out
+    assert main(base + ["tp=1", "pp=2,virtual_pipeline_size=2", "model.n_layers=4"]) == 0
+    out = capsys.readouterr().out
+    assert "2 micro-batches" in out and "tp=1,pp=2,virtual_pipeline_size=2: all" in out
 
 
 def test_several_steps_are_compared_step_by_step():

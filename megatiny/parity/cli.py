@@ -13,17 +13,22 @@ FALLBACK_VOCAB = 1024
 
 EXAMPLE = """\
 Runs the same seed and synthetic batch at each layout (fp32, dropout 0) on fork-started CPU gloo
-ranks -- no torchrun, no data files -- and prints, per layout, the first tensors in execution
-order (module forward outputs, then parameter gradients, gathered to full shape) that differ
-from the first layout, each with the last collective issued before it. Exit code 1 if any differ.
+ranks -- no torchrun, no data files -- and prints, per layout, the first tensors in the
+reference's (single-device) execution order (module forward outputs per micro-batch, then
+parameter gradients, gathered to full shape from every stage) that differ from the first layout,
+each with the last collective (or pipeline send / recv) issued before it. Exit code 1 if any
+differ, 2 for a layout that cannot run.
 
-Supported layouts: tp, dp and sequence_parallel (e.g. "tp=2,sequence_parallel=true,dp=2"); the
-first layout is the reference and must have tp=1. pp, virtual_pipeline_size, cp and zero1 are
+Supported layouts: tp, dp, pp, virtual_pipeline_size and sequence_parallel (e.g.
+"tp=2,sequence_parallel=true,dp=2", "pp=2,virtual_pipeline_size=2", "tp=2,pp=2"); the first
+layout is the reference and must have tp=1 and pp=1. Every layout runs the same micro-batches
+(default: the lcm of the layouts' pp; the reference by gradient accumulation). cp and zero1 are
 not supported yet (an error says so).
 
 example:
   megatiny parity --config launch/configs/tiny-cpu.yaml \\
       --layouts "tp=1" "tp=2" "tp=2,sequence_parallel=true" "tp=2,dp=2"
+  megatiny parity --config launch/configs/tiny-cpu.yaml --layouts "tp=1" "pp=2,virtual_pipeline_size=2"
   megatiny parity --config launch/configs/tiny-cpu.yaml --layouts tp=1 tp=4 --steps 3 model.n_layers=2
 """
 
@@ -37,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='layouts as "tp=2,sequence_parallel=true,dp=2"; the first (tp=1) is the reference',
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps (default 1)")
+    parser.add_argument(
+        "--micro-batches", type=int, default=None,
+        help="micro-batches per step at every layout (default: lcm of the layouts' pp)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4, help="global batch (default 4)")
     parser.add_argument(
         "--seq-length", type=int, default=None, help="tokens per sample (default data.seq_length)"
@@ -67,11 +76,16 @@ def load_config(path: str, overrides: list[str]) -> Config:
 def main(args) -> int:
     from megatiny.parity import format_report, run_parity
 
+    # `--layouts tp=1 pp=2 model.n_layers=8`: the overrides are taken by --layouts' nargs
+    # (layout keys have no dot).
+    overrides = [x for x in args.layouts if "." in x.partition("=")[0]]
+    layouts = [x for x in args.layouts if x not in overrides]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + overrides)
         report = run_parity(
-            cfg, args.layouts, steps=args.steps, batch_size=args.batch_size,
-            seq_length=args.seq_length, rtol=args.rtol, atol=args.atol, timeout=args.timeout,
+            cfg, layouts, steps=args.steps, batch_size=args.batch_size,
+            seq_length=args.seq_length, micro_batches=args.micro_batches, rtol=args.rtol,
+            atol=args.atol, timeout=args.timeout,
         )  # fmt: skip
     except (ConfigError, ValueError) as e:
         print(f"megatiny parity: error: {e}")

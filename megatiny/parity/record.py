@@ -1,14 +1,18 @@
 """What one rank records during a parity step: every module's forward output and every
 parameter's gradient, in execution order, each with the last collective issued before it; then
-gathered to full (single-device) shape on every rank.
+gathered to full (single-device) shape, and (pp > 1) from every pipeline stage, on every rank.
 
-Outputs come from forward hooks on every named module (a module called twice in a step is
-recorded as `name#2`); the order of gradients is the order in which backward produces them
-(post-accumulate-grad hooks), their values are read after the step (dp-averaged); the step's
-loss and global grad norm come last.
+Outputs come from forward hooks on every named module of the model and of its pipeline chunks
+(global names: "blocks.5.attn.proj" on any stage). With m micro-batches a module runs m times a
+step, in micro-batch order on every layout (gradient accumulation at pp = 1, any pipeline
+schedule at pp > 1), so its k-th output is micro-batch k * m // calls (a module called twice per
+micro-batch is recorded as `name` and `name#2`). A gradient's place in the order is the last
+time backward accumulated into it (post-accumulate-grad hooks: it is complete then); its value
+is read after the step (dp-averaged); the step's loss and global grad norm come last.
 Collectives are observed through `megatiny.parallel.collectives` (every collective of the
 codebase goes through it): op, group, shape, the function that issued it, and the module
-whose forward was running (none during backward).
+whose forward was running (none during backward); a pipeline exchange (its sends and receives,
+posted together) by the schedule's names of its messages (`recv_forward(mb 1)`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ class Record:
     collective: str
     tensor: torch.Tensor | None = None
     note: str = ""
+    micro_batch: int | None = None  # outputs only
+
+    @property
+    def key(self) -> tuple:
+        return (self.step, self.micro_batch, self.kind, self.name)
 
 
 def _caller() -> str:
@@ -51,22 +60,33 @@ def _caller() -> str:
 
 
 class Recorder:
-    """Hooks on `model` (this rank's shard) recording outputs, gradient order and collectives."""
+    """Hooks on `model` (this rank's shard, and its pipeline chunks) recording outputs, gradient
+    order and collectives; `micro_batches` is the step's micro-batch count (the same at every
+    layout)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, micro_batches: int = 1):
+        self.model, self.micro_batches = model, micro_batches
         self.step, self.order, self.active = 0, 0, False
         self.records: list[Record] = []
-        self.modules: dict[str, torch.nn.Module] = {}
+        self.modules: dict[str, torch.nn.Module] = {}  # record name -> module
+        self.modules_by_name: dict[str, torch.nn.Module] = {}
         self.calls: dict[str, int] = {}
+        self.outputs: list[tuple[Record, str, int, str]] = []  # named at end_step
         self.stack: list[str] = []
         self.last = "none"
         self.grad_order: dict[str, tuple[int, str]] = {}
         self._handles = []
-        for name, module in model.named_modules():
-            if name:
+        hooked = set()
+        # A pipeline chunk runs modules its container does not register (the GPT's dropout after
+        # the embeddings); chunks share the container's modules, under the same global names.
+        for root in (model, *getattr(model, "chunks", ())):
+            for name, module in root.named_modules():
+                if not name or id(module) in hooked:
+                    continue  # the root's output is the loss: compared as the step's "loss"
+                hooked.add(id(module))
+                self.modules_by_name[name] = module
                 self._handles.append(module.register_forward_pre_hook(self._enter(name)))
-            self._handles.append(module.register_forward_hook(self._leave(name or "(model)")))
+                self._handles.append(module.register_forward_hook(self._leave(name)))
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad(name)))
@@ -74,6 +94,7 @@ class Recorder:
         try:
             from megatiny.parallel import collectives
 
+            self._labels = collectives.labels
             self._remove_observer = collectives.add_observer(self._collective)
         except ImportError:  # a checkout without the collectives module: no collective column
             self.last = "n/a"
@@ -94,23 +115,22 @@ class Recorder:
                 self.stack.pop()
             if not self.active:
                 return
-            self.calls[name] = self.calls.get(name, 0) + 1
-            key = name if self.calls[name] == 1 else f"{name}#{self.calls[name]}"
+            call = self.calls.get(name, 0)
+            self.calls[name] = call + 1
             outs = output if isinstance(output, tuple | list) else (output,)
             tensors = [(i, o) for i, o in enumerate(outs) if isinstance(o, torch.Tensor)]
             for i, o in tensors:
-                rec_name = key if len(tensors) == 1 and len(outs) == 1 else f"{key}[{i}]"
-                self.modules[rec_name] = module
-                self.records.append(
-                    Record(self.step, "output", rec_name, self._tick(), self.last,
-                           o.detach().clone())
-                )  # fmt: skip
+                suffix = "" if len(tensors) == 1 and len(outs) == 1 else f"[{i}]"
+                record = Record(self.step, "output", name, self._tick(), self.last,
+                                o.detach().clone())  # fmt: skip
+                self.records.append(record)
+                self.outputs.append((record, name, call, suffix))
 
         return hook
 
     def _grad(self, name):
         def hook(p):
-            if self.active and name not in self.grad_order:
+            if self.active:  # the last accumulation wins: the gradient is complete there
                 self.grad_order[name] = (self._tick(), self.last)
 
         return hook
@@ -118,17 +138,37 @@ class Recorder:
     def _collective(self, event) -> None:
         if not self.active:
             return
-        where = f" in {self.stack[-1]}" if self.stack else " in backward"
-        shape = list(event.shape)
-        self.last = f"{event.op}({event.group}) {shape} by {_caller()}{where}"
+        op, shape = event.op, list(event.shape)
+        if op in ("send", "recv"):  # one exchange of the pipeline schedule: all its messages
+            names = self._labels().get("p2p") or []
+            op = "p2p" if len(names) > 1 else op
+            where = f": {', '.join(names)}" if names else ""
+        else:
+            where = f" in {self.stack[-1]}" if self.stack else " in backward"
+        self.last = f"{op}({event.group}) {shape} by {_caller()}{where}"
 
     def begin_step(self, step: int) -> None:
         self.step, self.active, self.calls, self.grad_order = step, True, {}, {}
+        self.outputs = []
+
+    def _name_outputs(self) -> None:
+        """Each output's micro-batch and name, now that every module's call count is known."""
+        m = self.micro_batches
+        for record, name, call, suffix in self.outputs:
+            calls = self.calls[name]
+            if calls % m:  # not once (or j times) per micro-batch: number the calls instead
+                record.name = f"{name}#{call + 1}{suffix}" if call else f"{name}{suffix}"
+            else:
+                per = calls // m
+                repeat = f"#{call % per + 1}" if call % per else ""
+                record.name, record.micro_batch = f"{name}{repeat}{suffix}", call // per
+            self.modules[record.name] = self.modules_by_name[name]
 
     def end_step(self, metrics: dict[str, float]) -> None:
         """Close the step; `metrics` (the step's loss, grad norm: identical on every rank) are
         recorded after the gradients."""
         self.active = False
+        self._name_outputs()
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 order, last = self.grad_order.get(name, (self._tick(), self.last))
@@ -156,9 +196,9 @@ def _dp_full(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def gather_step(recorder: Recorder, ctx, step: int, full_shapes: dict | None) -> list[Record]:
-    """This step's records at full shape (collective over the whole world, same order on every
-    rank). `full_shapes` maps (kind, name) to the reference's shape; None at the reference
-    (tp = 1: only the dp split is undone)."""
+    """This step's records at full shape, those of every pipeline stage on every rank
+    (collective over the whole world). `full_shapes` maps (kind, name) to the reference's
+    shape; None at the reference (tp = 1: only the dp split is undone)."""
     records = [r for r in recorder.records if r.step == step]
     params = {name: p for name, p in recorder.model.named_parameters()}
     grad_shapes = {
@@ -192,4 +232,23 @@ def gather_step(recorder: Recorder, ctx, step: int, full_shapes: dict | None) ->
                 r.note = f"cannot gather: {e}"
         r.tensor = t.detach().clone()
     records.sort(key=lambda r: r.order)
-    return records
+    return _merge_stages(records, ctx) if ctx.pp_size > 1 else records
+
+
+def _merge_stages(records: list[Record], ctx) -> list[Record]:
+    """Every pipeline stage's records, stage by stage (each holds the modules and parameters of
+    its own layers: disjoint names). The loss and grad norm are the same on every stage: kept
+    once. A parameter two stages hold (the tied embedding's copy on the last stage) is kept on
+    both, the later one noted, so a copy that drifted from the first is named too."""
+    parts = [None] * ctx.pp_size
+    dist.all_gather_object(parts, records, group=ctx.pp_group)
+    merged, seen = [], set()
+    for stage, part in enumerate(parts):
+        for r in part:
+            if r.key in seen:
+                if r.kind == "step":
+                    continue
+                r.note = r.note or f"its copy on pipeline rank {stage}"
+            seen.add(r.key)
+            merged.append(r)
+    return merged
