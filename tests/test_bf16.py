@@ -43,6 +43,13 @@ def _dtypes(prefix, run_dir, overrides):
     ctx = ParallelContext.initialize(tp=cfg.parallel.tp)
     trainer = build_trainer(cfg, ctx)
     trainer.train_step()
+    from megatiny.parallel.tracer import CommTracer
+
+    with CommTracer(rank=ctx.rank) as tracer:
+        trainer.train_step()
+    gathered = tracer.bytes_by("op").get(("all_gather",), 0)
+    if trainer.ddp.shard:  # ZeRO-1 gathers the updated parameters in their own dtype (bf16)
+        assert gathered == trainer.ddp.param_buffer.numel() * 2, gathered
     params = {p.dtype for p in trainer.model.parameters()}
     main_grads = {p.main_grad.dtype for p in trainer.model.parameters()}
     grads = {p.grad is None for p in trainer.model.parameters()}

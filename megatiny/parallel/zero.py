@@ -178,7 +178,7 @@ class ZeroOptimizer:
         self._refresh_master()
         self.optimizer.step()
         ddp = self.ddp
-        handles, staged = [], []
+        handles = []
         for bucket in ddp.buckets:
             soff = ddp.shard_offset(bucket)
             mine = self.master[soff : soff + bucket.numel // bucket.size]
@@ -186,15 +186,13 @@ class ZeroOptimizer:
             if bucket.size == 1:
                 out.copy_(mine)
                 continue
-            if out.dtype != mine.dtype:
-                tmp = torch.empty(bucket.numel, dtype=mine.dtype, device=mine.device)
-                staged.append((out, tmp))
-                out = tmp
+            # bf16 parameters: each rank rounds its fp32 slice before the gather (rounding after
+            # it gives the same bits), so the all-gather moves the parameters' dtype, as
+            # Megatron's distributed optimizer gathers its bf16 parameter buffer.
+            mine = mine.to(out.dtype)
             handles.append(collectives.all_gather_into(out, mine, bucket.group, async_op=True))
         for h in handles:
             h.wait()
-        for out, tmp in staged:
-            out.copy_(tmp)
         for piece, *_ in self.pieces:
             piece.grad = None
 
