@@ -15,7 +15,9 @@ The plan (p = tp size, Megatron's parallel attention / MLP):
 
 With GQA, query head i uses kv head i // (n/g); splitting both segments evenly keeps each rank's
 query heads with their kv heads. `forward(ids)` gathers the logits on every TP rank;
-`forward(ids, labels=)` returns the loss from the vocab-parallel cross-entropy.
+`forward(ids, labels=)` returns the loss from the vocab-parallel cross-entropy. Each swapped-in
+layer declares how its parameters are split (`parameter_sharding`, megatiny/parallel/sharding.py:
+the fused segments, the vocab padding); checkpoints, clipping and `full_parameters` read that.
 
     output           VocabParallelOutput          (megatiny/parallel/modules.py)
     attn.core        ShardedRNG                   attention dropout on sharded heads: per-rank masks

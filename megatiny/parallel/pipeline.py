@@ -40,6 +40,7 @@ from torch import nn
 
 from megatiny.parallel import collectives
 from megatiny.parallel.context_parallel import context_parallel_loss, cp_group_of
+from megatiny.parallel.sharding import declare_tied, named_shardings, tied_parameter_ids
 
 
 def validate_pipeline(
@@ -182,6 +183,8 @@ def build_pipeline_chunks(
         chunk.is_first_chunk, chunk.is_last_chunk = s == 0, s == pp * v - 1
         chunk.virtual_stage, chunk.layer_range = s, (lo, hi)
         _prune(chunk, model, [(lo, hi)], chunk.is_first_chunk, chunk.is_last_chunk)
+        if chunk.config.tie_embeddings and chunk.embed is not None:  # first or last stage
+            declare_tied(chunk.embed, "weight", "embedding")  # ctx.embedding_group
         chunks.append(chunk)
     return chunks
 
@@ -252,13 +255,13 @@ def forward_step(chunk: nn.Module, input_tensor, batch: dict):
 
 
 def tied_embedding_weight(chunks: list[nn.Module], ctx) -> nn.Parameter | None:
-    """The copy of a tied token embedding this rank must sync (None if nothing to sync)."""
-    if ctx.pp_size == 1:
-        return None  # one module holds it: embedding and head already share the Parameter
+    """The copy of a tied token embedding this rank must sync (None if nothing to sync): the
+    parameter declared tied over the embedding group by `build_pipeline_chunks` (at pp == 1 one
+    module holds it, embedding and head already share the Parameter)."""
     for chunk in chunks:
-        if chunk.config.tie_embeddings and chunk.embed is not None:
-            if chunk.is_first_chunk or chunk.is_last_chunk:
-                return chunk.embed.weight
+        for p, sharding in named_shardings(chunk).values():
+            if sharding.tied == "embedding":
+                return p
     return None
 
 
@@ -267,10 +270,10 @@ def replicated_parameter_ids(chunks: list[nn.Module], ctx) -> set[int]:
 
     Pass as `skip_parameter_ids` to the gradient-norm computation so the weight counts once.
     """
-    weight = tied_embedding_weight(chunks, ctx)
-    if weight is not None and ctx.pp_rank == ctx.pp_size - 1:
-        return {id(weight)}
-    return set()
+    if ctx.pp_size == 1:
+        return set()
+    rank = 0 if ctx.pp_rank == 0 else 1  # in the embedding group: first stage, last stage
+    return set().union(*(tied_parameter_ids(chunk, "embedding", rank) for chunk in chunks))
 
 
 @torch.no_grad()
