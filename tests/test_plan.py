@@ -157,3 +157,32 @@ def test_search_ranks_layouts_that_fit_by_throughput():
     speeds = [r["tokens_per_s_per_gpu"] for r in rows]
     assert speeds == sorted(speeds, reverse=True)
     assert all(r["world_size"] == 4 for r in rows)
+
+
+def test_plan_hides_only_the_async_tp_collectives_behind_gemms():
+    # The dry run measures, per collective, the GEMM FLOPs issued while it is in flight. Without
+    # SP every TP all-reduce blocks (window 0); with SP each column-parallel linear's backward
+    # re-gather of X and reduce-scatter of dX overlap its dX and dA GEMMs (sp_linear.py): 2 per
+    # column linear (QKV, gate-up) per layer per micro-batch, each window a GEMM of that linear.
+    from megatiny.plan.dryrun import dry_run
+    from megatiny.plan.predict import prepare
+
+    def windows(overrides):
+        cfg = prepare(tiny_config(["parallel.tp=2", *overrides]), 2)
+        (stage,) = dry_run(cfg, 2)
+        runs = stage["runs"]
+        tp = [[r for r in run["in_flight"] if r["group"] == "tp"] for run in runs]
+        per_mb = [sum(r["calls"] for r in rows if r["matmul_flops"] > 0) for rows in tp]
+        ops = {r["op"] for rows in tp for r in rows if r["matmul_flops"] > 0}
+        return cfg, per_mb[1] - per_mb[0], ops, tp[0]
+
+    cfg, overlapped, ops, _ = windows([])
+    assert overlapped == 0 and ops == set()
+    cfg, overlapped, ops, rows = windows(["parallel.sequence_parallel=true"])
+    assert overlapped == 2 * 2 * cfg.model.n_layers and ops == {"all_gather", "reduce_scatter"}
+    b, s, d = cfg.train.micro_batch_size, cfg.data.seq_length, cfg.model.d_model
+    qkv_out = (cfg.model.n_heads + 2 * cfg.model.n_kv_heads) * (d // cfg.model.n_heads) // 2
+    dx_qkv = 2 * b * s * qkv_out * d  # the dX GEMM of the QKV shard hides the re-gather of X
+    assert any(r["op"] == "all_gather" and r["matmul_flops"] == dx_qkv for r in rows)
+    sp = planned(["parallel.tp=2", "parallel.sequence_parallel=true"], 2)
+    assert sp["hidden_comm_s"]["tp"] > 0

@@ -166,9 +166,10 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     m2 = m1 + (ctx.pp_size if v > 1 else 1)
     runs, transient = [], 0
     for m in (m1, m2):
-        with CommTracer(rank) as tracer, OpCounter() as counter:
+        with CommTracer(rank) as tracer, OpCounter() as counter, InFlight(counter) as flight:
             step(m, counter)
-        runs.append({"m": m, "comm": _comm_rows(tracer), "ops": counter.totals()})
+        runs.append({"m": m, "comm": _comm_rows(tracer), "ops": counter.totals(),
+                     "in_flight": flight.rows()})  # fmt: skip
         transient = max(transient, counter.max_backward_bytes)
     seq = cfg.data.seq_length // (ctx.tp_size if p.sequence_parallel else 1)
     shape = (cfg.train.micro_batch_size, seq, cfg.model.d_model)
@@ -216,6 +217,51 @@ def _null():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+class InFlight:
+    """For every collective: the GEMM and attention FLOPs this rank issues between posting it and
+    its completion (`wait()` of an async op; nothing for a blocking one) — the compute it can
+    hide behind. E.g. the sequence-parallel linear's backward re-gather of X overlaps the dX
+    GEMM, and its reduce-scatter of dX the dA GEMM. Rows {group, op, bytes, matmul_flops,
+    attention_flops, calls}, one per distinct (group, op, bytes, window)."""
+
+    def __init__(self, counter):
+        self.counter, self.open, self.counts = counter, {}, {}
+
+    def _flops(self) -> tuple[float, float]:
+        rows = self.counter.counts.values()
+        return (sum(r["matmul_flops"] for r in rows), sum(r["attention_flops"] for r in rows))
+
+    def _start(self, event) -> None:
+        self.open[event.seq] = self._flops()
+
+    def _end(self, event) -> None:
+        start = self.open.pop(event.seq, None)
+        if start is None or event.op == "barrier":
+            return
+        mm, at = (b - a for a, b in zip(start, self._flops(), strict=True))
+        key = (event.group, event.op, event.bytes, mm, at)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def __enter__(self):
+        from megatiny.parallel import collectives
+
+        self._removes = (collectives.add_start_observer(self._start),
+                         collectives.add_observer(self._end))  # fmt: skip
+        return self
+
+    def __exit__(self, *exc):
+        for remove in self._removes:
+            remove()
+        return False
+
+    def rows(self) -> list[dict]:
+        return [
+            {"group": g, "op": op, "bytes": b, "matmul_flops": mm, "attention_flops": at,
+             "calls": n}
+            for (g, op, b, mm, at), n in sorted(self.counts.items())
+        ]  # fmt: skip
 
 
 def _comm_rows(tracer) -> list[dict]:

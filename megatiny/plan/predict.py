@@ -91,6 +91,7 @@ def plan(cfg: Config, world_size: int, profile: dict, stages_parallel: int = 2) 
         "comm_worst_stage": worst_comm,
         "time_s": {k: times[k] for k in ("step", "compute", "exposed_comm", "bubble")},
         "exposed_comm_s": times["exposed_comm_by_group"],
+        "hidden_comm_s": times["hidden_comm_by_group"],
         "mfu": flops / (world_size * times["step"] * peak),
         "tokens_per_s_per_gpu": tokens / times["step"] / world_size,
         "fits": mem["peak"] <= profile["memory_gib"] * 2**30,

@@ -10,9 +10,12 @@ ran it):
               + ops x op_overhead_us                                   dispatch cost per op
                                                                        (CPU eager; 0 on GPUs,
                                                                        where launches are async)
-    t_tp      = sum over TP collectives of  calls x latency + bytes x f / bandwidth
+    t_tp      = sum over TP collectives of  max(0, latency + bytes x f / bandwidth - window)
                 f = 2(n-1)/n all-reduce, (n-1)/n all-gather / reduce-scatter (ring bus factors),
-                bytes = the full tensor (the tracer's convention); TP sits on the critical path
+                bytes = the full tensor (the tracer's convention); window = the GEMM / attention
+                time the rank issues while the collective is in flight (the dry run measures it
+                per collective: 0 for a blocking one; the sequence-parallel linear's backward
+                re-gather and reduce-scatter hide behind its dX and dA GEMMs)
 
 Links: a group whose ranks sit in one node (ranks r // gpus_per_node equal) uses the intra-node
 link (NVLink), else the inter-node one (InfiniBand, per GPU); bandwidth = gb_per_s x efficiency.
@@ -136,7 +139,9 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
     )
     m = cfg.train.accumulation_steps(stage["group_sizes"]["dp"])
     sizes = stage["group_sizes"]
-    tp = pp = dp_overlap = dp_exposed = 0.0
+    rates = (peak * profile["matmul_efficiency"], 2 * peak * profile["attention_efficiency"])
+    tp, tp_hidden = _tp_seconds(stage, profile, world_size, m, rates)
+    pp = dp_overlap = dp_exposed = 0.0
     buckets = 1
     for row in comm_per_step(stage, m):
         group, op = row["group"], row["op"]
@@ -148,16 +153,41 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
             continue
         seconds = collective_seconds(op, row["calls"], row["bytes"], sizes.get(group, 1), link)
         if group == "tp":
-            tp += seconds / m
-        elif group in ("dp", "dp_cp") and op in ("all_reduce", "reduce_scatter"):
+            continue  # _tp_seconds
+        if group in ("dp", "dp_cp") and op in ("all_reduce", "reduce_scatter"):
             dp_overlap += seconds
             buckets = max(buckets, row["calls"])
         else:
             dp_exposed += seconds
     optimizer = stage["runs"][-1]["ops"].get("step", {}).get("bytes", 0) / hbm
-    return {"compute": compute, "tp": tp, "pp": pp, "dp_overlap": dp_overlap,
+    return {"compute": compute, "tp": tp, "tp_hidden": tp_hidden, "pp": pp,
+            "dp_overlap": dp_overlap,
             "dp_buckets": buckets, "dp_exposed": dp_exposed, "optimizer": optimizer,
             "m": m}  # fmt: skip
+
+
+def _tp_seconds(stage: dict, profile: dict, world_size: int, m: int, rates) -> tuple:
+    """Exposed and hidden seconds of the TP collectives per micro-batch: each call costs
+    max(0, alpha-beta time - its overlap window), counts taken at m (affine in m)."""
+    link = _link(profile, _group_ranks(stage, "tp", world_size))
+    n = stage["group_sizes"]["tp"]
+    runs = stage["runs"]
+    keys = {(r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"])
+            for run in runs for r in run["in_flight"] if r["group"] == "tp"}  # fmt: skip
+    exposed = hidden = 0.0
+    for op, nbytes, mm, at in keys:
+
+        def calls(run, key=(op, nbytes, mm, at)):
+            return sum(r["calls"] for r in run["in_flight"] if r["group"] == "tp"
+                       and (r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"]) == key)  # fmt: skip
+
+        slope, base = _affine(runs, calls)
+        count = base + slope * m
+        seconds = collective_seconds(op, 1, nbytes, n, link)
+        window = mm / rates[0] + at / rates[1]
+        exposed += count * max(0.0, seconds - window)
+        hidden += count * min(seconds, window)
+    return exposed / m, hidden / m
 
 
 def step_time(stages: list[dict], profile: dict, cfg, world_size: int) -> dict:
@@ -182,4 +212,5 @@ def step_time(stages: list[dict], profile: dict, cfg, world_size: int) -> dict:
     return {
         "step": step, "compute": compute, "exposed_comm": exposed, "bubble": bubble,
         "exposed_comm_by_group": {"tp": m * worst["tp"], "pp": pp, "dp": dp},
+        "hidden_comm_by_group": {"tp": m * worst["tp_hidden"]},
     }  # fmt: skip
