@@ -68,6 +68,14 @@ def test_pipeline_layouts_agree_with_the_single_device_run():
     assert len({r.compared for r in report.results}) == 1 and report.results[0].compared > 150
 
 
+def test_recomputed_blocks_are_compared_once_per_micro_batch():
+    # The reference recomputes a block right after its forward, 1F1B after another micro-batch's.
+    cfg = config(2)
+    cfg.model.recompute = "full"
+    report = run_parity(cfg, ["tp=1", "pp=2"], seq_length=16)
+    assert report.ok, format_report(report)
+
+
 def test_a_stale_pipeline_message_is_named_at_the_receiving_stage():
     report = run_parity(config(2), ["tp=1", "pp=2"], seq_length=16, patch=stale_activation_send)
     first = report.results[0].differences[0]

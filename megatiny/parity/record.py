@@ -6,9 +6,10 @@ Outputs come from forward hooks on every named module of the model and of its pi
 (global names: "blocks.5.attn.proj" on any stage). With m micro-batches a module runs m times a
 step, in micro-batch order on every layout (gradient accumulation at pp = 1, any pipeline
 schedule at pp > 1), so its k-th output is micro-batch k * m // calls (a module called twice per
-micro-batch is recorded as `name` and `name#2`). A gradient's place in the order is the last
-time backward accumulated into it (post-accumulate-grad hooks: it is complete then); its value
-is read after the step (dp-averaged); the step's loss and global grad norm come last.
+micro-batch is recorded as `name` and `name#2`; recomputation during backward is not recorded).
+A gradient's place in the order is the last time backward accumulated into it
+(post-accumulate-grad hooks: it is complete then); its value is read after the step
+(dp-averaged); the step's loss and global grad norm come last.
 Collectives are observed through `megatiny.parallel.collectives` (every collective of the
 codebase goes through it): op, group, shape, the function that issued it, and the module
 whose forward was running (none during backward); a pipeline exchange (its sends and receives,
@@ -57,6 +58,13 @@ def _caller() -> str:
             return f"{Path(path).stem}.{name}"
         frame = frame.f_back
     return "?"
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running (a checkpointed block recomputing its forward:
+    the reference recomputes right after each forward, a pipeline after other micro-batches)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class Recorder:
@@ -113,7 +121,7 @@ class Recorder:
         def hook(module, args, output):
             if self.stack and self.stack[-1] == name:
                 self.stack.pop()
-            if not self.active:
+            if not self.active or _in_backward():  # activation recomputation: not a forward
                 return
             call = self.calls.get(name, 0)
             self.calls[name] = call + 1
