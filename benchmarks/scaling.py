@@ -197,7 +197,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=("strong", "weak"), default=None)
     parser.add_argument("--out", default="runs/scaling")
+    parser.add_argument(
+        "--d-model",
+        type=int,
+        default=MODEL["d_model"],
+        help="hidden size of the benchmark model (heads: d / 32, kv heads: half)",
+    )
+    parser.add_argument("--points", nargs="+", default=None, help="only these points (names)")
     args = parser.parse_args()
+    heads = max(4, args.d_model // 32)
+    MODEL.update(d_model=args.d_model, n_heads=heads, n_kv_heads=heads // 2)
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for kind, points in (("strong", STRONG), ("weak", WEAK)):
@@ -205,6 +214,8 @@ def main() -> None:
             continue
         results[kind] = []
         for name, world, overrides in points:
+            if args.points and name not in args.points:
+                continue
             row = measure(name, world, overrides, args.warmup, args.steps)
             results[kind].append(row)
             print(f"{kind:6s} {name:12s} N={world}: measured {row['measured']['tokens_per_s']:,.0f}"

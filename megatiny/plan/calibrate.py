@@ -1,13 +1,20 @@
 """`megatiny plan --gpu cpu --calibrate`: measure this machine so predictions can be checked here.
 
-Measured with one thread per rank (as benchmarks/scaling.py runs its ranks):
-    peak fp32 FLOP/s     a 512 x 512 x 512 matmul, best of several (matmul_efficiency = 1)
+Measured with one thread per rank (as benchmarks/scaling.py runs its ranks), each figure the mean
+of repeated runs, as a training step meets them (not the best run: on a shared machine the best
+is 1.5x faster than the typical):
+    peak fp32 FLOP/s     the three GEMMs of a linear layer's training step (forward X W^T,
+                         backward dY W and dY^T X) for 512 tokens at hidden 128 .. 1024 (d -> 4d,
+                         4d -> d, d -> d), the mean rate over those 12 shapes
+                         (matmul_efficiency = 1)
     attention            flash SDPA forward + backward, causal, b=4 n=4 s=128 d=32: the fraction
                          of the GEMM rate it reaches on the causal half (attention_efficiency)
     memory bandwidth     a + b into c over 16M floats (3 x 64 MB moved)
     op overhead          a chain of tiny autograd ops, forward + backward: the eager cost of
                          one op (dispatch, autograd node), what a small model pays per op
-    gloo                 2 ranks all-reduce of 4 bytes (latency) and 4 MB (bandwidth)
+    gloo                 2 ranks, each all-reduce issued right after a ~1 ms GEMM (as a step
+                         interleaves them, so the peer must be woken): 4 bytes gives the latency,
+                         4 MB the bandwidth
 Written to runs/cpu-calibrated.yaml, which `--gpu cpu` uses from then on.
 """
 
@@ -22,14 +29,12 @@ import yaml
 from megatiny.plan.timemodel import CALIBRATED, PROFILE_DIR
 
 
-def _best(fn, repeats: int = 5) -> float:
+def _mean(fn, repeats: int = 5) -> float:
     fn()
-    best = float("inf")
+    start = time.perf_counter()
     for _ in range(repeats):
-        start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return (time.perf_counter() - start) / repeats
 
 
 def _gloo(sizes):
@@ -37,12 +42,34 @@ def _gloo(sizes):
 
     from megatiny.parallel import collectives
 
+    torch.set_num_threads(1)
+    a, b = torch.randn(512, 256), torch.randn(256, 512)
+    gemm = _mean(lambda: a @ b, repeats=40)
     out = {}
     for n in sizes:
         t = torch.zeros(n // 4)
-        out[n] = _best(lambda t=t: collectives.all_reduce(t), repeats=20)
+
+        def step(t=t):
+            a @ b
+            collectives.all_reduce(t)
+
         dist.barrier()
+        out[n] = max(_mean(step, repeats=20) - gemm, 1e-6)
     return out
+
+
+def _gemm_rate() -> float:
+    """Mean FLOP rate of a linear layer's three training GEMMs over transformer shapes: 512 tokens,
+    hidden d in 128 .. 1024, the d -> 4d, 4d -> d and d -> d projections (each shape counts once,
+    so small layers weigh as much as large ones)."""
+    rates = []
+    for d in (128, 256, 512, 1024):
+        for m, k, n in ((512, d, 4 * d), (512, 4 * d, d), (512, d, d)):
+            x, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+            seconds = _mean(lambda x=x, w=w, dy=dy: (x @ w.t(), dy @ w, dy.t() @ x),
+                            repeats=max(3, int(3e8 / (6 * m * k * n))))  # fmt: skip
+            rates.append(6 * m * k * n / seconds)
+    return sum(rates) / len(rates)
 
 
 def calibrate(path: str = CALIBRATED) -> str:
@@ -53,19 +80,17 @@ def calibrate(path: str = CALIBRATED) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        n = 512
-        x, y = torch.randn(n, n), torch.randn(n, n)
-        flops = 2 * n**3 / _best(lambda: x @ y)
+        flops = _gemm_rate()
         q, k, v = (torch.randn(4, 4, 128, 32, requires_grad=True) for _ in range(3))
 
         def attention():
             F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
         counted = 3 * 4 * 4 * 4 * 128 * 128 * 32  # forward 4 b n s^2 d, backward 2x
-        attention_eff = counted / 2 / _best(attention) / flops
+        attention_eff = counted / 2 / _mean(attention) / flops
         a, b2 = torch.randn(2**24), torch.randn(2**24)
         c = torch.empty_like(a)
-        bandwidth = 3 * a.numel() * 4 / _best(lambda: torch.add(a, b2, out=c))
+        bandwidth = 3 * a.numel() * 4 / _mean(lambda: torch.add(a, b2, out=c))
         tiny = torch.ones(8, requires_grad=True)
 
         def chain():  # 500 forward ops recorded by autograd, then their 500 backward ops
@@ -74,7 +99,7 @@ def calibrate(path: str = CALIBRATED) -> str:
                 y = y * 1.0
             y.sum().backward()
 
-        op_overhead = _best(chain) / 1000
+        op_overhead = _mean(chain) / 1000
     finally:
         torch.set_num_threads(threads)
     small, large = 4, 4 * 2**20
@@ -85,7 +110,7 @@ def calibrate(path: str = CALIBRATED) -> str:
         profile = yaml.safe_load(f)
     profile.update({
         "name": "cpu-calibrated",
-        "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}), "
+        "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}), mean of repeats, "
                     "one thread per rank"],
         "peak_tflops": {"bf16": flops / 1e12, "fp32": flops / 1e12},
         "matmul_efficiency": 1.0,

@@ -68,12 +68,13 @@ def format_plan(r: dict) -> str:
         "comm / step  (worst rank) "
         + " | ".join(f"{k} {_gb(v)}" for k, v in r["comm_bytes_per_step"].items()),  # fmt: skip
         "time / step  {:.4g} s = compute {:.4g} + exposed comm {:.4g} (tp {:.3g}, pp {:.3g}, "
-        "dp {:.3g}) + bubble {:.4g}".format(
+        "dp {:.3g}) + bubble {:.4g}; tp hidden behind GEMMs {:.3g}".format(
             r["time_s"]["step"],
             r["time_s"]["compute"],
             r["time_s"]["exposed_comm"],
             *r["exposed_comm_s"].values(),
             r["time_s"]["bubble"],
+            r["hidden_comm_s"]["tp"],
         ),  # fmt: skip
         f"throughput   {r['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU "
         f"{100 * r['mfu']:.1f}% ({r['flop_convention']})",
