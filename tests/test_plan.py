@@ -186,3 +186,20 @@ def test_plan_hides_only_the_async_tp_collectives_behind_gemms():
     assert any(r["op"] == "all_gather" and r["matmul_flops"] == dx_qkv for r in rows)
     sp = planned(["parallel.tp=2", "parallel.sequence_parallel=true"], 2)
     assert sp["hidden_comm_s"]["tp"] > 0
+
+
+def test_op_counter_splits_transcendental_from_memory_bound_bytes():
+    # exp / softmax / SiLU are compute-bound on a CPU: their bytes are counted apart so a profile
+    # can give them their own rate (transcendental_gb_per_s); a mul stays memory-bound.
+    import torch.nn.functional as F
+
+    from megatiny.plan.opcount import OpCounter
+
+    x = torch.randn(64, 32)
+    with OpCounter() as counter:
+        F.silu(x)
+        torch.log_softmax(x, -1)
+        x * x
+    row = counter.totals()["micro_batches"]
+    assert row["transcendental_bytes"] == 2 * (2 * x.numel() * 4)
+    assert row["bytes"] == 3 * x.numel() * 4

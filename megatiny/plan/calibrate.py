@@ -10,6 +10,8 @@ is 1.5x faster than the typical):
     attention            flash SDPA forward + backward, causal, b=4 n=4 s=128 d=32: the fraction
                          of the GEMM rate it reaches on the causal half (attention_efficiency)
     memory bandwidth     a + b into c over 16M floats (3 x 64 MB moved)
+    transcendentals      exp, SiLU and log-softmax over 1M floats (bytes in + out per second):
+                         compute-bound on a CPU (transcendental_gb_per_s)
     op overhead          a chain of tiny autograd ops, forward + backward: the eager cost of
                          one op (dispatch, autograd node), what a small model pays per op
     gloo                 2 ranks, each all-reduce issued right after a ~1 ms GEMM (as a step
@@ -91,6 +93,11 @@ def calibrate(path: str = CALIBRATED) -> str:
         a, b2 = torch.randn(2**24), torch.randn(2**24)
         c = torch.empty_like(a)
         bandwidth = 3 * a.numel() * 4 / _mean(lambda: torch.add(a, b2, out=c))
+        big = torch.randn(2**20)
+        rows = big.view(256, -1)
+        special = 3 * 2 * big.numel() * 4 / (_mean(lambda: torch.exp(big))
+                                             + _mean(lambda: F.silu(big))
+                                             + _mean(lambda: torch.log_softmax(rows, -1)))  # fmt: skip
         tiny = torch.ones(8, requires_grad=True)
 
         def chain():  # 500 forward ops recorded by autograd, then their 500 backward ops
@@ -116,6 +123,7 @@ def calibrate(path: str = CALIBRATED) -> str:
         "matmul_efficiency": 1.0,
         "attention_efficiency": round(min(attention_eff, 1.0), 4),
         "hbm_gb_per_s": bandwidth / 1e9,
+        "transcendental_gb_per_s": special / 1e9,
         "memory_efficiency": 1.0,
         "op_overhead_us": op_overhead * 1e6,
         "links": {name: {"gb_per_s": gloo_bw / 1e9, "efficiency": 1.0,

@@ -11,6 +11,9 @@ autograd has decomposed them:
     bytes           every other op that is not a view: the bytes of its tensor inputs and outputs
                     (one read of each input, one write of each output: what a memory-bound
                     kernel moves through HBM)
+    transcendental_bytes   the same for exp / log / softmax / SiLU / GELU / tanh / sigmoid / erf
+                    (and their backward ops): memory-bound on a GPU, compute-bound on a CPU,
+                    so a profile may give them a rate of their own
     ops             the number of non-view ops (each costs a launch / dispatch overhead)
     transient       the largest (inputs + outputs) bytes of one op during backward, e.g. the
                     logits gradient beside the softmax it is computed from
@@ -29,6 +32,10 @@ from torch.utils.flop_counter import flop_registry
 aten = torch.ops.aten
 _FLASH = {aten._scaled_dot_product_flash_attention_for_cpu.default}
 _FLASH_BACKWARD = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+_TRANSCENDENTAL = {"exp", "log", "_softmax", "_log_softmax", "_softmax_backward_data",
+                   "_log_softmax_backward_data", "silu", "silu_backward", "gelu", "gelu_backward",
+                   "tanh", "tanh_backward", "sigmoid", "sigmoid_backward", "erf", "exp_", "log1p",
+                   "rsqrt"}  # fmt: skip
 _FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
          aten.new_empty_strided.default, aten.empty_like.default}  # fmt: skip
 
@@ -64,7 +71,8 @@ class OpCounter(TorchDispatchMode):
 
     def _add(self, key: str, value: float) -> None:
         row = self.counts.setdefault(self.phase, {"matmul_flops": 0, "attention_flops": 0,
-                                                  "bytes": 0, "ops": 0})  # fmt: skip
+                                                  "bytes": 0, "transcendental_bytes": 0,
+                                                  "ops": 0})  # fmt: skip
         row[key] += value
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -83,7 +91,8 @@ class OpCounter(TorchDispatchMode):
             self._add("attention_flops", 2 * _attention_flops(args[1], args[2]))
         elif not func.is_view:
             moved = _nbytes(args) + _nbytes(kwargs) + _nbytes(out)
-            self._add("bytes", moved)
+            kind = "transcendental_bytes" if packet.__name__ in _TRANSCENDENTAL else "bytes"
+            self._add(kind, moved)
             if torch._C._current_graph_task_id() != -1:  # inside backward
                 self.max_backward_bytes = max(self.max_backward_bytes, moved)
         return out

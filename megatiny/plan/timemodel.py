@@ -7,6 +7,8 @@ ran it):
               + attention FLOPs / 2 / (peak x attention_efficiency)   causal: flash kernels skip
                                                                       the masked half of s x s
               + other bytes / (HBM bandwidth x memory_efficiency)      memory-bound ops
+              + transcendental bytes / (transcendental_gb_per_s, else     exp, softmax, SiLU...:
+                HBM bandwidth x memory_efficiency)                       compute-bound on CPUs
               + ops x op_overhead_us                                   dispatch cost per op
                                                                        (CPU eager; 0 on GPUs,
                                                                        where launches are async)
@@ -92,8 +94,8 @@ def comm_per_step(stage: dict, m: int) -> list[dict]:
 def ops_per_micro_batch(stage: dict) -> dict[str, float]:
     """FLOPs and bytes of one micro-batch (slope in m of the schedule phase)."""
     out = {}
-    for key in ("matmul_flops", "attention_flops", "bytes", "ops"):
-        slope, _ = _affine(stage["runs"], lambda r, k=key: r["ops"]["micro_batches"][k])
+    for key in ("matmul_flops", "attention_flops", "bytes", "transcendental_bytes", "ops"):
+        slope, _ = _affine(stage["runs"], lambda r, k=key: r["ops"]["micro_batches"].get(k, 0))
         out[key] = slope
     return out
 
@@ -135,6 +137,8 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
         ops["matmul_flops"] / (peak * profile["matmul_efficiency"])
         + ops["attention_flops"] / 2 / (peak * profile["attention_efficiency"])
         + ops["bytes"] / hbm
+        + ops["transcendental_bytes"]
+        / (profile.get("transcendental_gb_per_s", 0) * 1e9 * share or hbm)  # fmt: skip
         + ops["ops"] * profile.get("op_overhead_us", 0.0) * 1e-6
     )
     m = cfg.train.accumulation_steps(stage["group_sizes"]["dp"])
