@@ -82,6 +82,8 @@ LAYOUTS = [
     ["parallel.pp=2", "train.global_batch_size=6"],
     ["parallel.zero1=true", "train.global_batch_size=8"],
     ["parallel.pp=2", "parallel.virtual_pipeline_size=2", "train.global_batch_size=8"],
+    ["parallel.cp=2"],
+    ["parallel.cp=2", "parallel.cp_mode=a2a"],
 ]
 
 
@@ -145,6 +147,10 @@ def test_plan_names_a_bad_layout(capsys):
                  "parallel.tp=3"])  # fmt: skip
     assert code == 2
     assert "parallel.tp=3" in capsys.readouterr().err
+    code = main(["plan", "--config", "launch/configs/tiny-cpu.yaml", "model.vocab_size=256",
+                 "data.tokenizer=null", "parallel.tp=1", "model.moe_experts=4", "parallel.ep=2",
+                 "--world-size", "2"])  # fmt: skip
+    assert code == 2 and "does not model MoE layers" in capsys.readouterr().err
 
 
 def test_search_ranks_layouts_that_fit_by_throughput():
@@ -157,6 +163,10 @@ def test_search_ranks_layouts_that_fit_by_throughput():
     speeds = [r["tokens_per_s_per_gpu"] for r in rows]
     assert speeds == sorted(speeds, reverse=True)
     assert all(r["world_size"] == 4 for r in rows)
+    from megatiny.plan.search import candidates
+
+    cps = {c.parallel.cp for c in candidates(cfg, 4, load_profile("h100-sxm"))}
+    assert cps == {1, 2, 4}  # context parallelism is searched too
 
 
 def test_plan_hides_only_the_async_tp_collectives_behind_gemms():
@@ -186,6 +196,9 @@ def test_plan_hides_only_the_async_tp_collectives_behind_gemms():
     assert any(r["op"] == "all_gather" and r["matmul_flops"] == dx_qkv for r in rows)
     sp = planned(["parallel.tp=2", "parallel.sequence_parallel=true"], 2)
     assert sp["hidden_comm_s"]["tp"] > 0
+    # The cp ring posts the next K/V block before it computes on the current one.
+    ring = planned(["parallel.cp=2"], 2)
+    assert ring["hidden_comm_s"]["cp"] > 0 and ring["comm_bytes_per_step"]["cp"] > 0
 
 
 def test_op_counter_splits_transcendental_from_memory_bound_bytes():

@@ -219,7 +219,7 @@ def _sleepy_run(cfg, sleeper, at_step, seconds):
     from megatiny.parallel import ParallelContext
     from megatiny.training.loop import train
 
-    ctx = ParallelContext.initialize(tp=cfg.parallel.tp)
+    ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     real = step_module.Trainer.train_step
 
     def slow_step(self):
@@ -234,7 +234,7 @@ def _sleepy_run(cfg, sleeper, at_step, seconds):
         ctx.destroy()
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=1", "parallel.tp=2"])
+@pytest.mark.parametrize("layout", ["parallel.tp=1", "parallel.tp=2", "parallel.pp=2"])
 def test_stalled_rank_is_named_by_debug_hang(tmp_path, layout, capsys):
     """A rank that sleeps inside step 3: after timeout_s / 2 without progress every rank dumps
     its flight recorder; `megatiny debug hang` names the sleeper and who waits for it."""
@@ -248,6 +248,9 @@ def test_stalled_rank_is_named_by_debug_hang(tmp_path, layout, capsys):
     assert main(["debug", "hang", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "rank 1 holds the job up: it is in no communication op, at slow_step" in out
+    if layout == "parallel.pp=2":  # a pipeline send is in flight, with its peer and message
+        assert "rank 0 waits in send_forward(mb 0) to rank 1 of step 3 for rank 1" in out
+        return
     group = "tp" if layout.endswith("2") else "dp"
     assert f"rank 0 waits in the {group}" in out and "of step 3" in out and "for rank 1" in out
 

@@ -255,6 +255,10 @@ def batch_isend_irecv(messages: list[tuple[str, torch.Tensor, int]], group=None)
         _check_devices(kind, group, [t])
     if not ops:
         return []
+    # Start events (peer and position in the batch: the flight recorder's p2p entries) before
+    # posting; each message's end event carries the same seq when its handle's wait() returns.
+    seqs = [_start(group, kind, t, _nbytes(t), peer, i) if _observed() else 0
+            for i, (kind, t, peer) in enumerate(messages)]  # fmt: skip
     start = time.perf_counter()
     if messages[0][1].is_meta:  # a dry run: the fake group posts ops one by one, unbatched
         works = [op.op(op.tensor, op.peer, op.group) for op in ops]
@@ -263,9 +267,13 @@ def batch_isend_irecv(messages: list[tuple[str, torch.Tensor, int]], group=None)
     if not _observers:
         return works
     posting = (time.perf_counter() - start) / len(works)
+
+    def reporter(kind, t, peer, seq, i):
+        return lambda sec: _report(group, kind, t, _nbytes(t), sec, peer, seq, i)
+
     return [
-        _TimedWork(work, lambda sec, k=kind, t=t: _report(group, k, t, _nbytes(t), sec), posting)
-        for (kind, t, _), work in zip(messages, works)
+        _TimedWork(work, reporter(kind, t, peer, seq, i), posting)
+        for i, ((kind, t, peer), work, seq) in enumerate(zip(messages, works, seqs))
     ]
 
 

@@ -67,14 +67,14 @@ def format_plan(r: dict) -> str:
         ),  # fmt: skip
         "comm / step  (worst rank) "
         + " | ".join(f"{k} {_gb(v)}" for k, v in r["comm_bytes_per_step"].items()),  # fmt: skip
-        "time / step  {:.4g} s = compute {:.4g} + exposed comm {:.4g} (tp {:.3g}, pp {:.3g}, "
-        "dp {:.3g}) + bubble {:.4g}; tp hidden behind GEMMs {:.3g}".format(
+        "time / step  {:.4g} s = compute {:.4g} + exposed comm {:.4g} ({}) + bubble {:.4g}; "
+        "hidden behind compute: {}".format(
             r["time_s"]["step"],
             r["time_s"]["compute"],
             r["time_s"]["exposed_comm"],
-            *r["exposed_comm_s"].values(),
+            ", ".join(f"{g} {v:.3g}" for g, v in r["exposed_comm_s"].items()),
             r["time_s"]["bubble"],
-            r["hidden_comm_s"]["tp"],
+            ", ".join(f"{g} {v:.3g}" for g, v in r["hidden_comm_s"].items()),
         ),  # fmt: skip
         f"throughput   {r['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU "
         f"{100 * r['mfu']:.1f}% ({r['flop_convention']})",

@@ -100,7 +100,12 @@ class _MetaTask:
 def _micro_batches(cfg, n: int) -> list[dict]:
     b, s = cfg.train.micro_batch_size, cfg.data.seq_length
     ids = torch.zeros(b, s, dtype=torch.long, device="meta")
-    return [{"input_ids": ids, "labels": ids, "loss_mask": torch.ones(b, s, device="meta")}] * n
+    batch = {"input_ids": ids, "labels": ids, "loss_mask": torch.ones(b, s, device="meta")}
+    if cfg.parallel.cp > 1:  # the representative rank (cp rank 0) holds its s / cp tokens
+        from megatiny.parallel.context_parallel import split_batch
+
+        batch = split_batch(batch, 0, cfg.parallel.cp, zigzag=cfg.parallel.cp_mode == "ring")
+    return [batch] * n
 
 
 def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:

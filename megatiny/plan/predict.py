@@ -27,6 +27,12 @@ def prepare(cfg: Config, world_size: int) -> Config:
     from megatiny.training.step import check_supported
 
     cfg = copy.deepcopy(cfg)
+    if cfg.model.moe_experts:
+        raise ConfigError(
+            f"model.moe_experts={cfg.model.moe_experts}: megatiny plan does not model MoE layers "
+            "(how many tokens each expert and all-to-all gets depends on the router's data); "
+            "plan the dense model (model.moe_experts=0), and measure MoE with train.trace_comm"
+        )
     dp = cfg.validate(world_size)
     cfg.parallel.dp = dp
     check_supported(cfg, world_size)

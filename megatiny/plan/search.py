@@ -2,9 +2,9 @@
 tokens/s per GPU.
 
 Candidates: tp among the model's TP sizes within a node, pp dividing n_layers, interleaving
-v in {1, 2}, sequence parallelism (tp > 1), ZeRO-1 (dp > 1), recompute none / selective / full,
-micro-batch 1, 2, 4, 8 or the config's, every combination that validates for the world size
-and global batch. A dry run costs seconds, so candidates are first ordered by a cheap bound
+v in {1, 2}, context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
+(tp > 1), ZeRO-1 (dp > 1), recompute none / selective / full, micro-batch 1, 2, 4, 8 or the
+config's, every combination that validates for the world size and global batch. A dry run costs seconds, so candidates are first ordered by a cheap bound
 (fp32 weights + grads + AdamW state per rank, 16 bytes/parameter / (tp pp), or
 (8 + 8/dp) with ZeRO-1) and the `limit` most promising (smallest model-parallel size first, the
 bound under the GPU memory) are planned for real; each result is the full plan.
@@ -24,16 +24,17 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
     tps = [x for x in m.tp_sizes() if x <= profile["gpus_per_node"] and world_size % x == 0]
     pps = [x for x in range(1, m.n_layers + 1) if m.n_layers % x == 0 and world_size % x == 0]
     micro = sorted({1, 2, 4, 8, t.micro_batch_size})
-    for tp, pp, v, sp, zero1, rc, mb in itertools.product(
-        tps, pps, (1, 2), (False, True), (False, True), ("none", "selective", "full"), micro
+    cps = sorted({1, 2, 4, cfg.parallel.cp})
+    for tp, pp, cp, v, sp, zero1, rc, mb in itertools.product(
+        tps, pps, cps, (1, 2), (False, True), (False, True), ("none", "selective", "full"), micro
     ):
-        if (sp and tp == 1) or (v > 1 and pp == 1) or world_size % (tp * pp):
+        if (sp and tp == 1) or (v > 1 and pp == 1) or world_size % (tp * pp * cp):
             continue
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
         if zero1 and dp == 1:
             continue
         c = copy.deepcopy(cfg)
-        c.parallel.tp, c.parallel.pp, c.parallel.dp = tp, pp, None
+        c.parallel.tp, c.parallel.pp, c.parallel.cp, c.parallel.dp = tp, pp, cp, None
         c.parallel.virtual_pipeline_size = v if v > 1 else None
         c.parallel.sequence_parallel, c.parallel.zero1 = sp, zero1
         c.model.recompute, c.train.micro_batch_size = rc, mb
@@ -50,7 +51,7 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
 
 def _state_bound(c: Config, world_size: int) -> float:
     p = c.parallel
-    dp = world_size // (p.tp * p.pp)
+    dp = world_size // (p.tp * p.pp * p.cp)
     per_param = 8 + 8 / dp if p.zero1 else 16
     return c.model.num_parameters() * per_param / (p.tp * p.pp)
 
@@ -62,7 +63,7 @@ def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list
     budget = profile["memory_gib"] * 2**30
     pool = [c for c in candidates(cfg, world_size, profile) if _state_bound(c, world_size) < budget]
     rank = {"none": 0, "selective": 1, "full": 2}
-    pool.sort(key=lambda c: (c.parallel.tp * c.parallel.pp, rank[c.model.recompute],
+    pool.sort(key=lambda c: (c.parallel.tp * c.parallel.pp * c.parallel.cp, rank[c.model.recompute],
                              not c.parallel.sequence_parallel, not c.parallel.zero1,
                              -c.train.micro_batch_size, c.parallel.virtual_pipeline_size or 1))  # fmt: skip
     rows = []
@@ -76,14 +77,14 @@ def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list
 
 
 def format_search(rows: list[dict], world_size: int, profile: dict, seconds: float) -> str:
-    head = (f"{'tp':>3} {'pp':>3} {'v':>2} {'dp':>4} {'sp':>3} {'zero1':>5} {'recompute':>9} "
+    head = (f"{'tp':>3} {'pp':>3} {'v':>2} {'cp':>3} {'dp':>4} {'sp':>3} {'zero1':>5} {'recompute':>9} "
             f"{'mb':>3} {'peak GiB':>9} {'step s':>8} {'tok/s/gpu':>10} {'MFU':>6}")  # fmt: skip
     lines = [f"layouts of {world_size} ranks on {profile['name']} that fit in "
              f"{profile['memory_gib']} GiB, fastest first ({seconds:.0f} s):", head]  # fmt: skip
     for r in rows:
         a = r["layout"]
         lines.append(
-            f"{a['tp']:>3} {a['pp']:>3} {a['virtual_pipeline_size']:>2} {a['dp']:>4} "
+            f"{a['tp']:>3} {a['pp']:>3} {a['virtual_pipeline_size']:>2} {a['cp']:>3} {a['dp']:>4} "
             f"{'y' if a['sequence_parallel'] else 'n':>3} {'y' if a['zero1'] else 'n':>5} "
             f"{a['recompute']:>9} {a['micro_batch_size']:>3} "
             f"{r['memory_bytes']['peak'] / 2**30:>9.2f} {r['time_s']['step']:>8.3g} "

@@ -110,7 +110,7 @@ def collective_seconds(op: str, calls: int, nbytes: int, n: int, link: dict) -> 
     if n <= 1 or calls == 0:
         return 0.0
     factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n,
-              "reduce_scatter": (n - 1) / n}.get(op, 1.0)  # fmt: skip
+              "reduce_scatter": (n - 1) / n, "all_to_all": (n - 1) / n}.get(op, 1.0)  # fmt: skip
     bandwidth = link["gb_per_s"] * 1e9 * link["efficiency"]
     return calls * link["latency_us"] * 1e-6 + nbytes * factor / bandwidth
 
@@ -144,45 +144,51 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
     m = cfg.train.accumulation_steps(stage["group_sizes"]["dp"])
     sizes = stage["group_sizes"]
     rates = (peak * profile["matmul_efficiency"], 2 * peak * profile["attention_efficiency"])
-    tp, tp_hidden = _tp_seconds(stage, profile, world_size, m, rates)
+    tp, tp_hidden = _overlapped_seconds(stage, profile, world_size, m, rates, "tp")
+    cp, cp_hidden = _overlapped_seconds(stage, profile, world_size, m, rates, "cp")
     pp = dp_overlap = dp_exposed = 0.0
     buckets = 1
     for row in comm_per_step(stage, m):
         group, op = row["group"], row["op"]
         link = _link(profile, _group_ranks(stage, group, world_size))
+        if group in ("tp", "cp"):
+            continue  # _overlapped_seconds: per micro-batch, each call minus its window
         if op in ("send", "recv"):
             if op == "send":  # a send meets its receive in the same exchange
                 bw = link["gb_per_s"] * 1e9 * link["efficiency"]
                 pp += row["calls"] * link["latency_us"] * 1e-6 + row["bytes"] / bw
             continue
         seconds = collective_seconds(op, row["calls"], row["bytes"], sizes.get(group, 1), link)
-        if group == "tp":
-            continue  # _tp_seconds
         if group in ("dp", "dp_cp") and op in ("all_reduce", "reduce_scatter"):
             dp_overlap += seconds
             buckets = max(buckets, row["calls"])
         else:
             dp_exposed += seconds
     optimizer = stage["runs"][-1]["ops"].get("step", {}).get("bytes", 0) / hbm
-    return {"compute": compute, "tp": tp, "tp_hidden": tp_hidden, "pp": pp,
+    return {"compute": compute, "tp": tp, "tp_hidden": tp_hidden, "cp": cp,
+            "cp_hidden": cp_hidden, "pp": pp,
             "dp_overlap": dp_overlap,
             "dp_buckets": buckets, "dp_exposed": dp_exposed, "optimizer": optimizer,
             "m": m}  # fmt: skip
 
 
-def _tp_seconds(stage: dict, profile: dict, world_size: int, m: int, rates) -> tuple:
-    """Exposed and hidden seconds of the TP collectives per micro-batch: each call costs
-    max(0, alpha-beta time - its overlap window), counts taken at m (affine in m)."""
-    link = _link(profile, _group_ranks(stage, "tp", world_size))
-    n = stage["group_sizes"]["tp"]
+def _overlapped_seconds(stage, profile, world_size: int, m: int, rates, group: str) -> tuple:
+    """Exposed and hidden seconds per micro-batch of one group's ops (TP collectives, the cp
+    ring's sends): each call costs max(0, alpha-beta time - its overlap window), counts taken at
+    m (affine in m). A send meets its receive in the same exchange: receives are not counted."""
+    if stage["group_sizes"].get(group, 1) <= 1:
+        return 0.0, 0.0
+    link = _link(profile, _group_ranks(stage, group, world_size))
+    n = stage["group_sizes"][group]
     runs = stage["runs"]
     keys = {(r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"])
-            for run in runs for r in run["in_flight"] if r["group"] == "tp"}  # fmt: skip
+            for run in runs for r in run["in_flight"]
+            if r["group"] == group and r["op"] != "recv"}  # fmt: skip
     exposed = hidden = 0.0
     for op, nbytes, mm, at in keys:
 
         def calls(run, key=(op, nbytes, mm, at)):
-            return sum(r["calls"] for r in run["in_flight"] if r["group"] == "tp"
+            return sum(r["calls"] for r in run["in_flight"] if r["group"] == group
                        and (r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"]) == key)  # fmt: skip
 
         slope, base = _affine(runs, calls)
@@ -199,9 +205,9 @@ def step_time(stages: list[dict], profile: dict, cfg, world_size: int) -> dict:
     times = [stage_times(s, profile, cfg, world_size) for s in stages]
     v = stages[0]["chunks"]
     p = len(stages)
-    worst = max(times, key=lambda t: t["compute"] + t["tp"])
+    worst = max(times, key=lambda t: t["compute"] + t["tp"] + t["cp"])
     m = worst["m"]
-    t_mb = worst["compute"] + worst["tp"]
+    t_mb = worst["compute"] + worst["tp"] + worst["cp"]
     bubble = (p - 1) / v * t_mb
     pp = max(t["pp"] for t in times)
     overlap_window = 2 / 3 * worst["compute"]
@@ -211,10 +217,11 @@ def step_time(stages: list[dict], profile: dict, cfg, world_size: int) -> dict:
     )
     optimizer = max(t["optimizer"] for t in times)
     compute = m * worst["compute"] + optimizer
-    exposed = m * worst["tp"] + pp + dp
+    exposed = m * (worst["tp"] + worst["cp"]) + pp + dp
     step = compute + exposed + bubble
     return {
         "step": step, "compute": compute, "exposed_comm": exposed, "bubble": bubble,
-        "exposed_comm_by_group": {"tp": m * worst["tp"], "pp": pp, "dp": dp},
-        "hidden_comm_by_group": {"tp": m * worst["tp_hidden"]},
+        "exposed_comm_by_group": {"tp": m * worst["tp"], "pp": pp, "dp": dp,
+                                  "cp": m * worst["cp"]},
+        "hidden_comm_by_group": {"tp": m * worst["tp_hidden"], "cp": m * worst["cp_hidden"]},
     }  # fmt: skip
