@@ -91,3 +91,19 @@ def test_several_steps_are_compared_step_by_step():
     first = report.results[0].differences[0]
     assert (first.step, first.kind, first.name) == (0, "grad", "blocks.0.mlp.proj.bias")
     assert any(d.step == 1 and d.kind == "output" for d in report.results[0].differences)
+
+
+def test_correct_layouts_agree_after_several_steps():
+    # Parity steps with AdamW eps 1 (updates ~ lr x g): rounding-level gradient differences
+    # stay rounding-level after the update. The config's eps (1e-8) turns them into lr-sized
+    # moves, so that is opt-in (--config-adam-eps).
+    from megatiny.parity import layout_config
+    from megatiny.testing.equivalence import parse_layout
+
+    report = run_parity(small_config(), ["tp=1", "tp=2"], steps=3, seq_length=16)
+    assert report.ok, format_report(report)
+    assert {d.step for d in report.results[0].differences} == set()
+    layout = parse_layout("tp=2")
+    assert layout_config(small_config(), layout, 4, 16).train.adam_eps == 1.0
+    kept = layout_config(small_config(), layout, 4, 16, config_adam_eps=True)
+    assert kept.train.adam_eps == small_config().train.adam_eps

@@ -5,8 +5,9 @@
 
 Each layout runs on its own fork-started CPU gloo ranks (`megatiny.testing.run_ranks`; no
 torchrun): the model built from the config's seed (`megatiny.training.step.build_trainer`, the
-step `megatiny train` runs: DDP buckets, AdamW), fp32, dropout 0, no gradient clipping (the global
-grad norm is compared instead), on a synthetic batch
+step `megatiny train` runs: DDP buckets, AdamW with eps 1 unless `config_adam_eps`, so that
+updates stay linear in the gradient), fp32, dropout 0, no gradient clipping (the global grad norm
+is compared instead), on a synthetic batch
 drawn from the same seed (no data files), for `steps` optimizer steps. Every module's forward
 output and every parameter's gradient is recorded with the last collective before it, gathered
 to full shape (and from every pipeline stage) on one rank, and compared with the first layout
@@ -81,11 +82,17 @@ def check_pipeline(cfg: Config, layout: Layout) -> None:
 
 
 def layout_config(
-    cfg: Config, layout: Layout, batch_size: int, seq_length: int, micro_batches: int = 1
+    cfg: Config,
+    layout: Layout,
+    batch_size: int,
+    seq_length: int,
+    micro_batches: int = 1,
+    config_adam_eps: bool = False,
 ) -> Config:
     """`cfg` at `layout`: fp32, dropout 0, no clipping, `micro_batches` micro-batches of
-    batch_size / (dp * micro_batches) samples per rank. Raises ConfigError for a layout that
-    cannot run (layers vs pp * virtual stages, batch vs dp * micro-batches, ...)."""
+    batch_size / (dp * micro_batches) samples per rank, AdamW's eps 1 (unless
+    `config_adam_eps`). Raises ConfigError for a layout that cannot run (layers vs pp * virtual
+    stages, batch vs dp * micro-batches, ...)."""
     bad = [k for k in UNSUPPORTED if getattr(layout, k) not in (1, None, False)]
     if bad:
         raise ConfigError(
@@ -110,6 +117,11 @@ def layout_config(
     # Clipping would scale every gradient by the global norm and smear one wrong gradient over
     # all of them; the norm itself is still computed and compared ("grad_norm").
     out.train.grad_clip = 0.0
+    # AdamW's first update is lr * g / (|g| + eps): with eps 1e-8 a gradient element at rounding
+    # level moves its weight by up to lr, differently at each layout, and later steps part for
+    # no bug. With eps 1 the update is about lr * g (SGD-like), so rounding stays rounding.
+    if not config_adam_eps:
+        out.train.adam_eps = 1.0
     out.train.micro_batch_size = batch_size // (layout.dp * micro_batches)
     out.train.global_batch_size = batch_size
     out.data.seq_length = seq_length
@@ -176,6 +188,7 @@ def run_parity(
     atol: float = 1e-5,
     patch=None,
     timeout: float = 300.0,
+    config_adam_eps: bool = False,
 ) -> ParityReport:
     """Run `cfg` at each layout (the first is the reference) and compare; see the module
     docstring. `patch(model, ctx)`, if given, is applied to each rank's model after it is built
@@ -191,7 +204,8 @@ def run_parity(
         check_pipeline(cfg, layout)
     m = micro_batches or math.lcm(*(layout.pp for layout in layouts))
     seq_length = seq_length or cfg.data.seq_length
-    configs = [layout_config(cfg, layout, batch_size, seq_length, m) for layout in layouts]
+    configs = [layout_config(cfg, layout, batch_size, seq_length, m, config_adam_eps)
+               for layout in layouts]  # fmt: skip
     ref_records = run_ranks(
         _rank, layouts[0].world_size, configs[0], steps, m, None, patch, timeout=timeout
     )[0]

@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seq-length", type=int, default=None, help="tokens per sample (default data.seq_length)"
     )
+    parser.add_argument(
+        "--config-adam-eps", action="store_true",
+        help="step with the config's AdamW eps (default: eps 1, so that steps after the first "
+        "do not turn rounding-level gradients into lr-sized updates)",
+    )  # fmt: skip
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (1e-4)")
     parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (1e-5)")
     parser.add_argument("--top", type=int, default=10, help="rows shown per layout (10)")
@@ -85,7 +90,7 @@ def main(args) -> int:
         report = run_parity(
             cfg, layouts, steps=args.steps, batch_size=args.batch_size,
             seq_length=args.seq_length, micro_batches=args.micro_batches, rtol=args.rtol,
-            atol=args.atol, timeout=args.timeout,
+            atol=args.atol, timeout=args.timeout, config_adam_eps=args.config_adam_eps,
         )  # fmt: skip
     except (ConfigError, ValueError) as e:
         print(f"megatiny parity: error: {e}")
