@@ -35,9 +35,7 @@ Per step (m micro-batches, p stages, v chunks per stage, the slowest stage sets 
     step      = m x t_mb + bubble + pp + dp + optimizer
 
 CPU profiles (`cores`): ranks beyond the core count share them, so a rank's compute and memory
-rates are multiplied by min(1, cores / world_size), and a collective's latency by
-max(1, world_size / cores): its ranks take turns on the cores, and a rank that arrives waits for
-peers that are not running.
+rates are multiplied by min(1, cores / world_size).
 
 MFU = model FLOPs per step (`ModelConfig.flops_per_token`, Megatron's convention: matmuls only,
 no recomputation, full s x s attention) / (world_size x step x peak).
@@ -102,13 +100,10 @@ def ops_per_micro_batch(stage: dict) -> dict[str, float]:
     return out
 
 
-def _link(profile: dict, ranks: list[int], world_size: int) -> dict:
+def _link(profile: dict, ranks: list[int]) -> dict:
     g = profile["gpus_per_node"]
     intra = len({r // g for r in ranks}) == 1
-    link = dict(profile["links"]["intra_node" if intra else "inter_node"])
-    if "cores" in profile:  # oversubscribed CPU ranks: see the module docstring
-        link["latency_us"] *= max(1.0, world_size / profile["cores"])
-    return link
+    return profile["links"]["intra_node" if intra else "inter_node"]
 
 
 def collective_seconds(op: str, calls: int, nbytes: int, n: int, link: dict) -> float:
@@ -155,7 +150,7 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
     buckets = 1
     for row in comm_per_step(stage, m):
         group, op = row["group"], row["op"]
-        link = _link(profile, _group_ranks(stage, group, world_size), world_size)
+        link = _link(profile, _group_ranks(stage, group, world_size))
         if group in ("tp", "cp"):
             continue  # _overlapped_seconds: per micro-batch, each call minus its window
         if op in ("send", "recv"):
@@ -183,7 +178,7 @@ def _overlapped_seconds(stage, profile, world_size: int, m: int, rates, group: s
     m (affine in m). A send meets its receive in the same exchange: receives are not counted."""
     if stage["group_sizes"].get(group, 1) <= 1:
         return 0.0, 0.0
-    link = _link(profile, _group_ranks(stage, group, world_size), world_size)
+    link = _link(profile, _group_ranks(stage, group, world_size))
     n = stage["group_sizes"][group]
     runs = stage["runs"]
     keys = {(r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"])
