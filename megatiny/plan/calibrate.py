@@ -46,7 +46,7 @@ def _gloo(sizes):
 
     torch.set_num_threads(1)
     a, b = torch.randn(512, 256), torch.randn(256, 512)
-    gemm = _mean(lambda: a @ b, repeats=40)
+    gemm = _mean(lambda: a @ b, repeats=100)
     out = {}
     for n in sizes:
         t = torch.zeros(n // 4)
@@ -56,7 +56,7 @@ def _gloo(sizes):
             collectives.all_reduce(t)
 
         dist.barrier()
-        out[n] = max(_mean(step, repeats=20) - gemm, 1e-6)
+        out[n] = max(_mean(step, repeats=100) - gemm, 1e-6)
     return out
 
 
