@@ -4,6 +4,7 @@ beside `megatiny plan --gpu cpu`'s prediction (calibrate first: `megatiny plan -
 
     .venv/bin/python benchmarks/scaling.py                    # table + runs/scaling/*.png, *.json
     .venv/bin/python benchmarks/scaling.py --steps 4 --only strong
+    .venv/bin/python benchmarks/scaling.py --d-model 128 --out runs/scaling-d128   # overheads dominate
 
 Every point trains the same small Llama-style GPT with the real `build_trainer` /
 `Trainer.train_step` on forked gloo ranks (one torch thread per rank) on random tokens: `--warmup`
@@ -39,7 +40,7 @@ from megatiny.parallel.tracer import CommTracer  # noqa: E402
 from megatiny.testing import run_ranks  # noqa: E402
 from megatiny.training.step import Task  # noqa: E402
 
-MODEL = dict(vocab_size=2048, max_seq_len=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+MODEL = dict(vocab_size=2048, max_seq_len=128, d_model=512, n_layers=4, n_heads=16, n_kv_heads=8,
              norm="rmsnorm", activation="swiglu", position="rope", tie_embeddings=False,
              bias=False)  # fmt: skip
 SEQ, MICRO, GLOBAL = 128, 4, 16

@@ -216,3 +216,15 @@ def test_op_counter_splits_transcendental_from_memory_bound_bytes():
     row = counter.totals()["micro_batches"]
     assert row["transcendental_bytes"] == 2 * (2 * x.numel() * 4)
     assert row["bytes"] == 3 * x.numel() * 4
+
+
+def test_collective_time_uses_ring_factors_and_a_links_op_scale():
+    from megatiny.plan.timemodel import collective_seconds
+
+    link = {"gb_per_s": 1.0, "efficiency": 1.0, "latency_us": 0.0}
+    ar = collective_seconds("all_reduce", 1, 10**9, 4, link)
+    rs = collective_seconds("reduce_scatter", 1, 10**9, 4, link)
+    assert ar == pytest.approx(1.5) and rs == pytest.approx(0.75)  # 2(n-1)/n and (n-1)/n
+    slow = dict(link, op_scale={"reduce_scatter": 3.0})  # gloo's, measured by --calibrate
+    assert collective_seconds("reduce_scatter", 1, 10**9, 4, slow) == pytest.approx(2.25)
+    assert collective_seconds("all_reduce", 1, 10**9, 4, slow) == pytest.approx(1.5)

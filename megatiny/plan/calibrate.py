@@ -16,7 +16,9 @@ is 1.5x faster than the typical):
                          one op (dispatch, autograd node), what a small model pays per op
     gloo                 2 ranks, each all-reduce issued right after a ~1 ms GEMM (as a step
                          interleaves them, so the peer must be woken): 4 bytes gives the latency,
-                         4 MB the bandwidth
+                         4 MB the bandwidth; an all-gather and a reduce-scatter of 4 MB give
+                         how far gloo's are from the ring model's halves of an all-reduce
+                         (`op_scale`)
 Written to runs/cpu-calibrated.yaml, which `--gpu cpu` uses from then on.
 """
 
@@ -40,6 +42,8 @@ def _mean(fn, repeats: int = 5) -> float:
 
 
 def _gloo(sizes):
+    """Seconds of an all-reduce of each size in `sizes`, and of an all-gather and a
+    reduce-scatter of the largest, each issued right after a GEMM (the GEMM's time taken off)."""
     import torch.distributed as dist
 
     from megatiny.parallel import collectives
@@ -47,16 +51,18 @@ def _gloo(sizes):
     torch.set_num_threads(1)
     a, b = torch.randn(512, 256), torch.randn(256, 512)
     gemm = _mean(lambda: a @ b, repeats=100)
+
+    def timed(op) -> float:
+        dist.barrier()
+        return max(_mean(lambda: (a @ b, op()), repeats=100) - gemm, 1e-6)
+
     out = {}
     for n in sizes:
         t = torch.zeros(n // 4)
-
-        def step(t=t):
-            a @ b
-            collectives.all_reduce(t)
-
-        dist.barrier()
-        out[n] = max(_mean(step, repeats=100) - gemm, 1e-6)
+        out[n] = timed(lambda t=t: collectives.all_reduce(t))
+    full, half = torch.zeros(max(sizes) // 4), torch.zeros(max(sizes) // 8)
+    out["all_gather"] = timed(lambda: collectives.all_gather_into(full, half))
+    out["reduce_scatter"] = timed(lambda: collectives.reduce_scatter_into(half, full))
     return out
 
 
@@ -113,6 +119,10 @@ def calibrate(path: str = CALIBRATED) -> str:
     times = run_ranks(_gloo, 2, args=([small, large],))[0]
     latency = times[small]
     gloo_bw = large / max(times[large] - latency, 1e-9)  # 2 ranks: bus factor 2(n-1)/n = 1
+    # gloo's all-gather and reduce-scatter are not the halves of its all-reduce that the ring
+    # model assumes ((n-1)/n = 1/2 at 2 ranks): the measured multiple of the ring model's time.
+    op_scale = {op: round(max(times[op] - latency, 1e-9) * gloo_bw / (large / 2), 3)
+                for op in ("all_gather", "reduce_scatter")}  # fmt: skip
     with open(os.path.join(PROFILE_DIR, "cpu.yaml"), encoding="utf-8") as f:
         profile = yaml.safe_load(f)
     profile.update({
@@ -127,7 +137,8 @@ def calibrate(path: str = CALIBRATED) -> str:
         "memory_efficiency": 1.0,
         "op_overhead_us": op_overhead * 1e6,
         "links": {name: {"gb_per_s": gloo_bw / 1e9, "efficiency": 1.0,
-                         "latency_us": latency * 1e6} for name in ("intra_node", "inter_node")},
+                         "latency_us": latency * 1e6, "op_scale": dict(op_scale)}
+                  for name in ("intra_node", "inter_node")},
     })  # fmt: skip
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

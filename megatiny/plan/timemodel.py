@@ -20,7 +20,9 @@ ran it):
                 re-gather and reduce-scatter hide behind its dX and dA GEMMs)
 
 Links: a group whose ranks sit in one node (ranks r // gpus_per_node equal) uses the intra-node
-link (NVLink), else the inter-node one (InfiniBand, per GPU); bandwidth = gb_per_s x efficiency.
+link (NVLink), else the inter-node one (InfiniBand, per GPU); bandwidth = gb_per_s x efficiency;
+a link's optional `op_scale` multiplies an op's bus factor (calibrated for gloo, whose
+reduce-scatter costs more than its all-reduce).
 
 Per step (m micro-batches, p stages, v chunks per stage, the slowest stage sets the pace):
 
@@ -111,6 +113,7 @@ def collective_seconds(op: str, calls: int, nbytes: int, n: int, link: dict) -> 
         return 0.0
     factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n,
               "reduce_scatter": (n - 1) / n, "all_to_all": (n - 1) / n}.get(op, 1.0)  # fmt: skip
+    factor *= link.get("op_scale", {}).get(op, 1.0)  # a backend's measured departure (gloo)
     bandwidth = link["gb_per_s"] * 1e9 * link["efficiency"]
     return calls * link["latency_us"] * 1e-6 + nbytes * factor / bandwidth
 
