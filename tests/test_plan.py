@@ -228,3 +228,11 @@ def test_collective_time_uses_ring_factors_and_a_links_op_scale():
     slow = dict(link, op_scale={"reduce_scatter": 3.0})  # gloo's, measured by --calibrate
     assert collective_seconds("reduce_scatter", 1, 10**9, 4, slow) == pytest.approx(2.25)
     assert collective_seconds("all_reduce", 1, 10**9, 4, slow) == pytest.approx(1.5)
+
+
+def test_overlapped_parameter_gather_is_planned_hidden_with_the_same_bytes():
+    base = ["parallel.zero1=true", "train.global_batch_size=8"]
+    plain = planned(base, 2, gpu="cpu")
+    overlapped = planned([*base, "parallel.overlap_param_gather=true"], 2, gpu="cpu")
+    assert overlapped["comm_bytes_per_step"] == plain["comm_bytes_per_step"]
+    assert overlapped["exposed_comm_s"]["dp"] < plain["exposed_comm_s"]["dp"]

@@ -165,3 +165,73 @@ def test_zero_state_resumes_at_another_dp_size():
     got = run_ranks(_resume_worker, 4, args=(r["params"], r["view"]))[3]
     for a, b in zip(got, model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- overlap_param_gather: the updated parameters' all-gather hides behind the next forward ----
+
+
+def _final_weights(run_dir):
+    from megatiny.training.checkpoint import load_model_for_inference
+
+    model = load_model_for_inference(str(run_dir))[0]
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        (2, ["parallel.zero1=true", "train.global_batch_size=8"]),
+        (2, ["parallel.zero1=true", "train.global_batch_size=8", "model.dtype=bf16"]),
+        pytest.param(
+            (4, ["parallel.zero1=true", "parallel.pp=2", "train.global_batch_size=8"]),
+            marks=pytest.mark.slow,
+        ),  # fmt: skip
+    ],
+    ids=["dp2", "dp2-bf16", "pp2xdp2"],
+)
+def test_overlapped_parameter_gather_trains_identically(layout, tmp_path):
+    from tests.test_train import make_corpus, run_training, tiny_config
+
+    world, overrides = layout
+    prefix = make_corpus(tmp_path)
+    runs = {}
+    for overlap in (False, True):
+        run_dir = tmp_path / f"overlap-{overlap}"
+        cfg = tiny_config(prefix, run_dir, *overrides, f"parallel.overlap_param_gather={overlap}")
+        runs[overlap] = (run_training(cfg, world)[0]["losses"], _final_weights(run_dir))
+    assert runs[True][0] == runs[False][0]  # bitwise: the same gathers, only waited for later
+    for name, value in runs[False][1].items():
+        assert torch.equal(runs[True][1][name], value), name
+
+
+def _gather_left_in_flight(tmp):
+    from megatiny.parallel import ParallelContext
+    from megatiny.training.step import build_trainer
+    from tests.test_train import make_corpus, tiny_config
+
+    prefix = make_corpus(tmp)
+    overrides = ["parallel.zero1=true", "parallel.overlap_param_gather=true",
+                 "train.global_batch_size=8"]  # fmt: skip
+    cfg = tiny_config(prefix, tmp / "run", *overrides)
+    ctx = ParallelContext.initialize()
+    trainer = build_trainer(cfg, ctx)
+    trainer.train_step()
+    after_step = len(trainer.optimizer._pending)
+    trainer.model(torch.zeros(1, 4, dtype=torch.long))  # the forward pre-hooks wait for them
+    after_forward = len(trainer.optimizer._pending)
+    ctx.destroy()
+    return after_step, after_forward, len(trainer.ddp.buckets)
+
+
+def test_parameter_gather_stays_in_flight_until_the_next_forward(tmp_path):
+    for i, (after_step, after_forward, buckets) in enumerate(
+        run_ranks(_gather_left_in_flight, 2, args=(tmp_path,))
+    ):
+        assert after_step == buckets >= 1 and after_forward == 0, i
+
+
+def test_overlap_param_gather_needs_zero1():
+    from megatiny.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="zero1=true"):
+        Config.from_dict({}, ["parallel.overlap_param_gather=true"])

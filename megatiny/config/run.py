@@ -41,6 +41,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
     zero1: bool = False
+    # ZeRO-1: leave the parameter all-gather in flight after the optimizer step; each bucket is
+    # waited for by the first module of the next forward that uses it (Megatron's flag)
+    overlap_param_gather: bool = False
     ddp_bucket_mb: float = 25.0  # gradient all-reduce bucket size (overlapped with backward)
 
     def __post_init__(self):
@@ -51,6 +54,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.dp={self.dp} must be >= 1 (or null to derive it)")
         if self.cp_mode not in ("ring", "a2a"):
             raise ConfigError(f"parallel.cp_mode={self.cp_mode!r}; choose ring or a2a")
+        if self.overlap_param_gather and not self.zero1:
+            raise ConfigError(
+                "parallel.overlap_param_gather=true overlaps ZeRO-1's parameter all-gather; set "
+                "parallel.zero1=true too (without ZeRO-1 there is no parameter gather)"
+            )
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError(
                 "parallel.sequence_parallel=true needs parallel.tp > 1 (it shards the sequence "

@@ -48,6 +48,10 @@ class ZeroOptimizer:
         ddp: the gradient synchronizer (must be built with shard=True).
         param_groups: torch-style groups over the model's parameters (default: one group).
         optimizer_cls: the element-wise optimizer run on the slice (AdamW by default).
+        overlap_param_gather: leave each bucket's parameter all-gather in flight after `step()`
+            and wait for it in a forward pre-hook of the first module that uses the bucket's
+            parameters (Megatron's --overlap-param-gather): the gather hides behind the next
+            forward. `finish_param_sync()` waits for all of them (checkpoints call it).
         **optimizer_kwargs: its hyper-parameters (lr, betas, eps, weight_decay, ...).
     """
 
@@ -56,6 +60,7 @@ class ZeroOptimizer:
         ddp: DistributedDataParallel,
         param_groups=None,
         optimizer_cls=torch.optim.AdamW,
+        overlap_param_gather: bool = False,
         **optimizer_kwargs,
     ):
         if not ddp.shard:
@@ -96,6 +101,25 @@ class ZeroOptimizer:
                 inner_groups[group_of[id(p)]]["params"].append(piece)
         self.optimizer = optimizer_cls(inner_groups, **optimizer_kwargs)
         self._consolidated: _ConsolidatedState | None = None
+        self.overlap_param_gather = overlap_param_gather
+        self._pending: dict[int, tuple] = {}  # bucket index -> (work, the slice it sends)
+        if overlap_param_gather:
+            bucket_of = {id(p): i for i, b in enumerate(ddp.buckets) for p in b.params}
+            for module in ddp.module.modules():
+                ids = sorted({bucket_of[id(p)] for p in module.parameters(recurse=False)
+                              if id(p) in bucket_of})  # fmt: skip
+                if ids:
+                    module.register_forward_pre_hook(lambda _m, _a, ids=ids: self._wait(ids))
+
+    def _wait(self, buckets) -> None:
+        for i in buckets:
+            pending = self._pending.pop(i, None)
+            if pending is not None:
+                pending[0].wait()
+
+    def finish_param_sync(self) -> None:
+        """Wait for the parameter all-gathers `step()` left in flight (overlap_param_gather)."""
+        self._wait(list(self._pending))
 
     @property
     def param_groups(self):
@@ -170,6 +194,7 @@ class ZeroOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Step the inner optimizer on my slice, then all-gather the parameters of every bucket."""
+        self.finish_param_sync()
         if not any(piece.grad is not None for piece, *_ in self.pieces):
             self._attach_grads()
         if self._consolidated is not None:  # a checkpoint may have loaded into it
@@ -178,8 +203,9 @@ class ZeroOptimizer:
         self._refresh_master()
         self.optimizer.step()
         ddp = self.ddp
-        handles = []
-        for bucket in ddp.buckets:
+        # The last bucket holds the first layers (buckets fill in backward order): post it first.
+        for index in reversed(range(len(ddp.buckets))):
+            bucket = ddp.buckets[index]
             soff = ddp.shard_offset(bucket)
             mine = self.master[soff : soff + bucket.numel // bucket.size]
             out = ddp.param_buffer[bucket.start : bucket.end]
@@ -190,9 +216,10 @@ class ZeroOptimizer:
             # it gives the same bits), so the all-gather moves the parameters' dtype, as
             # Megatron's distributed optimizer gathers its bf16 parameter buffer.
             mine = mine.to(out.dtype)
-            handles.append(collectives.all_gather_into(out, mine, bucket.group, async_op=True))
-        for h in handles:
-            h.wait()
+            work = collectives.all_gather_into(out, mine, bucket.group, async_op=True)
+            self._pending[index] = (work, mine)
+        if not self.overlap_param_gather:
+            self.finish_param_sync()
         for piece, *_ in self.pieces:
             piece.grad = None
 
@@ -228,6 +255,7 @@ class ZeroOptimizer:
 
     def state_dict(self) -> dict:
         """This rank's slice of the optimizer state (a ZeRO checkpoint is saved per dp rank)."""
+        self.finish_param_sync()
         return {"optimizer": self.optimizer.state_dict(), "dp_size": self.ddp.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
@@ -318,6 +346,7 @@ class ZeroOptimizer:
 
     def full_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Layout-free optimizer state: {param name: {state key: full tensor}} (collective)."""
+        self.finish_param_sync()
         names = self.ddp.names
         return {names[pid]: st for pid, st in self._consolidate().items()}
 

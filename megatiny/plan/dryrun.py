@@ -165,6 +165,9 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         finite = torch.ones((), device=ctx.device)
         collectives.all_reduce(finite, op=dist.ReduceOp.MIN)
         optimizer.step()
+        finish = getattr(optimizer, "finish_param_sync", None)
+        if finish is not None:  # gathers left in flight (overlap_param_gather): count them here
+            finish()
 
     v = len(chunks)
     m1 = ctx.pp_size if v > 1 else 1

@@ -242,6 +242,9 @@ def save_checkpoint(
 ) -> str:
     """Collectively save step `step`; returns the step directory. `extra` (JSON) goes into
     meta.json: consumed samples, the resolved config, ..."""
+    finish = getattr(optimizer, "finish_param_sync", None)
+    if finish is not None:  # ZeRO-1 parameter gathers still in flight (overlap_param_gather)
+        finish()
     distributed = ctx is not None and dist.is_initialized()
     rank = ctx.rank if distributed else 0
     name = f"step_{step}"

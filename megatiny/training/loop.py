@@ -261,6 +261,9 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                 meter.reset()
             if tracer is not None and (step % tc.log_interval == 0 or step == tc.steps):
                 tracer.write(comm_path)
+        finish = getattr(trainer.optimizer, "finish_param_sync", None)
+        if finish is not None:  # ZeRO-1 gathers left in flight: the weights are final now
+            finish()
         if last_eval is None and can_evaluate:  # resumed at the final step: report the model
             last_eval = trainer.evaluate()
     except NonFiniteLoss:

@@ -58,10 +58,10 @@ def param_groups(
     return groups
 
 
-def build_optimizer(model: nn.Module, train_config, zero1_ddp=None):
+def build_optimizer(model: nn.Module, train_config, zero1_ddp=None, overlap_param_gather=False):
     """AdamW over `param_groups(model, ...)` with the hyper-parameters of a TrainConfig; with
     `zero1_ddp` (the model's DistributedDataParallel wrapper) a ZeRO-1 optimizer that shards
-    AdamW's state over the DP group."""
+    AdamW's state over the DP group (`overlap_param_gather`: see ZeroOptimizer)."""
     tc = train_config
     groups = param_groups(model, tc.weight_decay, tc.decay_norms_and_biases, tc.decay_embeddings)
     # foreach keeps the update a handful of kernels; fused AdamW is CUDA-only.
@@ -69,7 +69,8 @@ def build_optimizer(model: nn.Module, train_config, zero1_ddp=None):
     if zero1_ddp is not None:
         from megatiny.parallel.zero import ZeroOptimizer
 
-        return ZeroOptimizer(zero1_ddp, groups, **kwargs)
+        return ZeroOptimizer(zero1_ddp, groups, overlap_param_gather=overlap_param_gather,
+                             **kwargs)  # fmt: skip
     if any(p.dtype != torch.float32 for g in groups for p in g["params"]):
         return MixedPrecisionAdamW(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)

@@ -356,7 +356,8 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
     # dp x cp == 1 without ZeRO-1); ZeRO-1 reduce-scatters them into per-rank slices instead.
     p = cfg.parallel
     ddp = build_data_parallel(model, ctx, shard=p.zero1, bucket_mb=p.ddp_bucket_mb)
-    optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero1 else None)
+    optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero1 else None,
+                                overlap_param_gather=p.overlap_param_gather)  # fmt: skip
     scheduler = build_scheduler(optimizer, cfg.train)
     train_data, valid_data = task.build_data(cfg, ctx, dp)
     if ctx.cp_size > 1:  # every cp rank reads the same samples and keeps its tokens of them
