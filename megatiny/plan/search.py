@@ -3,8 +3,9 @@ tokens/s per GPU.
 
 Candidates: tp among the model's TP sizes within a node, pp dividing n_layers, interleaving
 v in {1, 2}, context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
-(tp > 1), ZeRO-1 (dp > 1), recompute none / selective / full, micro-batch 1, 2, 4, 8 or the
-config's, every combination that validates for the world size and global batch. A dry run costs seconds, so candidates are first ordered by a cheap bound
+(tp > 1), ZeRO-1 (dp > 1; with its parameter gather overlapped), recompute none / selective /
+full, micro-batch 1, 2, 4, 8 or the config's, every combination that validates for the world
+size and global batch. A dry run costs seconds, so candidates are first ordered by a cheap bound
 (fp32 weights + grads + AdamW state per rank, 16 bytes/parameter / (tp pp), or
 (8 + 8/dp) with ZeRO-1) and the `limit` most promising (smallest model-parallel size first, the
 bound under the GPU memory) are planned for real; each result is the full plan.
@@ -37,6 +38,7 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
         c.parallel.tp, c.parallel.pp, c.parallel.cp, c.parallel.dp = tp, pp, cp, None
         c.parallel.virtual_pipeline_size = v if v > 1 else None
         c.parallel.sequence_parallel, c.parallel.zero1 = sp, zero1
+        c.parallel.overlap_param_gather = zero1  # never slower, same bytes and memory
         c.model.recompute, c.train.micro_batch_size = rc, mb
         try:
             c.validate(world_size)
