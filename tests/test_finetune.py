@@ -141,6 +141,10 @@ def test_evaluator_uses_the_pooling_of_the_run(assets, tmp_path, capsys):
     assert evaluate.main(argv) == 0
     result = json.load(open(tmp_path / "test.json"))
     assert result["pooling"] == "mean"
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: a message, exit 2
+        assert evaluate.main([*argv, "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
     assert result["accuracy"] == pytest.approx(out["evals"][-1]["accuracy"])
     # The valid loss through the reloaded model equals the run's (the last pooling's does not).
     from megatiny.finetune.data import classification_rows, encode_classification, to_sample

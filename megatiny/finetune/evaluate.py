@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -66,12 +67,12 @@ def plot_confusion(confusion: torch.Tensor, names: list[str], path: str, title: 
 
 
 def evaluate(model_dir: str, data: str, max_len: int, tokenizer: str | None = None,
-             batch_size: int = 16) -> dict:  # fmt: skip
+             batch_size: int = 16, device: str = "cpu") -> dict:  # fmt: skip
     from megatiny.data.tokenizer import load_tokenizer
     from megatiny.finetune import data as fd
     from megatiny.finetune.model import load_classifier, predict
 
-    model, labels = load_classifier(model_dir)
+    model, labels = load_classifier(model_dir, device)
     tok = load_tokenizer(tokenizer or model_dir)
     rows = fd.classification_rows(data)
     truth = [labels.id_of(r) for r in rows]
@@ -94,11 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the metrics here")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 autocast on CUDA, fp32 on CPU (as finetune)")  # fmt: skip
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU when there is one")  # fmt: skip
     args = parser.parse_args(argv)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cuda.is_available())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        result = evaluate(args.model, args.data, args.max_len, args.tokenizer, args.batch_size)
-    result["data"] = args.data
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        print("megatiny.finetune.evaluate: --device cuda but torch sees no CUDA GPU; use "
+              "--device cpu (or auto)", file=sys.stderr)  # fmt: skip
+        return 2
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and cuda) else "cpu"
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device == "cuda")
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        result = evaluate(args.model, args.data, args.max_len, args.tokenizer, args.batch_size,
+                          device)  # fmt: skip
+    result["data"], result["device"] = args.data, device
     if args.png:
         model_name = os.path.join(*os.path.normpath(args.model).split(os.sep)[-2:])
         title = (f"{model_name} on "
