@@ -39,6 +39,7 @@ from megatiny.parallel.context_parallel import (  # noqa: E402
     split_batch,
 )
 from megatiny.testing import run_ranks  # noqa: E402
+from megatiny.training.memory import ActivationCounter  # noqa: E402
 
 VOCAB = 256
 
@@ -49,18 +50,9 @@ def model_config(seq: int) -> ModelConfig:
 
 
 def saved_bytes(model, batch) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with ActivationCounter(model.parameters()) as counter:
         model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
-    return sum(seen.values())
+    return counter.bytes
 
 
 def _rank(seq: int, cp: int, mode: str, repeat: int):

@@ -273,18 +273,11 @@ def test_cp_bytes_are_analytical(cp, mode):
 
 def _saved_bytes(model, batch) -> int:
     """Bytes of the unique storages autograd saves in one forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
+    from megatiny.training.memory import ActivationCounter
 
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with ActivationCounter(model.parameters()) as counter:
         model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
-    return sum(seen.values())
+    return counter.bytes
 
 
 def _memory_worker(cp, mode):

@@ -122,17 +122,6 @@ def test_moe_layer_expert_parallel_equals_single(family, tp, ep, sp):
 # ---- training through the Trainer (`megatiny train`'s loop) --------------------------------------
 
 
-def _train_on_ranks(cfg):
-    from megatiny.training.loop import train
-
-    p = cfg.parallel
-    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, ep=p.ep)
-    try:
-        return train(cfg, ctx)
-    finally:
-        ctx.destroy()
-
-
 def _train_config(prefix, run_dir, *overrides):
     from tests.test_train import tiny_config
 
@@ -147,17 +136,15 @@ def _train_config(prefix, run_dir, *overrides):
 def test_train_losses_at_ep2_x_tp2_x_pp2_equal_one_rank(tmp_path):
     """3 AdamW steps (clipping, 4 micro-batches, blocks 0 and 2 MoE) at ep2, ep2 x tp2 + SP and
     ep2 x pp2 with ZeRO-1 (the aux losses enter through the activations on both stages)."""
-    from tests.test_train import make_corpus
+    from tests.test_train import make_corpus, run_training
 
     prefix = make_corpus(tmp_path)
-    ref = run_ranks(_train_on_ranks, 1, args=(_train_config(prefix, tmp_path / "a"),))[0]
-    ep2 = run_ranks(
-        _train_on_ranks, 2, args=(_train_config(prefix, tmp_path / "b", "parallel.ep=2"),)
-    )
-    ep2tp2 = run_ranks(_train_on_ranks, 4, args=(_train_config(
-        prefix, tmp_path / "c", "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"),))  # fmt: skip
-    pp2ep2 = run_ranks(_train_on_ranks, 4, args=(_train_config(
-        prefix, tmp_path / "d", "parallel.ep=2", "parallel.pp=2", "parallel.zero1=true"),))  # fmt: skip
+    ref = run_training(_train_config(prefix, tmp_path / "a"))[0]
+    ep2 = run_training(_train_config(prefix, tmp_path / "b", "parallel.ep=2"), 2)
+    ep2tp2 = run_training(_train_config(
+        prefix, tmp_path / "c", "parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"), 4)  # fmt: skip
+    pp2ep2 = run_training(_train_config(
+        prefix, tmp_path / "d", "parallel.ep=2", "parallel.pp=2", "parallel.zero1=true"), 4)  # fmt: skip
     for out in ep2 + ep2tp2 + pp2ep2:
         torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-5)
         assert out["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=1e-5)

@@ -248,21 +248,14 @@ def test_bad_inputs_name_the_fix():
     assert run_ranks(_bad_inputs, 4) == [True] * 4
 
 
-def _saved_activation_bytes(fn, params) -> int:
-    """Bytes of the tensors autograd saves while running fn(), parameters excluded, each storage
-    counted once."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
+def _saved_activation_bytes(fn, params):
+    """(bytes of the tensors autograd saves while running fn(), parameters excluded, each storage
+    counted once; fn's output)."""
+    from megatiny.training.memory import ActivationCounter
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with ActivationCounter(params) as counter:
         out = fn()
-    return sum(seen.values()), out
+    return counter.bytes, out
 
 
 def _sp_column_memory():

@@ -62,7 +62,7 @@ def _train_on_ranks(cfg):
     from megatiny.training.loop import train
 
     p = cfg.parallel
-    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, cp=p.cp)
+    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep)
     try:
         return train(cfg, ctx)
     finally:
