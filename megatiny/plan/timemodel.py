@@ -154,9 +154,9 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
     buckets = 1
     for row in comm_per_step(stage, m):
         group, op = row["group"], row["op"]
-        link = _link(profile, _group_ranks(stage, group, world_size))
         if group in ("tp", "cp"):
             continue  # _overlapped_seconds: per micro-batch, each call minus its window
+        link = _link(profile, _group_ranks(stage, group, world_size))
         if op in ("send", "recv"):
             if op == "send":  # a send meets its receive in the same exchange
                 bw = link["gb_per_s"] * 1e9 * link["efficiency"]
@@ -188,18 +188,18 @@ def _overlapped_seconds(stage, profile, world_size: int, m: int, rates, group: s
         return 0.0, 0.0
     link = _link(profile, _group_ranks(stage, group, world_size))
     n = stage["group_sizes"][group]
-    runs = stage["runs"]
-    keys = {(r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"])
-            for run in runs for r in run["in_flight"]
-            if r["group"] == group and r["op"] != "recv"}  # fmt: skip
+    points = []  # per run: its m and {(op, bytes, matmul FLOPs, attention FLOPs): calls}
+    for run in stage["runs"]:
+        counts: dict[tuple, int] = {}
+        for r in run["in_flight"]:
+            if r["group"] == group and r["op"] != "recv":
+                key = (r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"])
+                counts[key] = counts.get(key, 0) + r["calls"]
+        points.append({"m": run["m"], "calls": counts})
     exposed = hidden = 0.0
-    for op, nbytes, mm, at in keys:
-
-        def calls(run, key=(op, nbytes, mm, at)):
-            return sum(r["calls"] for r in run["in_flight"] if r["group"] == group
-                       and (r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"]) == key)  # fmt: skip
-
-        slope, base = _affine(runs, calls)
+    for key in set().union(*(pt["calls"] for pt in points)):
+        op, nbytes, mm, at = key
+        slope, base = _affine(points, lambda pt, k=key: pt["calls"].get(k, 0))
         count = base + slope * m
         seconds = collective_seconds(op, 1, nbytes, n, link)
         window = mm / rates[0] + at / rates[1]
