@@ -255,7 +255,6 @@ class ZeroOptimizer:
 
     def state_dict(self) -> dict:
         """This rank's slice of the optimizer state (a ZeRO checkpoint is saved per dp rank)."""
-        self.finish_param_sync()
         return {"optimizer": self.optimizer.state_dict(), "dp_size": self.ddp.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
@@ -346,7 +345,6 @@ class ZeroOptimizer:
 
     def full_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Layout-free optimizer state: {param name: {state key: full tensor}} (collective)."""
-        self.finish_param_sync()
         names = self.ddp.names
         return {names[pid]: st for pid, st in self._consolidate().items()}
 
