@@ -8,7 +8,8 @@ beside `megatiny plan --gpu cpu`'s prediction (calibrate first: `megatiny plan -
 
 Every point trains the same small Llama-style GPT with the real `build_trainer` /
 `Trainer.train_step` on forked gloo ranks (one torch thread per rank) on random tokens: `--warmup`
-steps, then `--steps` timed steps under the communication tracer.
+steps, then `--steps` timed steps under the communication tracer; every point is measured
+`--repeats` times, round-robin over the points, and keeps its median.
 
     measured step      wall time per step, slowest rank
     comm (per group)   seconds inside collectives (blocking time; DP buckets: posting + wait),
@@ -103,19 +104,28 @@ def _rank(overrides, warmup, steps):
 
 
 def measure(name, world, overrides, warmup, steps) -> dict:
-    from megatiny.plan.predict import plan
-    from megatiny.plan.timemodel import load_profile
-
+    """One measurement of a point: the slowest rank's step and its seconds per group."""
     cfg = config(overrides)
     ranks = run_ranks(_rank, world, args=(overrides, warmup, steps), timeout=900)
     slowest = max(ranks, key=lambda r: r["step"])
     comm = {g: max(r["comm"].get(g, 0.0) for r in ranks) for g in ("tp", "pp", "dp", "other")}
     tokens = cfg.train.global_batch_size_for(world // (cfg.parallel.tp * cfg.parallel.pp)) * SEQ
-    predicted = plan(cfg, world, load_profile("cpu"))
+    return {"step_s": slowest["step"], "tokens_per_s": tokens / slowest["step"], "comm_s": comm,
+            "compute_s": slowest["step"] - sum(comm.values())}  # fmt: skip
+
+
+def point(name, world, overrides, measurements) -> dict:
+    """A point's row: the median of its measurements (the round-robin repeats), their spread,
+    and the plan's prediction of the same config."""
+    from megatiny.plan.predict import plan
+    from megatiny.plan.timemodel import load_profile
+
+    runs = sorted(measurements, key=lambda m: m["step_s"])
+    median = runs[len(runs) // 2]
+    predicted = plan(config(overrides), world, load_profile("cpu"))
     return {
         "name": name, "world_size": world, "overrides": overrides,
-        "measured": {"step_s": slowest["step"], "tokens_per_s": tokens / slowest["step"],
-                     "comm_s": comm, "compute_s": slowest["step"] - sum(comm.values())},
+        "measured": dict(median, runs_tokens_per_s=[m["tokens_per_s"] for m in measurements]),
         "predicted": {"step_s": predicted["time_s"]["step"],
                       "tokens_per_s": predicted["tokens_per_s_per_gpu"] * world,
                       "compute_s": predicted["time_s"]["compute"],
@@ -127,20 +137,26 @@ def measure(name, world, overrides, warmup, steps) -> dict:
 
 def table(rows, kind) -> str:
     base = rows[0]["measured"]["tokens_per_s"]
-    head = (f"| {kind} | ranks | measured tok/s | predicted tok/s | pred/meas | efficiency | "
-            "measured compute / tp / pp(+bubble) / dp s | predicted compute / tp / pp+bubble / dp s |")  # fmt: skip
-    lines = [head, "|" + "---|" * 8]
+    head = (f"| {kind} | ranks | measured tok/s (median) | runs (min-max) | predicted tok/s | "
+            "pred/meas | efficiency | measured compute / tp / pp(+bubble) / dp s | "
+            "predicted compute / tp / pp+bubble / dp s |")  # fmt: skip
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         m, p, n = r["measured"], r["predicted"], r["world_size"]
         eff = m["tokens_per_s"] / base / (n if kind == "strong" else n)
         mc, pc = m["comm_s"], p["comm_s"]
         lines.append(
-            f"| {r['name']} | {n} | {m['tokens_per_s']:,.0f} | {p['tokens_per_s']:,.0f} | "
+            f"| {r['name']} | {n} | {m['tokens_per_s']:,.0f} | "
+            f"{min(m['runs_tokens_per_s']):,.0f}-{max(m['runs_tokens_per_s']):,.0f} | "
+            f"{p['tokens_per_s']:,.0f} | "
             f"{p['tokens_per_s'] / m['tokens_per_s']:.2f} | {eff:.2f} | "
             f"{m['compute_s']:.3f} / {mc['tp']:.3f} / {mc['pp']:.3f} / {mc['dp']:.3f} | "
             f"{p['compute_s']:.3f} / {pc['tp']:.3f} / {pc['pp'] + p['bubble_s']:.3f} / "
             f"{pc['dp']:.3f} |"
         )
+    close = sum(abs(r["predicted"]["tokens_per_s"] / r["measured"]["tokens_per_s"] - 1) <= 0.25
+                for r in rows)  # fmt: skip
+    lines.append(f"\nwithin 25%: {close} of {len(rows)} points")
     return "\n".join(lines)
 
 
@@ -205,22 +221,27 @@ def main() -> None:
         help="hidden size of the benchmark model (heads: d / 32, kv heads: half)",
     )
     parser.add_argument("--points", nargs="+", default=None, help="only these points (names)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measure every point this many times, round-robin; report the median")  # fmt: skip
     args = parser.parse_args()
     heads = max(4, args.d_model // 32)
     MODEL.update(d_model=args.d_model, n_heads=heads, n_kv_heads=heads // 2)
     os.makedirs(args.out, exist_ok=True)
+    selected = [(kind, *pt) for kind, points in (("strong", STRONG), ("weak", WEAK))
+                if args.only in (None, kind)
+                for pt in points if not args.points or pt[0] in args.points]  # fmt: skip
+    # round-robin: every point once per round, so a drift of the machine's speed (a shared VM
+    # moves 10-20 % within minutes) falls on all points alike; each point keeps its median
+    runs = {i: [] for i in range(len(selected))}
+    for round_ in range(args.repeats):
+        for i, (kind, name, world, overrides) in enumerate(selected):
+            m = measure(name, world, overrides, args.warmup, args.steps)
+            runs[i].append(m)
+            print(f"round {round_ + 1}/{args.repeats} {kind:6s} {name:12s} N={world}: "
+                  f"{m['tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
     results = {}
-    for kind, points in (("strong", STRONG), ("weak", WEAK)):
-        if args.only not in (None, kind):
-            continue
-        results[kind] = []
-        for name, world, overrides in points:
-            if args.points and name not in args.points:
-                continue
-            row = measure(name, world, overrides, args.warmup, args.steps)
-            results[kind].append(row)
-            print(f"{kind:6s} {name:12s} N={world}: measured {row['measured']['tokens_per_s']:,.0f}"
-                  f" tok/s, plan {row['predicted']['tokens_per_s']:,.0f}", flush=True)  # fmt: skip
+    for i, (kind, name, world, overrides) in enumerate(selected):
+        results.setdefault(kind, []).append(point(name, world, overrides, runs[i]))
     with open(os.path.join(args.out, "scaling.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     for kind, rows in results.items():

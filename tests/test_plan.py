@@ -236,3 +236,77 @@ def test_overlapped_parameter_gather_is_planned_hidden_with_the_same_bytes():
     overlapped = planned([*base, "parallel.overlap_param_gather=true"], 2, gpu="cpu")
     assert overlapped["comm_bytes_per_step"] == plain["comm_bytes_per_step"]
     assert overlapped["exposed_comm_s"]["dp"] < plain["exposed_comm_s"]["dp"]
+
+
+def _cpu_defaults() -> dict:
+    """The shipped CPU profile (not runs/cpu-calibrated.yaml, which `load_profile("cpu")` prefers)."""
+    import os
+
+    from megatiny.plan.timemodel import PROFILE_DIR, load_profile
+
+    return load_profile(os.path.join(PROFILE_DIR, "cpu.yaml"))
+
+
+def _rates(scale: float) -> dict:
+    return {"peak_tflops": {"bf16": 0.05 * scale, "fp32": 0.05 * scale},
+            "hbm_gb_per_s": 5.0 * scale, "transcendental_gb_per_s": 2.0 * scale,
+            "op_overhead_us": 10.0 / scale}  # fmt: skip
+
+
+def test_a_calibrated_profile_takes_the_entry_of_its_world_size():
+    from megatiny.plan.timemodel import for_world, load_profile
+
+    link = {"gb_per_s": 0.5, "efficiency": 1.0, "latency_us": 900.0}
+    profile = dict(_cpu_defaults(), cores=2, **_rates(1.0))
+    profile["by_world"] = {1: _rates(1.0), 2: dict(_rates(0.8), links={"intra_node": link}),
+                           8: _rates(0.2)}  # fmt: skip
+    expect = {1: (0.05, 1.0), 2: (0.04, 1.0), 4: (0.04, 0.5), 8: (0.01, 1.0), 16: (0.01, 0.5)}
+    for world, (peak, share) in expect.items():
+        got = for_world(profile, world)
+        assert got["peak_tflops"]["fp32"] == pytest.approx(peak), world
+        assert got["share"] == pytest.approx(share), world  # ranks beyond the entry share cores
+    assert for_world(profile, 2)["links"]["intra_node"]["latency_us"] == 900.0
+    assert for_world(load_profile("h100-sxm"), 4096)["share"] == 1.0  # GPUs share nothing
+
+
+def test_plan_uses_the_rates_measured_with_as_many_ranks():
+    """A world size's entry replaces the one-rank rates: half the rates, twice the compute."""
+    from megatiny.plan.predict import plan
+
+    cfg = tiny_config(["train.global_batch_size=8"])
+    alone = dict(_cpu_defaults(), cores=2, **_rates(1.0))
+    crowded = dict(alone, by_world={1: _rates(1.0), 2: _rates(0.5)})
+    t_alone, t_crowded = (plan(cfg, 2, p)["time_s"]["compute"] for p in (alone, crowded))
+    assert t_crowded == pytest.approx(2 * t_alone, rel=1e-6)
+
+
+def test_cpu_ranks_beyond_the_cores_work_through_the_pipeline_bubble():
+    """With more ranks than cores, the ranks of the stages idle in the fill and drain hand their
+    cores to the busy ones: the bubble costs no wall time once one stage's ranks fill the cores.
+    On GPUs (no `cores`) and with no more ranks than cores it stays (p - 1) / v micro-batches."""
+    from megatiny.plan.predict import plan
+    from megatiny.plan.timemodel import load_profile
+
+    cfg = tiny_config(["parallel.pp=2", "train.global_batch_size=16"])
+    cpu = dict(_cpu_defaults(), cores=2)
+    assert plan(cfg, 2, cpu)["time_s"]["bubble"] > 0  # 2 ranks, 2 cores: nothing to hand over
+    assert plan(cfg, 8, cpu)["time_s"]["bubble"] == 0  # 4 ranks per stage fill both cores
+    assert plan(cfg, 8, load_profile("h100-sxm"))["time_s"]["bubble"] > 0
+
+
+def test_calibration_measures_each_world_size_and_plans_with_it(tmp_path):
+    from megatiny.plan.calibrate import calibrate
+    from megatiny.plan.predict import plan
+    from megatiny.plan.timemodel import load_profile
+
+    path = calibrate(str(tmp_path / "cpu.yaml"), worlds=(1, 2))
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+    profile = load_profile(path)
+    assert set(profile["by_world"]) == {1, 2}
+    two = profile["by_world"][2]
+    assert two["peak_tflops"]["fp32"] > 0 and two["hbm_gb_per_s"] > 0
+    assert two["links"]["intra_node"]["latency_us"] > 0
+    assert two["links"]["intra_node"]["op_scale"]["reduce_scatter"] > 0
+    assert "links" not in profile["by_world"][1]  # one rank has no peer
+    result = plan(tiny_config(["parallel.tp=2"]), 2, profile)
+    assert result["tokens_per_s_per_gpu"] > 0 and result["exposed_comm_s"]["tp"] > 0

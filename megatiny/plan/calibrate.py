@@ -14,12 +14,17 @@ is 1.5x faster than the typical):
                          compute-bound on a CPU (transcendental_gb_per_s)
     op overhead          a chain of tiny autograd ops, forward + backward: the eager cost of
                          one op (dispatch, autograd node), what a small model pays per op
-    gloo                 2 ranks, each all-reduce issued right after a ~1 ms GEMM (as a step
-                         interleaves them, so the peer must be woken): 4 bytes gives the latency,
-                         4 MB the bandwidth; an all-gather and a reduce-scatter of 4 MB give
-                         how far gloo's are from the ring model's halves of an all-reduce
-                         (`op_scale`)
-Written to runs/cpu-calibrated.yaml, which `--gpu cpu` uses from then on.
+    gloo                 each all-reduce issued right after a ~1 ms GEMM (as a step interleaves
+                         them, so the peer must be woken): 4 bytes gives the latency, 4 MB the
+                         bus bandwidth; an all-gather and a reduce-scatter of 4 MB give how far
+                         gloo's are from the ring model (`op_scale`)
+
+Every figure is measured with N ranks running at once, for N in 1, 2, 4, 8 (`by_world`): what
+one rank gets while the others compete for the same cores, caches and memory bus, and gloo
+between all N. On this 2-core VM two ranks do not each get a whole core's memory bandwidth, and
+eight ranks get less than a quarter of two cores each (context switches, evicted caches); the time
+model takes the entry of the world size it plans (`timemodel.for_world`). The top-level figures
+are the one-rank entry. Written to runs/cpu-calibrated.yaml, which `--gpu cpu` uses from then on.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ import yaml
 
 from megatiny.plan.timemodel import CALIBRATED, PROFILE_DIR
 
+WORLDS = (1, 2, 4, 8)
+SMALL, LARGE = 4, 4 * 2**20  # gloo message sizes: latency, bandwidth
+
 
 def _mean(fn, repeats: int = 5) -> float:
     fn()
@@ -39,31 +47,6 @@ def _mean(fn, repeats: int = 5) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
-
-
-def _gloo(sizes):
-    """Seconds of an all-reduce of each size in `sizes`, and of an all-gather and a
-    reduce-scatter of the largest, each issued right after a GEMM (the GEMM's time taken off)."""
-    import torch.distributed as dist
-
-    from megatiny.parallel import collectives
-
-    torch.set_num_threads(1)
-    a, b = torch.randn(512, 256), torch.randn(256, 512)
-    gemm = _mean(lambda: a @ b, repeats=100)
-
-    def timed(op) -> float:
-        dist.barrier()
-        return max(_mean(lambda: (a @ b, op()), repeats=100) - gemm, 1e-6)
-
-    out = {}
-    for n in sizes:
-        t = torch.zeros(n // 4)
-        out[n] = timed(lambda t=t: collectives.all_reduce(t))
-    full, half = torch.zeros(max(sizes) // 4), torch.zeros(max(sizes) // 8)
-    out["all_gather"] = timed(lambda: collectives.all_gather_into(full, half))
-    out["reduce_scatter"] = timed(lambda: collectives.reduce_scatter_into(half, full))
-    return out
 
 
 def _gemm_rate() -> float:
@@ -80,67 +63,126 @@ def _gemm_rate() -> float:
     return sum(rates) / len(rates)
 
 
-def calibrate(path: str = CALIBRATED) -> str:
+def _compute_rates() -> dict:
+    """This rank's GEMM, attention, memory, transcendental and per-op rates."""
     import torch.nn.functional as F
 
+    flops = _gemm_rate()
+    q, k, v = (torch.randn(4, 4, 128, 32, requires_grad=True) for _ in range(3))
+
+    def attention():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    counted = 3 * 4 * 4 * 4 * 128 * 128 * 32  # forward 4 b n s^2 d, backward 2x
+    attention_eff = counted / 2 / _mean(attention) / flops
+    a, b = torch.randn(2**24), torch.randn(2**24)
+    c = torch.empty_like(a)
+    bandwidth = 3 * a.numel() * 4 / _mean(lambda: torch.add(a, b, out=c))
+    big = torch.randn(2**20)
+    rows = big.view(256, -1)
+    special = 3 * 2 * big.numel() * 4 / (_mean(lambda: torch.exp(big))
+                                         + _mean(lambda: F.silu(big))
+                                         + _mean(lambda: torch.log_softmax(rows, -1)))  # fmt: skip
+    tiny = torch.ones(8, requires_grad=True)
+
+    def chain():  # 500 forward ops recorded by autograd, then their 500 backward ops
+        y = tiny
+        for _ in range(500):
+            y = y * 1.0
+        y.sum().backward()
+
+    return {"flops": flops, "attention_efficiency": min(attention_eff, 1.0),
+            "bandwidth": bandwidth, "special": special, "op_overhead": _mean(chain) / 1000}  # fmt: skip
+
+
+def _gloo() -> dict:
+    """Seconds of an all-reduce of SMALL and LARGE bytes over all ranks, and of an all-gather and
+    a reduce-scatter of LARGE, each issued right after a GEMM (the GEMM's time taken off)."""
+    import torch.distributed as dist
+
+    from megatiny.parallel import collectives
+
+    a, b = torch.randn(512, 256), torch.randn(256, 512)
+    gemm = _mean(lambda: a @ b, repeats=100)
+
+    def timed(op) -> float:
+        dist.barrier()
+        return max(_mean(lambda: (a @ b, op()), repeats=100) - gemm, 1e-6)
+
+    n = dist.get_world_size()
+    full = torch.zeros(LARGE // 4)
+    part = torch.zeros(LARGE // 4 // n)
+    return {
+        "small": timed(lambda: collectives.all_reduce(torch.zeros(SMALL // 4))),
+        "large": timed(lambda: collectives.all_reduce(full)),
+        "all_gather": timed(lambda: collectives.all_gather_into(full, part)),
+        "reduce_scatter": timed(lambda: collectives.reduce_scatter_into(part, full)),
+    }
+
+
+def _measure_rank() -> dict:
+    """On every rank of the group at once: the compute rates, then gloo between all ranks."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.barrier()  # start together: each figure is met while the other ranks run theirs
+    out = _compute_rates()
+    if dist.get_world_size() > 1:
+        out.update(_gloo())
+    return out
+
+
+def world_entry(ranks: list[dict]) -> dict:
+    """One `by_world` entry from every rank's measurements (the mean over ranks)."""
+    n = len(ranks)
+
+    def mean(key):
+        return sum(r[key] for r in ranks) / n
+
+    entry = {
+        "peak_tflops": {"bf16": mean("flops") / 1e12, "fp32": mean("flops") / 1e12},
+        "attention_efficiency": round(mean("attention_efficiency"), 4),
+        "hbm_gb_per_s": mean("bandwidth") / 1e9,
+        "transcendental_gb_per_s": mean("special") / 1e9,
+        "op_overhead_us": mean("op_overhead") * 1e6,
+    }
+    if n > 1:
+        latency = mean("small")
+        ring = 2 * (n - 1) / n  # the ring all-reduce's bus factor
+        bandwidth = LARGE * ring / max(mean("large") - latency, 1e-9)
+        # gloo's all-gather and reduce-scatter are not the halves of its all-reduce that the ring
+        # model assumes ((n-1)/n each): the measured multiple of the ring model's time
+        half = LARGE * (n - 1) / n / bandwidth
+        op_scale = {op: round(max(mean(op) - latency, 1e-9) / half, 3)
+                    for op in ("all_gather", "reduce_scatter")}  # fmt: skip
+        link = {"gb_per_s": bandwidth / 1e9, "efficiency": 1.0, "latency_us": latency * 1e6,
+                "op_scale": op_scale}  # fmt: skip
+        entry["links"] = {"intra_node": link, "inter_node": dict(link)}
+    return entry
+
+
+def calibrate(path: str = CALIBRATED, worlds=WORLDS) -> str:
     from megatiny.testing import run_ranks
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        flops = _gemm_rate()
-        q, k, v = (torch.randn(4, 4, 128, 32, requires_grad=True) for _ in range(3))
-
-        def attention():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-
-        counted = 3 * 4 * 4 * 4 * 128 * 128 * 32  # forward 4 b n s^2 d, backward 2x
-        attention_eff = counted / 2 / _mean(attention) / flops
-        a, b2 = torch.randn(2**24), torch.randn(2**24)
-        c = torch.empty_like(a)
-        bandwidth = 3 * a.numel() * 4 / _mean(lambda: torch.add(a, b2, out=c))
-        big = torch.randn(2**20)
-        rows = big.view(256, -1)
-        special = 3 * 2 * big.numel() * 4 / (_mean(lambda: torch.exp(big))
-                                             + _mean(lambda: F.silu(big))
-                                             + _mean(lambda: torch.log_softmax(rows, -1)))  # fmt: skip
-        tiny = torch.ones(8, requires_grad=True)
-
-        def chain():  # 500 forward ops recorded by autograd, then their 500 backward ops
-            y = tiny
-            for _ in range(500):
-                y = y * 1.0
-            y.sum().backward()
-
-        op_overhead = _mean(chain) / 1000
-    finally:
-        torch.set_num_threads(threads)
-    small, large = 4, 4 * 2**20
-    times = run_ranks(_gloo, 2, args=([small, large],))[0]
-    latency = times[small]
-    gloo_bw = large / max(times[large] - latency, 1e-9)  # 2 ranks: bus factor 2(n-1)/n = 1
-    # gloo's all-gather and reduce-scatter are not the halves of its all-reduce that the ring
-    # model assumes ((n-1)/n = 1/2 at 2 ranks): the measured multiple of the ring model's time.
-    op_scale = {op: round(max(times[op] - latency, 1e-9) * gloo_bw / (large / 2), 3)
-                for op in ("all_gather", "reduce_scatter")}  # fmt: skip
+    by_world = {n: world_entry(run_ranks(_measure_rank, n, timeout=600)) for n in worlds}
     with open(os.path.join(PROFILE_DIR, "cpu.yaml"), encoding="utf-8") as f:
         profile = yaml.safe_load(f)
+    solo = by_world[min(worlds)]
     profile.update({
         "name": "cpu-calibrated",
-        "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}), mean of repeats, "
-                    "one thread per rank"],
-        "peak_tflops": {"bf16": flops / 1e12, "fp32": flops / 1e12},
+        "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}), mean "
+                    f"of repeats, one thread per rank, {', '.join(map(str, worlds))} ranks at once"],
         "matmul_efficiency": 1.0,
-        "attention_efficiency": round(min(attention_eff, 1.0), 4),
-        "hbm_gb_per_s": bandwidth / 1e9,
-        "transcendental_gb_per_s": special / 1e9,
         "memory_efficiency": 1.0,
-        "op_overhead_us": op_overhead * 1e6,
-        "links": {name: {"gb_per_s": gloo_bw / 1e9, "efficiency": 1.0,
-                         "latency_us": latency * 1e6, "op_scale": dict(op_scale)}
-                  for name in ("intra_node", "inter_node")},
+        **{k: v for k, v in solo.items() if k != "links"},
+        "links": by_world[min(n for n in worlds if n > 1)]["links"],
+        "by_world": by_world,
     })  # fmt: skip
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(profile, f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path

@@ -28,6 +28,8 @@ Per step (m micro-batches, p stages, v chunks per stage, the slowest stage sets 
 
     t_mb      = t_compute + t_tp                                     of the slowest stage
     bubble    = (p - 1) / v x t_mb                                   (1F1B / interleaved)
+                x (1 - filled): on a CPU profile with more ranks than cores the idle stages'
+                cores go to the busy ranks, filled = min(1, world / p / cores), else 0
     pp        = sends per step x (latency + message / bandwidth)     blocking p2p, exposed
     dp        = gradient reduction (all-reduce, or ZeRO-1 reduce-scatter) overlapped with the
                 last micro-batch's backward (2/3 of its compute): exposed = max(t - overlap,
@@ -37,8 +39,13 @@ Per step (m micro-batches, p stages, v chunks per stage, the slowest stage sets 
     optimizer = the optimizer step's bytes / (HBM bandwidth x memory_efficiency)
     step      = m x t_mb + bubble + pp + dp + optimizer
 
+CPU profiles set `comm_overlaps_compute: false`: gloo's copies, reductions and socket work run on
+the cores the ranks compute on, so no collective is hidden (every window above is 0).
 CPU profiles (`cores`): ranks beyond the core count share them, so a rank's compute and memory
-rates are multiplied by min(1, cores / world_size).
+rates are multiplied by min(1, cores / world_size). A calibrated CPU profile carries `by_world`:
+every rate and gloo figure measured with N ranks running at once (N = 1, 2, 4, 8); the plan of a
+world size takes the entry of the largest N <= world size and shares the cores beyond it
+(`for_world`).
 
 MFU = model FLOPs per step (`ModelConfig.flops_per_token`, Megatron's convention: matmuls only,
 no recomputation, full s x s attention) / (world_size x step x peak).
@@ -68,6 +75,20 @@ def load_profile(name: str) -> dict:
         raise ValueError(f"unknown GPU profile {name!r}; choose one of {known} or a YAML path")
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def for_world(profile: dict, world_size: int) -> dict:
+    """The profile as one rank of `world_size` meets it: a calibrated `by_world` entry (rates
+    measured with that many ranks at once) laid over the top-level figures, and `share`, the
+    fraction of the entry's per-rank rates left when more ranks than that share the cores."""
+    out = dict(profile)
+    measured = [n for n in profile.get("by_world", {}) if int(n) <= world_size]
+    n = max(measured, key=int) if measured else None
+    if n is not None:
+        out.update(profile["by_world"][n])
+    cores = profile.get("cores", world_size)
+    out["share"] = min(1.0, max(cores, int(n or 1)) / world_size)
+    return out
 
 
 def _affine(runs, get):
@@ -133,7 +154,7 @@ def _group_ranks(stage: dict, group: str, world_size: int) -> list[int]:
 def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
     """Seconds of one micro-batch (compute, tp) and the per-step comm of one stage."""
     dtype = "bf16" if cfg.train.precision == "bf16" else "fp32"
-    share = min(1.0, profile.get("cores", world_size) / world_size)
+    share = profile["share"]
     peak = profile["peak_tflops"][dtype] * 1e12 * share
     hbm = profile["hbm_gb_per_s"] * 1e9 * profile["memory_efficiency"] * share
     ops = ops_per_micro_batch(stage)
@@ -148,6 +169,9 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
     m = cfg.train.accumulation_steps(stage["group_sizes"]["dp"])
     sizes = stage["group_sizes"]
     rates = (peak * profile["matmul_efficiency"], 2 * peak * profile["attention_efficiency"])
+    overlaps = profile.get("comm_overlaps_compute", True)
+    if not overlaps:  # the collective's work needs the cores the GEMMs run on: no window
+        rates = (float("inf"), float("inf"))
     tp, tp_hidden = _overlapped_seconds(stage, profile, world_size, m, rates, "tp")
     cp, cp_hidden = _overlapped_seconds(stage, profile, world_size, m, rates, "cp")
     pp = dp_overlap = dp_exposed = 0.0
@@ -169,7 +193,7 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
         elif group in ("dp", "dp_cp") and op == "all_gather" and cfg.parallel.overlap_param_gather:
             # ZeRO-1's parameter gather left in flight: hidden behind the next step's first
             # forward (a third of a micro-batch's compute), bucket by bucket
-            dp_exposed += max(0.0, seconds - compute / 3)
+            dp_exposed += max(0.0, seconds - (compute / 3 if overlaps else 0.0))
         else:
             dp_exposed += seconds
     optimizer = stage["runs"][-1]["ops"].get("step", {}).get("bytes", 0) / hbm
@@ -210,15 +234,21 @@ def _overlapped_seconds(stage, profile, world_size: int, m: int, rates, group: s
 
 def step_time(stages: list[dict], profile: dict, cfg, world_size: int) -> dict:
     """The step's seconds and their split; the slowest stage sets the pace."""
+    profile = for_world(profile, world_size)
     times = [stage_times(s, profile, cfg, world_size) for s in stages]
     v = stages[0]["chunks"]
     p = len(stages)
     worst = max(times, key=lambda t: t["compute"] + t["tp"] + t["cp"])
     m = worst["m"]
     t_mb = worst["compute"] + worst["tp"] + worst["cp"]
-    bubble = (p - 1) / v * t_mb
+    # More ranks than cores (a CPU profile): while the pipeline fills and drains, the idle
+    # stages' ranks give their share of the cores to the busy ones, which then run faster; once
+    # one stage's ranks alone can keep every core busy, the bubble costs no wall time.
+    cores = profile.get("cores")
+    filled = min(1.0, world_size / p / cores) if cores and world_size > cores else 0.0
+    bubble = (1.0 - filled) * (p - 1) / v * t_mb
     pp = max(t["pp"] for t in times)
-    overlap_window = 2 / 3 * worst["compute"]
+    overlap_window = 2 / 3 * worst["compute"] if profile.get("comm_overlaps_compute", True) else 0.0
     dp = max(
         max(t["dp_overlap"] - overlap_window, t["dp_overlap"] / t["dp_buckets"]) + t["dp_exposed"]
         for t in times
