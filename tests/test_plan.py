@@ -231,11 +231,18 @@ def test_collective_time_uses_ring_factors_and_a_links_op_scale():
 
 
 def test_overlapped_parameter_gather_is_planned_hidden_with_the_same_bytes():
+    from megatiny.plan.predict import plan
+
     base = ["parallel.zero1=true", "train.global_batch_size=8"]
-    plain = planned(base, 2, gpu="cpu")
-    overlapped = planned([*base, "parallel.overlap_param_gather=true"], 2, gpu="cpu")
+    plain = planned(base, 2)
+    overlapped = planned([*base, "parallel.overlap_param_gather=true"], 2)
     assert overlapped["comm_bytes_per_step"] == plain["comm_bytes_per_step"]
     assert overlapped["exposed_comm_s"]["dp"] < plain["exposed_comm_s"]["dp"]
+    # on a CPU profile gloo's work needs the cores the forward runs on: nothing is hidden
+    cpu = _cpu_defaults()
+    on_cpu = [plan(tiny_config(o), 2, cpu)["exposed_comm_s"]["dp"]
+              for o in (base, [*base, "parallel.overlap_param_gather=true"])]  # fmt: skip
+    assert on_cpu[0] == pytest.approx(on_cpu[1]) and on_cpu[0] > 0
 
 
 def _cpu_defaults() -> dict:
@@ -299,7 +306,7 @@ def test_calibration_measures_each_world_size_and_plans_with_it(tmp_path):
     from megatiny.plan.predict import plan
     from megatiny.plan.timemodel import load_profile
 
-    path = calibrate(str(tmp_path / "cpu.yaml"), worlds=(1, 2))
+    path = calibrate(str(tmp_path / "cpu.yaml"), worlds=(1, 2), repeats=2)
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     profile = load_profile(path)
     assert set(profile["by_world"]) == {1, 2}
@@ -310,3 +317,12 @@ def test_calibration_measures_each_world_size_and_plans_with_it(tmp_path):
     assert "links" not in profile["by_world"][1]  # one rank has no peer
     result = plan(tiny_config(["parallel.tp=2"]), 2, profile)
     assert result["tokens_per_s_per_gpu"] > 0 and result["exposed_comm_s"]["tp"] > 0
+
+
+def test_cpu_profiles_hide_no_tp_collective_behind_gemms():
+    from megatiny.plan.predict import plan
+
+    sp = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+    assert planned(sp, 2)["hidden_comm_s"]["tp"] > 0  # H100: the SP backward hides
+    on_cpu = plan(tiny_config(sp), 2, _cpu_defaults())
+    assert on_cpu["hidden_comm_s"]["tp"] == 0 and on_cpu["exposed_comm_s"]["tp"] > 0

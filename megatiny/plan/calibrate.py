@@ -21,7 +21,8 @@ is 1.5x faster than the typical):
 
 Every figure is measured with N ranks running at once, for N in 1, 2, 4, 8 (`by_world`): what
 one rank gets while the others compete for the same cores, caches and memory bus, and gloo
-between all N. On this 2-core VM two ranks do not each get a whole core's memory bandwidth, and
+between all N; the whole set is measured `repeats` (3) times round-robin over N and each figure
+keeps its median. On this 2-core VM two ranks do not each get a whole core's memory bandwidth, and
 eight ranks get less than a quarter of two cores each (context switches, evicted caches); the time
 model takes the entry of the world size it plans (`timemodel.for_world`). The top-level figures
 are the one-rank entry. Written to runs/cpu-calibrated.yaml, which `--gpu cpu` uses from then on.
@@ -132,12 +133,15 @@ def _measure_rank() -> dict:
     return out
 
 
-def world_entry(ranks: list[dict]) -> dict:
-    """One `by_world` entry from every rank's measurements (the mean over ranks)."""
-    n = len(ranks)
+def world_entry(rounds: list[list[dict]]) -> dict:
+    """One `by_world` entry from every round's per-rank measurements: each figure is the mean
+    over the ranks of a round, then the median over the rounds (a shared VM's speed moves
+    between rounds; the median keeps the typical one)."""
+    n = len(rounds[0])
 
     def mean(key):
-        return sum(r[key] for r in ranks) / n
+        per_round = sorted(sum(r[key] for r in ranks) / n for ranks in rounds)
+        return per_round[len(per_round) // 2]
 
     entry = {
         "peak_tflops": {"bf16": mean("flops") / 1e12, "fp32": mean("flops") / 1e12},
@@ -161,17 +165,22 @@ def world_entry(ranks: list[dict]) -> dict:
     return entry
 
 
-def calibrate(path: str = CALIBRATED, worlds=WORLDS) -> str:
+def calibrate(path: str = CALIBRATED, worlds=WORLDS, repeats: int = 3) -> str:
     from megatiny.testing import run_ranks
 
-    by_world = {n: world_entry(run_ranks(_measure_rank, n, timeout=600)) for n in worlds}
+    rounds = {n: [] for n in worlds}
+    for _ in range(repeats):  # round-robin over the world sizes, so drift falls on all alike
+        for n in worlds:
+            rounds[n].append(run_ranks(_measure_rank, n, timeout=600))
+    by_world = {n: world_entry(rounds[n]) for n in worlds}
     with open(os.path.join(PROFILE_DIR, "cpu.yaml"), encoding="utf-8") as f:
         profile = yaml.safe_load(f)
     solo = by_world[min(worlds)]
     profile.update({
         "name": "cpu-calibrated",
         "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}), mean "
-                    f"of repeats, one thread per rank, {', '.join(map(str, worlds))} ranks at once"],
+                    f"of repeats, one thread per rank, {', '.join(map(str, worlds))} ranks at once, median "
+                    f"of {repeats} rounds"],
         "matmul_efficiency": 1.0,
         "memory_efficiency": 1.0,
         **{k: v for k, v in solo.items() if k != "links"},
