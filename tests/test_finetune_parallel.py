@@ -200,6 +200,25 @@ def test_resume_auto_continues_bitwise(assets, tmp_path):
         assert key in saved
 
 
+def test_resume_refuses_another_pooling_before_training(assets, tmp_path, capsys):
+    """Pooling has no parameters, so the checkpoint's shapes cannot catch a changed --pooling:
+    the checkpoint records the task's set-up and `--resume auto` with another pooling exits 2,
+    naming the one to pass, before any step (the run directory is left as it was)."""
+    import pytest
+
+    out = tmp_path / "run"
+    _cli(assets, out, "--steps", "2", "--pooling", "mean")
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(AssertionError):  # _cli asserts exit 0
+        _cli(assets, out, "--steps", "4", "--resume", "auto")  # default --pooling last
+    err = capsys.readouterr().err
+    assert "--pooling mean" in err and "--pooling last" in err
+    assert (out / "metrics.jsonl").read_text() == before
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_2"]
+    _cli(assets, out, "--steps", "4", "--resume", "auto", "--pooling", "mean")  # continues
+    assert sorted(os.listdir(out / "checkpoints"))[-1] == "step_4"
+
+
 def _resume_on_ranks(cfg, steps, resume):
     cfg.steps, cfg.resume = steps, resume
     return finetune(cfg)["losses"]

@@ -43,6 +43,23 @@ class FinetuneTask(Task):
         self.seq_length = cfg.seq_length(body.config)
         self.multiple = cfg.tp if cfg.sequence_parallel else 1
 
+    def checkpoint_meta(self) -> dict:
+        """The set-up a resumed run must share: the task and, for classification, the pooling
+        (it has no parameters, so the checkpoint's shapes cannot tell)."""
+        meta = {"task": self.cfg.task}
+        if self.cfg.task == "classification":
+            meta["pooling"] = self.cfg.pooling
+        return meta
+
+    def check_resume(self, saved: dict) -> None:
+        for key, value in self.checkpoint_meta().items():
+            if key in saved and saved[key] != value:
+                raise FinetuneError(
+                    f"--resume: the checkpoint in {self.cfg.output} was written by a run with "
+                    f"--{key} {saved[key]}, but this command has --{key} {value}; pass --{key} "
+                    f"{saved[key]} to continue that run, or another --output to start a new one"
+                )
+
     @classmethod
     def prepare(cls, cfg: FinetuneConfig) -> FinetuneTask:
         """Load the tokenizer and the pretrained body, read and encode the rows; every input

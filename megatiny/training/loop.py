@@ -125,6 +125,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
         trainer.step, trainer.consumed_samples = meta["step"], meta["consumed_samples"]
         trainer.skipped_steps = meta.get("skipped_steps", 0)
         run_id = meta.get("run_id") or run_id
+        trainer.task.check_resume(meta.get("task") or {})
         if rank0:
             print(f"resumed from {meta['path']} at step {trainer.step}", flush=True)
             _check_schedule(cfg, meta)
@@ -149,6 +150,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
             "skipped_steps": trainer.skipped_steps,
             "config": cfg.to_dict(),
             "run_id": run_id,
+            "task": trainer.task.checkpoint_meta(),
         }
         if spikes is not None:
             extra["loss_history"] = list(spikes.history)

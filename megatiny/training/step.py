@@ -113,6 +113,8 @@ class Task:
       no evaluation).
     - `loss_fn(model, batch)`: the mean loss of one micro-batch without pipelining.
     - `evaluate(trainer)`: a dict with at least `loss`.
+    - `checkpoint_meta()` / `check_resume(saved)`: what a resumed run must share with the run
+      that wrote the checkpoint, beyond the model's shapes (fine-tuning: the task and pooling).
     """
 
     def build_model(self, cfg: Config, ctx) -> torch.nn.Module:
@@ -128,6 +130,15 @@ class Task:
 
     def evaluate(self, trainer: Trainer) -> dict:
         return trainer.evaluate_iters()
+
+    def checkpoint_meta(self) -> dict:
+        """JSON this task stores in every checkpoint (`task` in its metadata): the set-up a
+        resumed run must share. Pretraining has none beyond the model config."""
+        return {}
+
+    def check_resume(self, saved: dict) -> None:
+        """Raise, saying what to change, when a checkpoint's `checkpoint_meta` (`saved`) was
+        written by another set-up than this task's."""
 
 
 @dataclass
