@@ -148,7 +148,7 @@ def _live_peak(trainer):
 
 
 REAL = [["parallel.tp=2", f"parallel.sequence_parallel={sp}", f"model.recompute={rc}"]
-        for sp in ("false", "true") for rc in ("none", "selective", "full")]  # fmt: skip
+        for sp in ("false", "true") for rc in ("none", "selective", "op", "full")]  # fmt: skip
 REAL.append(["parallel.pp=2", "train.global_batch_size=8", "model.recompute=none"])
 
 
@@ -178,3 +178,29 @@ def test_memory_metrics_of_a_run_equal_the_plan():
             assert m[f"memory_{key}"] == plan[key]
         assert m["memory_total"] == sum(m[f"memory_{k}"] for k in ("params", "grads",
                                                                     "optimizer", "activations"))  # fmt: skip
+
+
+def test_op_recompute_keeps_the_block_input_every_other_matmul_and_attention():
+    """recompute="op" (torchtitan's policy): per block the checkpoint keeps its input, the 1st
+    and 3rd matmul outputs (fused QKV, fused gate|up) and the attention kernel's output and
+    log-sum-exp; the output projections, norms, RoPE and SiLU are recomputed. One block's bytes
+    are the difference between a 2-layer and a 1-layer model."""
+    from megatiny.config import ModelConfig
+    from megatiny.model import GPT
+
+    b, s, d, n, g, hd, ffn = 2, 12, 32, 4, 2, 8, 64
+    ids = torch.randint(0, 64, (b, s))
+
+    def kept(layers, mode):
+        model = GPT(ModelConfig(vocab_size=64, max_seq_len=16, d_model=d, n_layers=layers,
+                                n_heads=n, n_kv_heads=g, ffn_hidden=ffn, norm="rmsnorm",
+                                activation="swiglu", position="rope", tie_embeddings=False,
+                                bias=False, recompute=mode))  # fmt: skip
+        with ActivationCounter(model.parameters()) as counter:
+            model(ids, labels=ids)
+        return counter.bytes
+
+    block = kept(2, "op") - kept(1, "op")
+    expect = 4 * b * s * (d + (n + 2 * g) * hd + n * hd + 2 * ffn) + 4 * b * n * s
+    assert block == expect
+    assert kept(2, "full") < kept(2, "op") < kept(2, "selective")

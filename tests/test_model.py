@@ -113,7 +113,7 @@ def test_same_seed_same_weights_and_meta_initial_values():
     assert std == pytest.approx(0.02 / (2 * cfg.n_layers) ** 0.5, rel=0.1)
 
 
-@pytest.mark.parametrize("mode", ["selective", "full"])
+@pytest.mark.parametrize("mode", ["selective", "op", "full"])
 def test_recompute_gives_same_loss_and_grads(mode):
     ids = torch.randint(0, V, (2, 12))
     grads = []

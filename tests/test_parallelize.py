@@ -224,7 +224,7 @@ def _dropout_grads(config, sequence_parallel):
     ctx = ParallelContext.initialize(tp=2)
     ids, labels = _batch(3)
     out = {}
-    for recompute in ("none", "selective", "full"):
+    for recompute in ("none", "selective", "op", "full"):
         cfg = ModelConfig.from_dict({**config.to_dict(), "recompute": recompute})
         torch.manual_seed(0)
         model = parallelize(GPT(cfg), ctx, sequence_parallel=sequence_parallel)
@@ -240,7 +240,7 @@ def test_dropout_masks_are_consistent_and_recomputed_exactly(sp):
     config = tiny("gpt2", dropout=0.2)
     ranks = run_ranks(_dropout_grads, 2, args=(config, sp))
     for grads in ranks:
-        for mode in ("selective", "full"):
+        for mode in ("selective", "op", "full"):
             for name, g in grads["none"].items():
                 torch.testing.assert_close(grads[mode][name], g, msg=f"{mode} {name}")
     # Replicated parameters (norms, positions) get the same gradient on both ranks: the dropout on

@@ -252,7 +252,7 @@ def test_recompute_modes_give_identical_gradients():
     from megatiny.model import GPT
 
     grads = {}
-    for mode in ("none", "selective", "full"):
+    for mode in ("none", "selective", "op", "full"):
         torch.manual_seed(0)
         model = GPT(ModelConfig(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_layers=2,
                                 n_heads=4, recompute=mode, dropout=0.1))  # fmt: skip
@@ -261,7 +261,7 @@ def test_recompute_modes_give_identical_gradients():
         torch.manual_seed(7)  # same dropout masks; recompute must replay them
         model(ids, labels=ids).backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
-    for mode in ("selective", "full"):
+    for mode in ("selective", "op", "full"):
         for name, grad in grads["none"].items():
             torch.testing.assert_close(grads[mode][name], grad, rtol=0, atol=1e-6, msg=name)
 

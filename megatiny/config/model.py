@@ -43,7 +43,9 @@ class ModelConfig:
     rope_theta      RoPE base
     init_std        std of the normal init; residual output projections use std / sqrt(2 L)
     recompute       activation recomputation: "none" | "selective" (attention core only, as
-                    Megatron's selective recompute) | "full" (every block)
+                    Megatron's selective recompute) | "op" (torchtitan's op-level policy: per
+                    block keep every other matmul output and the attention output, recompute
+                    the rest) | "full" (every block)
     fused_kernels   use megatiny.kernels (Triton) for softmax / norms / cross-entropy when the
                     tensors are on CUDA (or TRITON_INTERPRET=1); plain torch otherwise
     dtype           "fp32" | "bf16": the training run's parameter dtype; bf16 keeps fp32 main
@@ -91,7 +93,7 @@ class ModelConfig:
         _choices("norm", self.norm, ("layernorm", "rmsnorm"))
         _choices("activation", self.activation, ("gelu", "swiglu"))
         _choices("position", self.position, ("learned", "rope"))
-        _choices("recompute", self.recompute, ("none", "selective", "full"))
+        _choices("recompute", self.recompute, ("none", "selective", "op", "full"))
         _choices("dtype", self.dtype, ("fp32", "bf16"))
         if self.d_model % self.n_heads:
             good = [h for h in divisors(self.d_model) if h <= 4 * self.n_heads]

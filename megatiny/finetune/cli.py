@@ -156,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--virtual-pipeline-size", type=int, help="model chunks per pipeline rank (interleaved)")
     a("--sequence-parallel", action="store_true")
     a("--zero1", action="store_true", help="shard AdamW's state over the data-parallel ranks")
-    a("--recompute", choices=["none", "selective", "full"],
+    a("--recompute", choices=["none", "selective", "op", "full"],
       help="activation recomputation (default: the pretrained config's)")  # fmt: skip
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA, fp32 on CPU")  # fmt: skip

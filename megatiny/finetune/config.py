@@ -56,7 +56,7 @@ class FinetuneConfig:
     virtual_pipeline_size: int | None = None
     sequence_parallel: bool = False
     zero1: bool = False
-    recompute: str | None = None  # none | selective | full; None = the pretrained config's
+    recompute: str | None = None  # none | selective | op | full; None = the pretrained config's
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
     progress_bar: bool = True
     tensorboard: bool = False

@@ -3,7 +3,7 @@ tokens/s per GPU.
 
 Candidates: tp among the model's TP sizes within a node, pp dividing n_layers, interleaving
 v in {1, 2}, context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
-(tp > 1), ZeRO-1 (dp > 1; with its parameter gather overlapped), recompute none / selective /
+(tp > 1), ZeRO-1 (dp > 1; with its parameter gather overlapped), recompute none / selective / op /
 full, micro-batch 1, 2, 4, 8 or the config's, every combination that validates for the world
 size and global batch. A dry run costs seconds, so candidates are first ordered by a cheap bound
 (fp32 weights + grads + AdamW state per rank, 16 bytes/parameter / (tp pp), or
@@ -26,8 +26,9 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
     pps = [x for x in range(1, m.n_layers + 1) if m.n_layers % x == 0 and world_size % x == 0]
     micro = sorted({1, 2, 4, 8, t.micro_batch_size})
     cps = sorted({1, 2, 4, cfg.parallel.cp})
+    modes = ("none", "selective", "op", "full")
     for tp, pp, cp, v, sp, zero1, rc, mb in itertools.product(
-        tps, pps, cps, (1, 2), (False, True), (False, True), ("none", "selective", "full"), micro
+        tps, pps, cps, (1, 2), (False, True), (False, True), modes, micro
     ):
         if (sp and tp == 1) or (v > 1 and pp == 1) or world_size % (tp * pp * cp):
             continue
@@ -64,7 +65,7 @@ def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list
 
     budget = profile["memory_gib"] * 2**30
     pool = [c for c in candidates(cfg, world_size, profile) if _state_bound(c, world_size) < budget]
-    rank = {"none": 0, "selective": 1, "full": 2}
+    rank = {"none": 0, "selective": 1, "op": 2, "full": 3}
     pool.sort(key=lambda c: (c.parallel.tp * c.parallel.pp * c.parallel.cp, rank[c.model.recompute],
                              not c.parallel.sequence_parallel, not c.parallel.zero1,
                              -c.train.micro_batch_size, c.parallel.virtual_pipeline_size or 1))  # fmt: skip

@@ -40,7 +40,8 @@ class ActivationCounter:
 
     Regions under torch.utils.checkpoint save nothing (they are recomputed); what checkpoint
     keeps is its tensor inputs, counted through `megatiny.model.checkpoint`, which the counter
-    wraps while active. Storages are held until exit, so addresses cannot be reused meanwhile.
+    wraps while active, and under recompute="op" the outputs its policy keeps
+    (`megatiny.model.OP_SAVE_HOOKS`). Storages are held until exit, so addresses cannot be reused meanwhile.
     """
 
     def __init__(self, parameters=()):
@@ -86,6 +87,13 @@ class ActivationCounter:
 
         model_module.checkpoint = counted_checkpoint
         self._stack.callback(setattr, model_module, "checkpoint", real)
+
+        def kept(out):  # recompute="op": outputs the checkpoint keeps in its own cache
+            for t in out if isinstance(out, tuple | list) else (out,):
+                self.add(t)
+
+        model_module.OP_SAVE_HOOKS.append(kept)
+        self._stack.callback(model_module.OP_SAVE_HOOKS.remove, kept)
         self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
         return self
 
