@@ -326,3 +326,17 @@ def test_cpu_profiles_hide_no_tp_collective_behind_gemms():
     assert planned(sp, 2)["hidden_comm_s"]["tp"] > 0  # H100: the SP backward hides
     on_cpu = plan(tiny_config(sp), 2, _cpu_defaults())
     assert on_cpu["hidden_comm_s"]["tp"] == 0 and on_cpu["exposed_comm_s"]["tp"] > 0
+
+
+@pytest.mark.parametrize("name, worlds", [("gpt3-175b-megatron", (96, 4608)),
+                                          ("llama3-8b-torchtitan", (8, 128))])  # fmt: skip
+def test_published_run_configs_validate_at_their_world_sizes(name, worlds):
+    """docs/scaling.md's published rows: each config is a layout megatiny accepts at both world
+    sizes (the plan of each takes 5-70 s, so only the validation runs here)."""
+    from megatiny.plan.predict import prepare
+
+    cfg = Config.from_yaml(f"benchmarks/plan_configs/{name}.yaml")
+    for world in worlds:
+        ready = prepare(cfg, world)
+        p = ready.parallel
+        assert p.tp * p.pp * p.cp * p.dp == world
