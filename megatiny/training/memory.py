@@ -41,7 +41,8 @@ class ActivationCounter:
     Regions under torch.utils.checkpoint save nothing (they are recomputed); what checkpoint
     keeps is its tensor inputs, counted through `megatiny.model.checkpoint`, which the counter
     wraps while active, and under recompute="op" the outputs its policy keeps
-    (`megatiny.model.OP_SAVE_HOOKS`). Storages are held until exit, so addresses cannot be reused meanwhile.
+    (`megatiny.recompute.OP_SAVE_HOOKS`). Storages are held until exit, so addresses cannot be
+    reused meanwhile.
     """
 
     def __init__(self, parameters=()):
@@ -72,6 +73,7 @@ class ActivationCounter:
 
     def __enter__(self):
         import megatiny.model as model_module
+        from megatiny.recompute import OP_SAVE_HOOKS
 
         real = model_module.checkpoint
 
@@ -92,8 +94,8 @@ class ActivationCounter:
             for t in out if isinstance(out, tuple | list) else (out,):
                 self.add(t)
 
-        model_module.OP_SAVE_HOOKS.append(kept)
-        self._stack.callback(model_module.OP_SAVE_HOOKS.remove, kept)
+        OP_SAVE_HOOKS.append(kept)
+        self._stack.callback(OP_SAVE_HOOKS.remove, kept)
         self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack))
         return self
 
