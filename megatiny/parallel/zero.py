@@ -41,6 +41,13 @@ from megatiny.parallel import collectives
 from megatiny.parallel.data_parallel import DistributedDataParallel
 
 
+def finish_param_sync(optimizer) -> None:
+    """Wait for the parameter all-gathers a ZeRO-1 optimizer left in flight
+    (`overlap_param_gather`), so the model's weights are final; other optimizers have none."""
+    if isinstance(optimizer, ZeroOptimizer):
+        optimizer.finish_param_sync()
+
+
 class ZeroOptimizer:
     """A ZeRO-1 distributed optimizer on top of a `DistributedDataParallel(..., shard=True)`.
 

@@ -36,6 +36,7 @@ import time
 import torch
 import yaml
 
+from megatiny.fsutil import atomic_write
 from megatiny.plan.timemodel import CALIBRATED, PROFILE_DIR
 
 WORLDS = (1, 2, 4, 8)
@@ -139,25 +140,26 @@ def world_entry(rounds: list[list[dict]]) -> dict:
     between rounds; the median keeps the typical one)."""
     n = len(rounds[0])
 
-    def mean(key):
+    def typical(key):
         per_round = sorted(sum(r[key] for r in ranks) / n for ranks in rounds)
         return per_round[len(per_round) // 2]
 
+    flops = typical("flops")
     entry = {
-        "peak_tflops": {"bf16": mean("flops") / 1e12, "fp32": mean("flops") / 1e12},
-        "attention_efficiency": round(mean("attention_efficiency"), 4),
-        "hbm_gb_per_s": mean("bandwidth") / 1e9,
-        "transcendental_gb_per_s": mean("special") / 1e9,
-        "op_overhead_us": mean("op_overhead") * 1e6,
+        "peak_tflops": {"bf16": flops / 1e12, "fp32": flops / 1e12},
+        "attention_efficiency": round(typical("attention_efficiency"), 4),
+        "hbm_gb_per_s": typical("bandwidth") / 1e9,
+        "transcendental_gb_per_s": typical("special") / 1e9,
+        "op_overhead_us": typical("op_overhead") * 1e6,
     }
     if n > 1:
-        latency = mean("small")
+        latency = typical("small")
         ring = 2 * (n - 1) / n  # the ring all-reduce's bus factor
-        bandwidth = LARGE * ring / max(mean("large") - latency, 1e-9)
+        bandwidth = LARGE * ring / max(typical("large") - latency, 1e-9)
         # gloo's all-gather and reduce-scatter are not the halves of its all-reduce that the ring
         # model assumes ((n-1)/n each): the measured multiple of the ring model's time
         half = LARGE * (n - 1) / n / bandwidth
-        op_scale = {op: round(max(mean(op) - latency, 1e-9) / half, 3)
+        op_scale = {op: round(max(typical(op) - latency, 1e-9) / half, 3)
                     for op in ("all_gather", "reduce_scatter")}  # fmt: skip
         link = {"gb_per_s": bandwidth / 1e9, "efficiency": 1.0, "latency_us": latency * 1e6,
                 "op_scale": op_scale}  # fmt: skip
@@ -178,9 +180,9 @@ def calibrate(path: str = CALIBRATED, worlds=WORLDS, repeats: int = 3) -> str:
     solo = by_world[min(worlds)]
     profile.update({
         "name": "cpu-calibrated",
-        "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}), mean "
-                    f"of repeats, one thread per rank, {', '.join(map(str, worlds))} ranks at once, median "
-                    f"of {repeats} rounds"],
+        "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}): "
+                    f"means of repeats, one thread per rank, {', '.join(map(str, worlds))} ranks "
+                    f"at once, the median of {repeats} rounds"],
         "matmul_efficiency": 1.0,
         "memory_efficiency": 1.0,
         **{k: v for k, v in solo.items() if k != "links"},
@@ -188,10 +190,5 @@ def calibrate(path: str = CALIBRATED, worlds=WORLDS, repeats: int = 3) -> str:
         "by_world": by_world,
     })  # fmt: skip
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(profile, f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: yaml.safe_dump(profile, f, sort_keys=False), "w", "utf-8")
     return path

@@ -124,6 +124,7 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     )
     from megatiny.parallel.schedules import build_schedule
     from megatiny.parallel.tracer import CommTracer
+    from megatiny.parallel.zero import finish_param_sync
     from megatiny.plan.opcount import MetaAutocast, OpCounter
     from megatiny.training import memory
     from megatiny.training.optim import clip_grad_norm_
@@ -165,9 +166,7 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         finite = torch.ones((), device=ctx.device)
         collectives.all_reduce(finite, op=dist.ReduceOp.MIN)
         optimizer.step()
-        finish = getattr(optimizer, "finish_param_sync", None)
-        if finish is not None:  # gathers left in flight (overlap_param_gather): count them here
-            finish()
+        finish_param_sync(optimizer)  # gathers left in flight: count them in this step
 
     v = len(chunks)
     m1 = ctx.pp_size if v > 1 else 1

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatiny.fsutil import atomic_write_text
 from megatiny.parallel import collectives
 from megatiny.parallel.sharding import Sharding, checkpoint_pieces, group_of, named_shardings
+from megatiny.parallel.zero import finish_param_sync
 from megatiny.training.manifest import write_manifest, write_rank_part
 from megatiny.training.rundir import prune
 
@@ -242,9 +243,7 @@ def save_checkpoint(
 ) -> str:
     """Collectively save step `step`; returns the step directory. `extra` (JSON) goes into
     meta.json: consumed samples, the resolved config, ..."""
-    finish = getattr(optimizer, "finish_param_sync", None)
-    if finish is not None:  # ZeRO-1 parameter gathers still in flight (overlap_param_gather)
-        finish()
+    finish_param_sync(optimizer)  # ZeRO-1 gathers still in flight: save the final weights
     distributed = ctx is not None and dist.is_initialized()
     rank = ctx.rank if distributed else 0
     name = f"step_{step}"

@@ -17,6 +17,7 @@ import time
 import torch
 
 from megatiny.config import Config, ConfigError
+from megatiny.parallel.zero import finish_param_sync
 from megatiny.training.step import NonFiniteLoss, Trainer, build_trainer, check_supported
 
 EXAMPLE = """example:
@@ -263,9 +264,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                 meter.reset()
             if tracer is not None and (step % tc.log_interval == 0 or step == tc.steps):
                 tracer.write(comm_path)
-        finish = getattr(trainer.optimizer, "finish_param_sync", None)
-        if finish is not None:  # ZeRO-1 gathers left in flight: the weights are final now
-            finish()
+        finish_param_sync(trainer.optimizer)  # ZeRO-1 gathers left in flight: weights final
         if last_eval is None and can_evaluate:  # resumed at the final step: report the model
             last_eval = trainer.evaluate()
     except NonFiniteLoss:
