@@ -103,7 +103,7 @@ def _rank(overrides, warmup, steps):
     return {"step": wall / steps, "comm": seconds}
 
 
-def measure(name, world, overrides, warmup, steps) -> dict:
+def measure(world, overrides, warmup, steps) -> dict:
     """One measurement of a point: the slowest rank's step and its seconds per group."""
     cfg = config(overrides)
     ranks = run_ranks(_rank, world, args=(overrides, warmup, steps), timeout=900)
@@ -143,7 +143,7 @@ def table(rows, kind) -> str:
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         m, p, n = r["measured"], r["predicted"], r["world_size"]
-        eff = m["tokens_per_s"] / base / (n if kind == "strong" else n)
+        eff = m["tokens_per_s"] / base / n  # per rank against one rank (strong and weak)
         mc, pc = m["comm_s"], p["comm_s"]
         lines.append(
             f"| {r['name']} | {n} | {m['tokens_per_s']:,.0f} | "
@@ -240,7 +240,7 @@ def main() -> None:
     runs = {i: [] for i in range(len(selected))}
     for round_ in range(args.repeats):
         for i, (kind, name, world, overrides) in enumerate(selected):
-            m = measure(name, world, overrides, args.warmup, args.steps)
+            m = measure(world, overrides, args.warmup, args.steps)
             runs[i].append(m)
             print(f"round {round_ + 1}/{args.repeats} {kind:6s} {name:12s} N={world}: "
                   f"{m['tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
