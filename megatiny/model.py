@@ -387,7 +387,8 @@ class GPT(nn.Module):
         mode = self.config.recompute if torch.is_grad_enabled() and kv_cache is None else "none"
         for block in self.blocks:
             if mode in ("full", "op"):  # op: torchtitan's policy, megatiny/recompute.py
-                policy = {"context_fn": op_policy_contexts} if mode == "op" else {}
+                contexts = lambda block=block: op_policy_contexts(block)  # noqa: E731
+                policy = {"context_fn": contexts} if mode == "op" else {}
                 h = checkpoint(block, h, rope, use_reentrant=False, **policy)
             else:
                 h = block(h, rope, kv_cache, offset)

@@ -37,11 +37,12 @@ and scattered (`SequenceParallelPositionEmbedding`), so their gradient is full o
 A task that replaces `model.output` (a classification head, say) gives its module a
 `parallelize(ctx, sequence_parallel) -> nn.Module` method; parallelize calls it.
 
-Meta device. A model built under `torch.device("meta")` is materialised shard by shard: for each
-replaced module the full weight is generated on the CPU from `model.initial_value(name, shape)`
-(the deterministic per-parameter init, so the result equals the same-seed model built on a real
-device and sliced), sliced, and only the shard is kept, on `ctx.device`. Replicated parameters
-(norms, positions) are generated whole. Peak extra memory is one full weight.
+Meta device. A model built under `torch.device("meta")` is swapped to parallel modules whose
+shards are still meta, then `materialize` (megatiny/parallel/build.py) gives each its shard from
+the model's weight source: the deterministic per-parameter init (`model.initial_value(name,
+shape)`, the full tensor generated and sliced, so the result equals the same-seed model built on
+a real device and sliced) or a lazily loaded checkpoint's slices. Replicated parameters (norms,
+positions) are whole. Peak extra memory is one full weight.
 
 Create the optimizer after parallelize(): the parameters are new tensors.
 """
@@ -53,13 +54,13 @@ from torch import nn
 
 from megatiny.model import LMOutput
 from megatiny.moe import MoE
+from megatiny.parallel.build import materialize
 from megatiny.parallel.context_parallel import apply_context_parallel
 from megatiny.parallel.experts import ExpertParallelMoE, expert_source
 from megatiny.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    _param,
 )
 from megatiny.parallel.modules import (
     SequenceParallelPositionEmbedding,
@@ -88,37 +89,6 @@ def is_sequence_parallel(model: nn.Module) -> bool:
     )
 
 
-class _Source:
-    """Full (unsharded) tensors of the model's parameters: the live ones, or, for parameters on
-    the meta device, freshly generated initial values (CPU)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def full(self, name: str, p: torch.Tensor | None) -> torch.Tensor | None:
-        if p is None:
-            return None
-        if p.is_meta:
-            return self.model.initial_value(name, p.shape, p.dtype)
-        return p.detach()
-
-
-def materialize(model, device) -> nn.Module:
-    """Give every parameter of `model` a real tensor on `device`, in place, and return it:
-    parameters on the meta device get their deterministic initial value (`initial_value`, so
-    the same weights as the same-seed model built on a real device), the others are moved.
-
-    With `keep_stages` (megatiny.parallel.pipeline) first, a pipeline rank allocates only its
-    own stages' parameters; under TP `parallelize` calls this for the replicated ones."""
-    src = _Source(model)
-    for name, p in list(model.named_parameters()):
-        if p.is_meta or p.device != torch.device(device):
-            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-            module = model.get_submodule(owner)
-            setattr(module, leaf, _param(src.full(name, p), device, p.requires_grad))
-    return model
-
-
 def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "ring"):
     """Shard `model` (a megatiny GPT) in place for this rank's TP group and return it; with
     ctx.cp_size > 1 also swap the attention cores for context-parallel ones (`cp_mode` ring or
@@ -130,34 +100,21 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
     config, group, tp, sp = model.config, ctx.tp_group, ctx.tp_size, sequence_parallel
     config.check_tp(tp)
     device = ctx.device
-    src = _Source(model)
     rng = TPRandom(None, ctx)
 
-    def column(name, linear, splits=None, padding=0):
-        weight, bias = (
-            src.full(name + ".weight", linear.weight),
-            src.full(name + ".bias", linear.bias),
-        )
+    def column(linear, splits=None, padding=0):  # a meta linear gives a meta shard
         return ColumnParallelLinear.from_linear(
-            linear, group, weight, bias, sequence_parallel=sp, device=device, splits=splits,
-            padding=padding,
-        )  # fmt: skip
+            linear, group, sequence_parallel=sp, device=device, splits=splits, padding=padding
+        )
 
-    def row(name, linear):
-        weight, bias = (
-            src.full(name + ".weight", linear.weight),
-            src.full(name + ".bias", linear.bias),
-        )
-        return RowParallelLinear.from_linear(
-            linear, group, weight, bias, sequence_parallel=sp, device=device
-        )
+    def row(linear):
+        return RowParallelLinear.from_linear(linear, group, sequence_parallel=sp, device=device)
 
     padded_vocab = None
     if getattr(model, "embed", None) is not None:
         model.embed = VocabParallelEmbedding.from_embedding(
-            model.embed, group, src.full("embed.weight", model.embed.weight),
-            sequence_parallel=sp, device=device,
-        )  # fmt: skip
+            model.embed, group, sequence_parallel=sp, device=device
+        )
         padded_vocab = model.embed.padded_vocab_size
     if sp and getattr(model, "pos_embed", None) is not None:
         model.pos_embed = SequenceParallelPositionEmbedding(model.pos_embed, group)
@@ -168,17 +125,18 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
         prefix = f"blocks.{index}."
         attn, mlp = block.attn, block.mlp
         qkv_splits = [config.q_dim, config.kv_dim, config.kv_dim]
-        attn.qkv = column(prefix + "attn.qkv", attn.qkv, splits=qkv_splits)
-        attn.proj = row(prefix + "attn.proj", attn.proj)
+        attn.qkv = column(attn.qkv, splits=qkv_splits)
+        attn.proj = row(attn.proj)
         attn.n_heads, attn.n_kv_heads = config.n_heads // tp, config.n_kv_heads // tp
         attn.core = ShardedRNG(attn.core, rng)
         if isinstance(mlp, MoE):  # experts over ep x tp, token all-to-all (experts.py)
-            full = expert_source(model, prefix + "mlp.experts.")
-            block.mlp = mlp = ExpertParallelMoE(mlp, ctx, sp, full, device)
+            meta = mlp.experts.fc_weight.is_meta  # meta: sharded by materialize below
+            full = (lambda leaf, p: p) if meta else expert_source(model, prefix + "mlp.experts.")
+            block.mlp = mlp = ExpertParallelMoE(mlp, ctx, sp, full, "meta" if meta else device)
         else:
             fc_splits = [config.ffn_hidden] * 2 if config.activation == "swiglu" else None
-            mlp.fc = column(prefix + "mlp.fc", mlp.fc, splits=fc_splits)
-            mlp.proj = row(prefix + "mlp.proj", mlp.proj)
+            mlp.fc = column(mlp.fc, splits=fc_splits)
+            mlp.proj = row(mlp.proj)
         if sp:
             attn.resid_dropout = ShardedRNG(attn.resid_dropout, rng)
             mlp.dropout = ShardedRNG(mlp.dropout, rng)
@@ -190,12 +148,13 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
             multiple = tp * 128
             padded_vocab = -(-config.vocab_size // multiple) * multiple
         # vocabulary padding of an untied head: zero rows
-        model.lm_head = column("lm_head", model.lm_head, padding=padded_vocab - config.vocab_size)
+        model.lm_head = column(model.lm_head, padding=padded_vocab - config.vocab_size)
     if sp and getattr(model, "norm_f", None) is not None:
         model.norm_f = sequence_parallel_norm(model.norm_f, group)
     output = getattr(model, "output", None)
     if isinstance(output, LMOutput):
-        model.output = VocabParallelOutput(group, config.vocab_size, sp, output.fused)
+        model.output = VocabParallelOutput(group, config.vocab_size, sp, output.fused,
+                                           output.chunk_tokens)  # fmt: skip
     elif output is not None:
         if not hasattr(output, "parallelize"):
             raise TypeError(
@@ -204,7 +163,7 @@ def parallelize(model, ctx, sequence_parallel: bool = False, cp_mode: str = "rin
             )
         model.output = output.parallelize(ctx, sp)
 
-    materialize(model, device)  # replicated parameters: norms, positions, task heads
+    materialize(model, device)  # meta shards, and replicated norms, positions, task heads
     if getattr(ctx, "cp_size", 1) > 1:
         apply_context_parallel(model, ctx, cp_mode)
     return model

@@ -286,20 +286,19 @@ class Trainer:
 
 def build_model(cfg: Config, ctx) -> torch.nn.Module:
     """This rank's part of the single-device GPT from the run seed: its TP shard of its pipeline
-    stages.
+    stages (its experts under ep).
 
-    Unless the model fits whole (tp = pp = 1), it is only described (meta device), pruned to
-    this rank's stages (`keep_stages`), then each kept weight is generated from its
-    deterministic per-parameter init (`materialize`; `parallelize` keeps only this rank's TP
-    slice), so a rank never holds the whole model and its weights equal the same-seed
-    single-device model's."""
+    The model is only described (meta device, in its final dtype), pruned to this rank's stages
+    (`keep_stages`), then each kept weight is generated from its deterministic per-parameter
+    init as this rank's shard (megatiny/parallel/build.py), so a rank holds its shard plus one
+    parameter's full tensor at most, and its weights equal the same-seed single-device model's."""
     from megatiny.model import GPT
 
     torch.manual_seed(cfg.train.seed)
-    if ctx.tp_size == 1 and ctx.pp_size == 1:
-        return shard_model(GPT(cfg.model), cfg, ctx)
     with torch.device("meta"):
         model = GPT(cfg.model)
+    if cfg.model.dtype == "bf16":  # generated in fp32, kept in bf16: never an fp32 copy
+        model.to(torch.bfloat16)
     return shard_model(model, cfg, ctx)
 
 
@@ -308,14 +307,15 @@ def shard_model(model: torch.nn.Module, cfg: Config, ctx) -> torch.nn.Module:
     (generated then from the deterministic init): pruned to its pipeline stages, its TP shard,
     its context-parallel attention (cp > 1), and (pp > 1) the PipelineModel of its chunks; at
     tp = pp = 1 the model moved to the device."""
+    from megatiny.parallel.build import materialize
     from megatiny.parallel.context_parallel import apply_context_parallel
     from megatiny.parallel.experts import apply_expert_parallel  # tp > 1: parallelize does it
 
     p = cfg.parallel
-    if ctx.tp_size == 1 and ctx.pp_size == 1:
-        model = apply_expert_parallel(model.to(ctx.device), ctx)
+    if ctx.tp_size == 1 and ctx.pp_size == 1:  # this rank's experts first: only they are made
+        model = materialize(apply_expert_parallel(model, ctx), ctx.device).to(ctx.device)
         return apply_context_parallel(model, ctx, p.cp_mode)
-    from megatiny.parallel.parallelize import materialize, parallelize
+    from megatiny.parallel.parallelize import parallelize
     from megatiny.parallel.pipeline import build_pipeline, keep_stages
 
     v = p.virtual_pipeline_size
