@@ -22,6 +22,7 @@ from megatiny.config.io import (
     unknown_key_message,
 )
 from megatiny.config.model import ModelConfig
+from megatiny.config.resilience import ResilienceConfig
 
 # ---------------------------------------------------------------------------------------------
 # Training configuration: parallel layout, optimizer/loop, data; YAML + dotted overrides.
@@ -40,8 +41,12 @@ class ParallelConfig:
     ep: int = 1  # expert parallelism: experts split over ep of the dp ranks (MoE models)
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
-    zero1: bool = False
-    # ZeRO-1: leave the parameter all-gather in flight after the optimizer step; each bucket is
+    # ZeRO level over the data-parallel ranks: 0 none | 1 optimizer state | 2 + gradients |
+    # 3 + parameters (FSDP-style, gathered per block); megatiny/parallel/zero.py, fsdp.py
+    zero: int = 0
+    zero1: bool = False  # the older spelling of zero=1 (kept true at every level >= 1)
+    reshard_after_forward: bool = True  # zero=3: free a block's gathered parameters after forward
+    # ZeRO-1/2: leave the parameter all-gather in flight after the optimizer step; each bucket is
     # waited for by the first module of the next forward that uses it (Megatron's flag)
     overlap_param_gather: bool = False
     ddp_bucket_mb: float = 25.0  # gradient all-reduce bucket size (overlapped with backward)
@@ -54,10 +59,20 @@ class ParallelConfig:
             raise ConfigError(f"parallel.dp={self.dp} must be >= 1 (or null to derive it)")
         if self.cp_mode not in ("ring", "a2a"):
             raise ConfigError(f"parallel.cp_mode={self.cp_mode!r}; choose ring or a2a")
-        if self.overlap_param_gather and not self.zero1:
+        if self.zero not in (0, 1, 2, 3):
             raise ConfigError(
-                "parallel.overlap_param_gather=true overlaps ZeRO-1's parameter all-gather; set "
-                "parallel.zero1=true too (without ZeRO-1 there is no parameter gather)"
+                f"parallel.zero={self.zero}: choose 0 (replicated), 1 (optimizer state sharded), "
+                "2 (+ gradients) or 3 (+ parameters, FSDP-style)"
+            )
+        if self.zero1 and self.zero == 0:
+            self.zero = 1
+        self.zero1 = self.zero >= 1
+        if self.overlap_param_gather and self.zero not in (1, 2):
+            raise ConfigError(
+                f"parallel.overlap_param_gather=true overlaps the parameter all-gather after the "
+                f"optimizer step of parallel.zero=1 or 2 (this run: zero={self.zero}); "
+                + ("set parallel.zero=1" if self.zero == 0 else
+                   "zero=3 gathers each block before its forward, prefetched; drop the flag")
             )
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError(
@@ -140,7 +155,7 @@ class ParallelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ResilienceConfig):  # + straggler_threshold, check_replay_every, sdc_policy
     """The training loop. global_batch_size=None means micro_batch_size * dp (no accumulation)."""
 
     steps: int = 100
@@ -180,6 +195,7 @@ class TrainConfig:
     progress_bar: bool = True
     backend: str | None = None  # default: nccl with CUDA, else gloo
     trace_comm: bool = False  # run_dir/comm.jsonl: bytes and seconds per step/phase/group/op
+    exit_duration_mins: float = 0.0  # save a checkpoint and stop after this many minutes (0: off)
 
     def __post_init__(self):
         positive = ("steps", "micro_batch_size", "log_interval", "eval_iters", "keep_checkpoints")
@@ -195,6 +211,8 @@ class TrainConfig:
             raise ConfigError(
                 f"need 0 <= train.min_lr <= train.lr and lr > 0 (got {self.min_lr}, {self.lr})"
             )
+        if self.exit_duration_mins < 0:
+            raise ConfigError(f"train.exit_duration_mins={self.exit_duration_mins} must be >= 0")
         if self.timeout_s <= 0:
             raise ConfigError(f"train.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.spike_factor and self.spike_factor <= 1:
@@ -212,6 +230,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r}; choose one of {allowed}")
+        self.check_resilience()
 
     def global_batch_size_for(self, dp: int) -> int:
         return self.global_batch_size or self.micro_batch_size * dp
@@ -350,24 +369,22 @@ class Config:
             key, value = parse_override(item, cls.SECTIONS)
             section, name = key.split(".", 1)
             merged.setdefault(section, {})[name] = value
+        classes = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
+                   "data": DataConfig}  # fmt: skip
+        for section, values in merged.items():  # unknown keys first, before any file is read
+            known = [f"{section}.{f.name}" for f in fields(classes[section])]
+            for name in values:
+                if f"{section}.{name}" not in known:
+                    raise ConfigError(unknown_key_message(f"{section}.{name}", known, "config key"))
         if merged.get("model", {}).get("vocab_size") == "auto":
             # Megatron-style: the vocabulary comes from the tokenizer the data was made with.
             merged["model"]["vocab_size"] = tokenizer_vocab_size(merged.get("data", {}))
         sections = {}
         for section in cls.SECTIONS:
-            section_cls = {
-                "model": ModelConfig,
-                "parallel": ParallelConfig,
-                "train": TrainConfig,
-                "data": DataConfig,
-            }[section]
+            section_cls = classes[section]
             values = merged.get(section, {})
-            known = {f.name: f for f in fields(section_cls)}
             kwargs = {}
             for name, value in values.items():
-                if name not in known:
-                    full = [f"{section}.{k}" for k in known]
-                    raise ConfigError(unknown_key_message(f"{section}.{name}", full, "config key"))
                 kwargs[name] = coerce(value, section_cls, name, f"{section}.{name}")
             try:
                 sections[section] = section_cls(**kwargs)

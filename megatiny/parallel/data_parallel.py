@@ -137,27 +137,41 @@ class DistributedDataParallel:
         self.names = {id(p): n for n, p in named}
         self.params = [p for _, p in named]
         self._isolated = {id(p) for p in isolate}
-        experts = _expert_ids(module, ctx)
+        self.buckets, self.offsets = self._layout(self._kinds(ctx), bucket_mb)
+        self.total = self.buckets[-1].end
+        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.grad_buffer = self.shard_grad = self.param_buffer = None
+        self._allocate()
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _kinds(self, ctx) -> list[tuple]:
+        """(params in bucket order, group, size, rank) of each kind of parameter: the dense ones
+        over the dp (x cp) group, then experts split over ep over their expert-data-parallel
+        group. Parameters go in *reverse* registration order (roughly backward's order)."""
+        experts = _expert_ids(self.module, ctx)
         dense = [p for p in reversed(self.params) if id(p) not in experts]
         kinds = [(dense, self.group, self.dp_size, self.dp_rank)]
         if experts:  # expert weights split over ep: replicated (and reduced) over edp only
             expert = [p for p in reversed(self.params) if id(p) in experts]
             kinds.append((expert, ctx.edp_group, ctx.edp_size, ctx.edp_rank))
-        self.buckets, self.offsets = self._layout(kinds, bucket_mb)
-        total = self.buckets[-1].end
-        self.grad_buffer = torch.zeros(total, dtype=self.dtype, device=self.device)
-        self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self.shard_grad = None
-        self.param_buffer = None
-        if shard:
-            last = self.buckets[-1]
-            self.shard_grad = torch.zeros(
-                last.shard_start + last.numel // last.size, dtype=self.dtype, device=self.device
-            )
+        return kinds
+
+    def _allocate(self) -> None:
+        """The flat gradient buffer every p.grad views (and, ZeRO-1, the shard and the flat
+        parameter buffer)."""
+        self.grad_buffer = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+        if self.shard:
+            self.shard_grad = torch.zeros(self.shard_total, dtype=self.dtype, device=self.device)
             self._flatten_params()
         for p in self.params:
             self._point(p)
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    @property
+    def shard_total(self) -> int:
+        """Elements of this rank's slices of all buckets (the size of `shard_grad`)."""
+        last = self.buckets[-1]
+        return last.shard_start + last.numel // last.size
 
     def _point(self, p: nn.Parameter) -> None:
         """Make the parameter's gradient (or, bf16, its fp32 main gradient) its buffer slice."""
@@ -200,7 +214,7 @@ class DistributedDataParallel:
 
     def _flatten_params(self) -> None:
         """Make every parameter a view into one flat buffer laid out like the gradients."""
-        self.param_buffer = torch.zeros_like(self.grad_buffer, dtype=self.param_dtype)
+        self.param_buffer = torch.zeros(self.total, dtype=self.param_dtype, device=self.device)
         for p in self.params:
             off = self.offsets[id(p)]
             view = self.param_buffer[off : off + p.numel()].view_as(p)
@@ -339,15 +353,18 @@ class _Done:
 _DONE = _Done()
 
 
-def build_data_parallel(model: nn.Module, ctx, shard: bool = False, bucket_mb: float = 25.0):
+def build_data_parallel(model: nn.Module, ctx, shard: bool = False, bucket_mb: float = 25.0,
+                        zero: int = 0, reshard_after_forward: bool = True):  # fmt: skip
     """The DDP wrapper a training loop needs, or None when there is nothing to reduce.
 
-    Gradients need averaging when dp x cp > 1; ZeRO-1 (`shard`) needs the wrapper at any dp. A
-    pipeline model's tied embedding copy (first / last stage) gets its own bucket.
+    Gradients need averaging when dp x cp > 1; ZeRO (`zero` >= 1, or `shard`: ZeRO-1) needs the
+    wrapper at any dp; zero 2 and 3 get megatiny.parallel.fsdp.ShardedDataParallel. A pipeline
+    model's tied embedding copy (first / last stage) gets its own bucket.
     """
+    zero = max(zero, int(shard))
     group = resolve_dp_group(ctx)
     low_precision = any(p.dtype != torch.float32 for p in model.parameters())
-    if dist.get_world_size(group) == 1 and not shard and not low_precision:
+    if dist.get_world_size(group) == 1 and not zero and not low_precision:
         return None  # (bf16 parameters need it at any dp: it holds their fp32 main gradients)
     isolate = ()
     if getattr(model, "chunks", None) is not None:
@@ -355,7 +372,13 @@ def build_data_parallel(model: nn.Module, ctx, shard: bool = False, bucket_mb: f
 
         tied = tied_embedding_weight(model.chunks, ctx)
         isolate = () if tied is None else (tied,)
-    return DistributedDataParallel(model, ctx, bucket_mb=bucket_mb, shard=shard, isolate=isolate)
+    if zero >= 2:
+        from megatiny.parallel.fsdp import ShardedDataParallel
+
+        return ShardedDataParallel(model, ctx, level=zero, bucket_mb=bucket_mb, isolate=isolate,
+                                   reshard_after_forward=reshard_after_forward)  # fmt: skip
+    return DistributedDataParallel(model, ctx, bucket_mb=bucket_mb, shard=zero == 1,
+                                   isolate=isolate)  # fmt: skip
 
 
 def no_sync_unless(

@@ -33,6 +33,8 @@ sums the slices of every expert exactly once.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -46,6 +48,28 @@ def finish_param_sync(optimizer) -> None:
     (`overlap_param_gather`), so the model's weights are final; other optimizers have none."""
     if isinstance(optimizer, ZeroOptimizer):
         optimizer.finish_param_sync()
+
+
+@contextlib.contextmanager
+def whole_parameters(optimizer, loading: bool = False):
+    """Inside, every parameter of the model is whole and final: ZeRO-1/2 gathers in flight are
+    waited for; ZeRO-3 units are all gathered (collective over dp), and freed at the end.
+    `loading`: what was written into the parameters is taken back into this rank's slices.
+    Checkpoint save and load run inside it (their files stay layout-free)."""
+    finish_param_sync(optimizer)
+    ddp = getattr(optimizer, "ddp", None) if isinstance(optimizer, ZeroOptimizer) else None
+    if ddp is None or ddp.param_buffer is not None:
+        yield
+        return
+    ddp.gather_all()
+    try:
+        yield
+        if loading:
+            ddp.scatter_back()
+            if optimizer.master.data_ptr() != ddp.param_shard.data_ptr():
+                optimizer.master.copy_(ddp.param_shard)  # bf16: main_param state may refine it
+    finally:
+        ddp.reshard_all()
 
 
 class ZeroOptimizer:
@@ -89,7 +113,13 @@ class ZeroOptimizer:
         if missing:
             raise ValueError(f"parameters {missing[:4]} are in no param group")
 
-        self.master = torch.zeros(ddp.shard_grad.numel(), dtype=torch.float32, device=ddp.device)
+        # ZeRO-3 keeps the parameters only as slices (`ddp.param_shard`): the fp32 master is
+        # that buffer itself for fp32 parameters, an fp32 copy of it for bf16 ones.
+        shard = getattr(ddp, "param_shard", None)
+        if shard is not None and shard.dtype == torch.float32:
+            self.master = shard
+        else:
+            self.master = torch.zeros(ddp.shard_total, dtype=torch.float32, device=ddp.device)
         # (piece, owner param, [lo, hi) in the flat buffers, offset in master / shard_grad)
         self.pieces: list[tuple[nn.Parameter, nn.Parameter, int, int, int]] = []
         inner_groups = [{**g, "params": []} for g in groups]
@@ -102,7 +132,10 @@ class ZeroOptimizer:
                 if s >= e:
                     continue
                 m = self.master[soff + s - lo : soff + e - lo]
-                m.copy_(p.detach().reshape(-1)[s - a : e - a])
+                if shard is None:
+                    m.copy_(p.detach().reshape(-1)[s - a : e - a])
+                elif m.data_ptr() != shard.data_ptr() or shard.dtype != m.dtype:
+                    m.copy_(shard[soff + s - lo : soff + e - lo])
                 piece = nn.Parameter(m)  # shares storage with `master`
                 self.pieces.append((piece, p, s, e, soff + s - lo))
                 inner_groups[group_of[id(p)]]["params"].append(piece)
@@ -191,8 +224,8 @@ class ZeroOptimizer:
         """master <- my slices of the parameters, when both are fp32 (then they are equal unless
         something, e.g. a checkpoint load, wrote the parameters in place)."""
         ddp = self.ddp
-        if ddp.param_buffer.dtype != self.master.dtype:
-            return
+        if ddp.param_buffer is None or ddp.param_buffer.dtype != self.master.dtype:
+            return  # (ZeRO-3: the slices are the master, or loaded into it by `whole_parameters`)
         for bucket in ddp.buckets:
             lo, hi = ddp.shard_range(bucket)
             off = ddp.shard_offset(bucket)
@@ -210,6 +243,13 @@ class ZeroOptimizer:
         self._refresh_master()
         self.optimizer.step()
         ddp = self.ddp
+        if ddp.param_buffer is None:  # ZeRO-3: update my parameter slices; blocks gather them
+            if ddp.param_shard.data_ptr() != self.master.data_ptr():
+                ddp.param_shard.copy_(self.master)  # bf16: rounded, as ZeRO-1 gathers them
+            ddp.reshard_all()
+            for piece, *_ in self.pieces:
+                piece.grad = None
+            return
         # The last bucket holds the first layers (buckets fill in backward order): post it first.
         for index in reversed(range(len(ddp.buckets))):
             bucket = ddp.buckets[index]
@@ -250,11 +290,13 @@ class ZeroOptimizer:
         mine = sum(piece.numel() for piece, *_ in self.pieces)
         full = sum(p.numel() for p in ddp.params)
         per_element = state_bytes / mine if mine else 0.0
+        params = ddp.param_buffer if ddp.param_buffer is not None else ddp.param_shard
+        grads = [t for t in (ddp.grad_buffer, ddp.shard_grad) if t is not None]
         return {
-            "param_bytes": ddp.param_buffer.numel() * ddp.param_buffer.element_size(),
-            "grad_bytes": (ddp.grad_buffer.numel() + ddp.shard_grad.numel())
-            * ddp.grad_buffer.element_size(),
-            "master_param_bytes": self.master.numel() * self.master.element_size(),
+            "param_bytes": params.numel() * params.element_size(),
+            "grad_bytes": sum(t.numel() * t.element_size() for t in grads),
+            "master_param_bytes": 0 if self.master is params
+            else self.master.numel() * self.master.element_size(),
             "optimizer_state_bytes": int(state_bytes),
             "optimizer_state_bytes_unsharded": int(round(per_element * full)),
             "dp_size": ddp.dp_size,
@@ -280,9 +322,7 @@ class ZeroOptimizer:
         for piece, _, s, e, off in self.pieces:
             value = piece.detach() if key == "main_param" else self.optimizer.state[piece][key]
             flat_shard[off : off + (e - s)] = value
-        flat = torch.zeros(
-            ddp.grad_buffer.numel(), dtype=flat_shard.dtype, device=flat_shard.device
-        )
+        flat = torch.zeros(ddp.total, dtype=flat_shard.dtype, device=flat_shard.device)
         for bucket in ddp.buckets:
             soff = ddp.shard_offset(bucket)
             n = bucket.numel // bucket.size

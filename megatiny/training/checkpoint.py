@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatiny.fsutil import atomic_write_text
 from megatiny.parallel import collectives
 from megatiny.parallel.sharding import Sharding, checkpoint_pieces, group_of, named_shardings
-from megatiny.parallel.zero import finish_param_sync
+from megatiny.parallel.zero import whole_parameters
 from megatiny.training.manifest import write_manifest, write_rank_part
 from megatiny.training.rundir import prune
 
@@ -243,7 +243,6 @@ def save_checkpoint(
 ) -> str:
     """Collectively save step `step`; returns the step directory. `extra` (JSON) goes into
     meta.json: consumed samples, the resolved config, ..."""
-    finish_param_sync(optimizer)  # ZeRO-1 gathers still in flight: save the final weights
     distributed = ctx is not None and dist.is_initialized()
     rank = ctx.rank if distributed else 0
     name = f"step_{step}"
@@ -254,10 +253,11 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
         os.makedirs(tmp)
     _barrier(distributed)
-    state = {"model": model_state(model, ctx), "rng": _rng_state(rank)}
-    if optimizer is not None:
-        state["optim"] = optimizer_state(model, optimizer, ctx)
-    dcp.save(_flatten(state), checkpoint_id=tmp, no_dist=not distributed)
+    with whole_parameters(optimizer):  # ZeRO gathers in flight / ZeRO-3 slices: whole weights
+        state = {"model": model_state(model, ctx), "rng": _rng_state(rank)}
+        if optimizer is not None:
+            state["optim"] = optimizer_state(model, optimizer, ctx)
+        dcp.save(_flatten(state), checkpoint_id=tmp, no_dist=not distributed)
     write_rank_part(tmp, rank)
     _barrier(distributed)
     if rank == 0:
@@ -326,16 +326,17 @@ def load_checkpoint(
     check_same_shape(meta["model"], model.config, step_dir)
     distributed = ctx is not None and dist.is_initialized()
     rank = ctx.rank if distributed else 0
-    state = {"model": model_state(model, ctx)}
-    if optimizer is not None:
-        state["optim"] = optimizer_state(model, optimizer, ctx)
-    flat = _flatten(state)
-    rng = _rng_state(rank)
-    available = set(SafeFileSystemReader(step_dir).read_metadata().state_dict_metadata)
-    rng_keys = {f"rng/{k}": v.clone() for k, v in rng.items() if f"rng/{k}" in available}
-    if restore_rng:
-        flat.update(rng_keys)
-    _dcp_load(flat, step_dir, distributed)
+    with whole_parameters(optimizer, loading=True):  # ZeRO-3: loaded whole, kept as slices
+        state = {"model": model_state(model, ctx)}
+        if optimizer is not None:
+            state["optim"] = optimizer_state(model, optimizer, ctx)
+        flat = _flatten(state)
+        rng = _rng_state(rank)
+        available = set(SafeFileSystemReader(step_dir).read_metadata().state_dict_metadata)
+        rng_keys = {f"rng/{k}": v.clone() for k, v in rng.items() if f"rng/{k}" in available}
+        if restore_rng:
+            flat.update(rng_keys)
+        _dcp_load(flat, step_dir, distributed)
     if restore_rng and f"rng/rank{rank}.cpu" in flat:
         torch.set_rng_state(flat[f"rng/rank{rank}.cpu"])
         if f"rng/rank{rank}.cuda" in flat:

@@ -187,7 +187,8 @@ def _unique_bytes(tensors) -> int:
 def state_bytes(model: torch.nn.Module, optimizer, ddp=None) -> dict[str, int]:
     """{params, grads, optimizer} bytes this rank holds (see the module docstring). Call after
     the first optimizer step (AdamW creates its state lazily)."""
-    params = _unique_bytes(model.parameters())
+    shard = getattr(ddp, "param_shard", None)  # ZeRO-3: my slices (the blocks are freed)
+    params = _unique_bytes([*model.parameters(), shard])
     if ddp is not None:
         grads = _unique_bytes([ddp.grad_buffer, ddp.shard_grad])
     else:
@@ -196,7 +197,7 @@ def state_bytes(model: torch.nn.Module, optimizer, ddp=None) -> dict[str, int]:
 
     if isinstance(optimizer, ZeroOptimizer):
         inner = optimizer.optimizer
-        opt = _unique_bytes([optimizer.master])
+        opt = 0 if optimizer.master is shard else _unique_bytes([optimizer.master])
     else:
         inner = optimizer
         opt = 0

@@ -366,8 +366,9 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
     # Gradients averaged over dp x cp in buckets, overlapped with the backward pass (None when
     # dp x cp == 1 without ZeRO-1); ZeRO-1 reduce-scatters them into per-rank slices instead.
     p = cfg.parallel
-    ddp = build_data_parallel(model, ctx, shard=p.zero1, bucket_mb=p.ddp_bucket_mb)
-    optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero1 else None,
+    ddp = build_data_parallel(model, ctx, bucket_mb=p.ddp_bucket_mb, zero=p.zero,
+                              reshard_after_forward=p.reshard_after_forward)  # fmt: skip
+    optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero else None,
                                 overlap_param_gather=p.overlap_param_gather)  # fmt: skip
     scheduler = build_scheduler(optimizer, cfg.train)
     train_data, valid_data = task.build_data(cfg, ctx, dp)
