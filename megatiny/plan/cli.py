@@ -105,8 +105,11 @@ def main(args) -> int:
             profile["gpus_per_node"] = args.gpus_per_node
         world_size = world_size_of(cfg, args.world_size)
         if args.search:
-            from megatiny.plan.search import format_search, search
+            from megatiny.plan.search import format_search, global_batch, search
 
+            print(f"megatiny plan --search: every layout at a global batch of "
+                  f"{global_batch(cfg, world_size)} sequences (train.global_batch_size, or "
+                  f"micro_batch_size x the config's dp at {world_size} ranks)", file=sys.stderr)  # fmt: skip
             t0 = time.time()
             rows = search(cfg, world_size, profile)
             if args.json:

@@ -5,7 +5,9 @@ Candidates: tp among the model's TP sizes within a node, pp dividing n_layers, i
 v in {1, 2}, context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
 (tp > 1), ZeRO-1 (dp > 1; with its parameter gather overlapped), recompute none / selective / op /
 full, micro-batch 1, 2, 4, 8 or the config's, every combination that validates for the world
-size and global batch. A dry run costs seconds, so candidates are first ordered by a cheap bound
+size at one global batch: the config's train.global_batch_size, or what it resolves to at this
+world size (micro_batch_size x the config's dp), so the ranking compares layouts, not batch
+sizes. A dry run costs seconds, so candidates are first ordered by a cheap bound
 (fp32 weights + grads + AdamW state per rank, 16 bytes/parameter / (tp pp), or
 (8 + 8/dp) with ZeRO-1) and the `limit` most promising (smallest model-parallel size first, the
 bound under the GPU memory) are planned for real; each result is the full plan.
@@ -19,8 +21,16 @@ import itertools
 from megatiny.config import Config, ConfigError
 
 
+def global_batch(cfg: Config, world_size: int) -> int:
+    """The global batch every candidate keeps: the config's, or micro x dp of its own layout."""
+    if cfg.train.global_batch_size:
+        return cfg.train.global_batch_size
+    return cfg.train.global_batch_size_for(cfg.parallel.data_parallel_size(world_size))
+
+
 def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
     m, t = cfg.model, cfg.train
+    batch = global_batch(cfg, world_size)
     out = []
     tps = [x for x in m.tp_sizes() if x <= profile["gpus_per_node"] and world_size % x == 0]
     pps = [x for x in range(1, m.n_layers + 1) if m.n_layers % x == 0 and world_size % x == 0]
@@ -41,6 +51,7 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
         c.parallel.sequence_parallel, c.parallel.zero1 = sp, zero1
         c.parallel.overlap_param_gather = zero1  # never slower, same bytes and memory
         c.model.recompute, c.train.micro_batch_size = rc, mb
+        c.train.global_batch_size = batch
         try:
             c.validate(world_size)
             from megatiny.plan.predict import check
@@ -81,15 +92,18 @@ def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list
 
 def format_search(rows: list[dict], world_size: int, profile: dict, seconds: float) -> str:
     head = (f"{'tp':>3} {'pp':>3} {'v':>2} {'cp':>3} {'dp':>4} {'sp':>3} {'zero1':>5} {'recompute':>9} "
-            f"{'mb':>3} {'peak GiB':>9} {'step s':>8} {'tok/s/gpu':>10} {'MFU':>6}")  # fmt: skip
+            f"{'mb':>3} {'gbs':>5} {'peak GiB':>9} {'step s':>8} {'tok/s/gpu':>10} {'MFU':>6}")  # fmt: skip
+    batch = (
+        f" at a global batch of {rows[0]['layout']['global_batch_size']} sequences" if rows else ""
+    )
     lines = [f"layouts of {world_size} ranks on {profile['name']} that fit in "
-             f"{profile['memory_gib']} GiB, fastest first ({seconds:.0f} s):", head]  # fmt: skip
+             f"{profile['memory_gib']} GiB{batch}, fastest first ({seconds:.0f} s):", head]  # fmt: skip
     for r in rows:
         a = r["layout"]
         lines.append(
             f"{a['tp']:>3} {a['pp']:>3} {a['virtual_pipeline_size']:>2} {a['cp']:>3} {a['dp']:>4} "
             f"{'y' if a['sequence_parallel'] else 'n':>3} {'y' if a['zero1'] else 'n':>5} "
-            f"{a['recompute']:>9} {a['micro_batch_size']:>3} "
+            f"{a['recompute']:>9} {a['micro_batch_size']:>3} {a['global_batch_size']:>5} "
             f"{r['memory_bytes']['peak'] / 2**30:>9.2f} {r['time_s']['step']:>8.3g} "
             f"{r['tokens_per_s_per_gpu']:>10,.0f} {100 * r['mfu']:>5.1f}%"
         )

@@ -24,7 +24,11 @@ EXAMPLE = """example:
   torchrun --standalone --nproc-per-node 2 -m megatiny train \\
       --config launch/configs/tiny-cpu.yaml train.steps=100 train.run_dir=runs/try1
   megatiny train --config launch/configs/tiny-cpu.yaml parallel.tp=1 --resume auto
-  megatiny train --config launch/configs/tiny-cpu.yaml --resume verify-only   # check checkpoints"""
+  megatiny train --config launch/configs/tiny-cpu.yaml --resume verify-only   # check checkpoints
+
+every key: `megatiny config keys` (docs/config.md); what a config resolves to, non-defaults
+marked: `megatiny config show --config FILE key=value ...`. SIGTERM / SIGINT save a checkpoint
+at the end of the current step and exit (a second signal exits at once), see docs/training.md."""
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -212,6 +216,9 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
 
     if trainer.step >= tc.steps and rank0:
         say(f"nothing to train: the checkpoint is at step {trainer.step} >= train.steps={tc.steps}")
+    from megatiny.training.preempt import Preemption
+
+    stop = Preemption(ctx, tc.exit_duration_mins).__enter__()  # SIGTERM/SIGINT: save, then exit
     try:
         if tracer is not None:
             tracer.__enter__()
@@ -264,8 +271,17 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                 meter.reset()
             if tracer is not None and (step % tc.log_interval == 0 or step == tc.steps):
                 tracer.write(comm_path)
+            phase(step, "preempt")
+            if step < tc.steps and stop.agreed(step):  # every rank stops after the same step
+                if not (last_checkpoint or "").endswith(f"step_{step}"):
+                    phase(step, "checkpoint")
+                    last_checkpoint = save()
+                if rank0:
+                    say(f"stopped by {stop.reason} after step {step}: saved {last_checkpoint}; "
+                        "continue with --resume auto")  # fmt: skip
+                break
         finish_param_sync(trainer.optimizer)  # ZeRO-1 gathers left in flight: weights final
-        if last_eval is None and can_evaluate:  # resumed at the final step: report the model
+        if last_eval is None and can_evaluate and not stop.reason:  # resumed at the last step
             last_eval = trainer.evaluate()
     except NonFiniteLoss:
         raise
@@ -276,6 +292,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                   f"{run_dir}`", file=sys.stderr, flush=True)  # fmt: skip
         raise
     finally:
+        stop.__exit__()
         if recorder is not None:
             recorder.stop()
         if tracer is not None:
@@ -286,7 +303,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
         writer.close()
     return {"losses": trainer.losses, "eval": last_eval, "evals": evals, "run_dir": run_dir,
             "step": trainer.step, "checkpoint": last_checkpoint,
-            "skipped_steps": trainer.skipped_steps}  # fmt: skip
+            "skipped_steps": trainer.skipped_steps, "stopped_by": stop.reason}  # fmt: skip
 
 
 def eval_line(result: dict) -> str:
@@ -320,6 +337,9 @@ def add_arguments(parser) -> None:
         help="a fresh run in a run_dir that holds another run moves that run aside to "
         "RUN_DIR.old-<time>/ (nothing is deleted)",
     )  # fmt: skip
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config for WORLD_SIZE ranks (unknown keys, values, "
+                        "files) and exit; the launchers run this before torchrun")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config key, e.g. train.steps=20 parallel.tp=2")  # fmt: skip
 
@@ -358,8 +378,11 @@ def main(args) -> int:
         check_supported(cfg, world_size)
         cfg.data.check_exists()
     except (ConfigError, ValueError) as e:
-        print(f"megatiny train: config error: {e}", file=sys.stderr)
-        return 2
+        from megatiny.training.report import fail
+
+        return fail(f"megatiny train: config error: {e}", 2)
+    if getattr(args, "check", False):
+        return 0
     _ensure_env()
     from megatiny.parallel.context import ParallelContext
 
@@ -370,11 +393,12 @@ def main(args) -> int:
     try:
         summary = train(cfg, ctx)
     except (NonFiniteLoss, CheckpointError, ConfigError, RunDirError) as e:
-        print(f"megatiny train: rank {ctx.rank}: {e}", file=sys.stderr)
-        return 1
+        from megatiny.training.report import fail
+
+        return fail(f"megatiny train: {e}", 1)
     finally:
         ctx.destroy()
-    if ctx.rank == 0:
+    if ctx.rank == 0 and not summary["stopped_by"]:  # a stopped run said so in one line
         ev = summary["eval"] or {}
         print(f"done: {summary['step']} steps in {time.time() - t0:.0f}s; validation loss "
               f"{ev.get('loss', float('nan')):.4f}, perplexity {ev.get('perplexity', float('nan')):.2f}")  # fmt: skip
