@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatiny.chunked_loss import chunked_cross_entropy
 from megatiny.config import ModelConfig
 from megatiny.kernels import use_kernels
 from megatiny.moe import MoE
@@ -251,26 +252,25 @@ class Block(nn.Module):
 
 
 class LMOutput(nn.Module):
-    """The output layer (no parameters of its own): logits = h W^T, with W the LM head's weight or,
-    tied, the token embedding's; `loss` gives the per-token cross-entropy (0 where labels == -100).
-    parallelize swaps in a vocabulary-parallel version (megatiny.parallel.layers.VocabParallelOutput)."""
+    """logits = h W^T (W: the LM head's or tied embedding's weight); `loss`: per-token cross-entropy
+    (0 at labels -100), `chunk_tokens` at a time if > 0 (chunked_loss.py); TP: parallel.modules."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fused = config.fused_kernels
+        self.fused, self.chunk_tokens = config.fused_kernels, config.loss_chunk_tokens
 
     def logits(self, h, weight):
         return F.linear(h, weight)
 
     def loss(self, h, weight, labels):
-        logits = self.logits(h, weight)
+        if self.chunk_tokens:
+            return chunked_cross_entropy(h, weight, labels, self.chunk_tokens)
+        logits = self.logits(h, weight).flatten(0, -2)
         if use_kernels(self.fused, logits):
             from megatiny.kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(logits.flatten(0, -2), labels.flatten()).view_as(labels)
-        return F.cross_entropy(
-            logits.flatten(0, -2).float(), labels.flatten(), reduction="none"
-        ).view_as(labels)
+            return cross_entropy(logits, labels.flatten()).view_as(labels)
+        return F.cross_entropy(logits.float(), labels.flatten(), reduction="none").view_as(labels)
 
 
 class GPT(nn.Module):

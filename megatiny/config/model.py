@@ -46,6 +46,8 @@ class ModelConfig:
                     Megatron's selective recompute) | "op" (torchtitan's op-level policy: per
                     block keep every other matmul output and the attention output, recompute
                     the rest) | "full" (every block)
+    loss_chunk_tokens  tokens per chunk of the output projection + cross-entropy (0: unchunked);
+                    chunked, the loss holds one chunk's logits at a time (megatiny/chunked_loss.py)
     fused_kernels   use megatiny.kernels (Triton) for softmax / norms / cross-entropy when the
                     tensors are on CUDA (or TRITON_INTERPRET=1); plain torch otherwise
     dtype           "fp32" | "bf16": the training run's parameter dtype; bf16 keeps fp32 main
@@ -77,6 +79,7 @@ class ModelConfig:
     init_std: float = 0.02
     recompute: str = "none"
     fused_kernels: bool = False
+    loss_chunk_tokens: int = 0
     dtype: str = "fp32"
     moe_experts: int = 0
     moe_top_k: int = 2
@@ -120,6 +123,12 @@ class ModelConfig:
                 self.ffn_hidden = 4 * self.d_model
         if self.ffn_hidden < 1:
             raise ValueError(f"ffn_hidden={self.ffn_hidden} must be a positive integer")
+        chunk = self.loss_chunk_tokens
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            raise ValueError(
+                f"loss_chunk_tokens={chunk!r} must be an integer >= 0 (0: the loss is not "
+                "chunked; e.g. 4096 holds 4096 tokens' logits at a time)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:

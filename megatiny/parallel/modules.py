@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from megatiny.chunked_loss import chunked_cross_entropy
 from megatiny.kernels import use_kernels
 from megatiny.model import LayerNorm, RMSNorm
 from megatiny.parallel import collectives
@@ -29,25 +30,36 @@ class VocabParallelOutput(nn.Module):
     parallel twin). `weight` is this rank's rows [V'/p, h] of the padded head (or tied embedding).
 
     The input h is replicated (copy_to_tp: backward all-reduces dh) or, with `sequence_parallel`,
-    a sequence shard that is all-gathered (backward reduce-scatters dh)."""
+    a sequence shard that is all-gathered (backward reduce-scatters dh). With `chunk_tokens` > 0
+    the loss runs megatiny.chunked_loss on the full h, one chunk of tokens' logits at a time, its
+    softmax statistics all-reduced per chunk (the same communication, in more calls)."""
 
-    def __init__(self, group, vocab_size: int, sequence_parallel: bool = False, fused=False):
+    def __init__(self, group, vocab_size: int, sequence_parallel: bool = False, fused=False,
+                 chunk_tokens: int = 0):  # fmt: skip
         super().__init__()
         self.group, self.vocab_size = group, vocab_size
         self.sequence_parallel, self.fused = sequence_parallel, fused
+        self.chunk_tokens = chunk_tokens
+
+    def full_input(self, h):
+        """h as every rank's logits GEMM reads it: the whole sequence, dh summed over TP."""
+        if self.sequence_parallel:
+            return gather_from_sp(h, self.group, dim=1)
+        return copy_to_tp(h, self.group)
 
     def local_logits(self, h, weight):
-        if self.sequence_parallel:
-            h = gather_from_sp(h, self.group, dim=1)
-        else:
-            h = copy_to_tp(h, self.group)
-        return F.linear(h, weight)
+        return F.linear(self.full_input(h), weight)
 
     def logits(self, h, weight):
         """The full logits [b, s, V] on every rank (all-gathered, padding dropped)."""
         return gather_from_tp(self.local_logits(h, weight), self.group)[..., : self.vocab_size]
 
     def loss(self, h, weight, labels):
+        if self.chunk_tokens:
+            return chunked_cross_entropy(
+                self.full_input(h), weight, labels, self.chunk_tokens, group=self.group,
+                all_reduce=_all_reduce, vocab_size=self.vocab_size,
+            )  # fmt: skip
         logits = self.local_logits(h, weight)
         if use_kernels(self.fused, logits):
             from megatiny.kernels.cross_entropy import vocab_parallel_cross_entropy as fused_ce
@@ -58,7 +70,10 @@ class VocabParallelOutput(nn.Module):
         return vocab_parallel_cross_entropy(logits, labels, self.group, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.vocab_size}, sequence_parallel={self.sequence_parallel}"
+        return (
+            f"vocab_size={self.vocab_size}, sequence_parallel={self.sequence_parallel}, "
+            f"chunk_tokens={self.chunk_tokens}"
+        )
 
 
 def _all_reduce(t, group, op):

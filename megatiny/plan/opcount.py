@@ -16,7 +16,8 @@ autograd has decomposed them:
                     so a profile may give them a rate of their own
     ops             the number of non-view ops (each costs a launch / dispatch overhead)
     transient       the largest (inputs + outputs) bytes of one op during backward, e.g. the
-                    logits gradient beside the softmax it is computed from
+                    logits gradient beside the softmax it is computed from; an in-place op's
+                    output is its input, counted once (one buffer, however it is written)
 
 Collectives (the c10d namespace) are the tracer's business and are skipped here.
 """
@@ -53,6 +54,11 @@ def _tensors(tree):
 
 def _nbytes(tree) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(tree))
+
+
+def _unique_nbytes(*trees) -> int:
+    seen = {id(t): t for tree in trees for t in _tensors(tree)}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def _attention_flops(q, k) -> int:
@@ -94,7 +100,8 @@ class OpCounter(TorchDispatchMode):
             kind = "transcendental_bytes" if packet.__name__ in _TRANSCENDENTAL else "bytes"
             self._add(kind, moved)
             if torch._C._current_graph_task_id() != -1:  # inside backward
-                self.max_backward_bytes = max(self.max_backward_bytes, moved)
+                live = _unique_nbytes(args, kwargs, out)
+                self.max_backward_bytes = max(self.max_backward_bytes, live)
         return out
 
     def totals(self) -> dict[str, dict[str, float]]:
