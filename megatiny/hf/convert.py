@@ -59,28 +59,48 @@ def special_ids(directory: str | None, tokenizer: str | None = None) -> dict:
     return {"bos_token_id": tok.bos_id, "eos_token_id": eos, "pad_token_id": tok.pad_id}
 
 
-def from_hf_dir(input_dir: str, output: str, gguf_file: str | None = None) -> None:
-    """A transformers directory (or GGUF) -> a megatiny model directory with its tokenizer."""
-    from transformers import AutoModelForCausalLM
+def _read_hf(input_dir: str, kw: dict):
+    """(megatiny model, HF config, HF generation config) of a transformers directory. GPT-2 and
+    Llama safetensors are read tensor by tensor into the megatiny layout (megatiny/hf/lazy.py:
+    no transformers model, so one copy of the weights); others through transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    kw = {"local_files_only": True}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
+    from megatiny.hf.lazy import lazy_from_hf_dir
+    from megatiny.parallel.build import materialize
+
+    files = ("model.safetensors", "model.safetensors.index.json")
+    if "gguf_file" not in kw and any(os.path.isfile(os.path.join(input_dir, n)) for n in files):
+        config = AutoConfig.from_pretrained(input_dir, **kw)
+        if config.model_type in ("gpt2", "llama"):
+            try:
+                generation = GenerationConfig.from_pretrained(input_dir, **kw)
+            except OSError:  # no generation_config.json: what transformers derives
+                generation = GenerationConfig.from_model_config(config)
+            return materialize(lazy_from_hf_dir(input_dir), "cpu"), config, generation
     try:
         hf = AutoModelForCausalLM.from_pretrained(input_dir, **kw)
     except ImportError as e:  # GGUF needs the `gguf` (and `accelerate`) packages
         raise SystemExit(f"--gguf-file: {e}; pip install gguf==0.19.0 accelerate==1.15.0") from e
+    return from_hf(hf), hf.config, hf.generation_config
+
+
+def from_hf_dir(input_dir: str, output: str, gguf_file: str | None = None) -> None:
+    """A transformers directory (or GGUF) -> a megatiny model directory with its tokenizer."""
+    kw = {"local_files_only": True}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    model, hf_config, hf_generation = _read_hf(input_dir, kw)
     with _built_aside(output) as tmp:
-        save_model(from_hf(hf), tmp)
+        save_model(model, tmp)
         if gguf_file:  # the tokenizer lives inside the GGUF: let transformers rebuild it
             from transformers import AutoTokenizer
 
             AutoTokenizer.from_pretrained(input_dir, **kw).save_pretrained(tmp)
         else:
             copy_tokenizer_files(input_dir, tmp)
-        generation = hf.generation_config.to_diff_dict() if hf.generation_config else {}
+        generation = hf_generation.to_diff_dict() if hf_generation else {}
         ids = {k: generation.get(k) for k in SPECIAL_IDS}
-        ids = {k: v if v is not None else getattr(hf.config, k, None) for k, v in ids.items()}
+        ids = {k: v if v is not None else getattr(hf_config, k, None) for k, v in ids.items()}
         if any(v is not None for v in ids.values()):
             generation.update({k: v for k, v in ids.items() if v is not None})
             with open(os.path.join(tmp, GENERATION_FILE), "w", encoding="utf-8") as f:
