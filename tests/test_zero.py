@@ -233,5 +233,5 @@ def test_parameter_gather_stays_in_flight_until_the_next_forward(tmp_path):
 def test_overlap_param_gather_needs_zero1():
     from megatiny.config import Config, ConfigError
 
-    with pytest.raises(ConfigError, match="zero1=true"):
+    with pytest.raises(ConfigError, match="set parallel.zero=1"):
         Config.from_dict({}, ["parallel.overlap_param_gather=true"])

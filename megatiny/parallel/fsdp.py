@@ -267,7 +267,8 @@ class ShardedDataParallel(DistributedDataParallel):
                 b.full.copy_(mine)
             else:
                 unit.works.append(
-                    collectives.all_gather_into(b.full, mine, b.group, async_op=async_op))
+                    collectives.all_gather_into(b.full, mine, b.group, async_op=async_op)
+                )
         unit.gathered = True
 
     def _unshard(self, unit: Unit) -> None:

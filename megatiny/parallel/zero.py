@@ -295,7 +295,8 @@ class ZeroOptimizer:
         return {
             "param_bytes": params.numel() * params.element_size(),
             "grad_bytes": sum(t.numel() * t.element_size() for t in grads),
-            "master_param_bytes": 0 if self.master is params
+            "master_param_bytes": 0
+            if self.master is params
             else self.master.numel() * self.master.element_size(),
             "optimizer_state_bytes": int(state_bytes),
             "optimizer_state_bytes_unsharded": int(round(per_element * full)),
