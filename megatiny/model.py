@@ -34,7 +34,7 @@ from megatiny.chunked_loss import chunked_cross_entropy
 from megatiny.config import ModelConfig
 from megatiny.kernels import use_kernels
 from megatiny.moe import MoE
-from megatiny.recompute import op_policy_contexts
+from megatiny.recompute import op_context_fn
 
 
 class LayerNorm(nn.Module):
@@ -387,8 +387,7 @@ class GPT(nn.Module):
         mode = self.config.recompute if torch.is_grad_enabled() and kv_cache is None else "none"
         for block in self.blocks:
             if mode in ("full", "op"):  # op: torchtitan's policy, megatiny/recompute.py
-                contexts = lambda block=block: op_policy_contexts(block)  # noqa: E731
-                policy = {"context_fn": contexts} if mode == "op" else {}
+                policy = {"context_fn": op_context_fn(block)} if mode == "op" else {}
                 h = checkpoint(block, h, rope, use_reentrant=False, **policy)
             else:
                 h = block(h, rope, kv_cache, offset)

@@ -20,6 +20,7 @@ parts. The attention outputs are kept by torch's own selective-checkpoint cache.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -188,3 +189,8 @@ def op_policy_contexts(block=None):
         _both(_KeepColumns(segments, storage, recompute=False), sac_forward),
         _both(_KeepColumns(segments, storage, recompute=True), sac_recompute),
     )
+
+
+def op_context_fn(block):
+    """`op_policy_contexts` for `block`, as torch.utils.checkpoint's `context_fn` argument."""
+    return functools.partial(op_policy_contexts, block)
