@@ -24,8 +24,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("megatiny.hf.convert", "convert checkpoints to / from Hugging Face transformers"),
     "parity": ("megatiny.parity.cli", "find the first module where a parallel layout differs"),
     "checkpoint": ("megatiny.training.manifest", "verify checkpoints against their manifests"),
-    "debug": ("megatiny.training.hang", "diagnose a hung job from its flight-recorder dumps"),
+    "debug": (
+        "megatiny.training.hang",
+        "diagnose a run: a hung job (flight-recorder dumps), slow ranks (straggler scores)",
+    ),
     "plan": ("megatiny.plan.cli", "predict memory, communication and step time of a layout"),
+}
+
+# subcommand -> {action: (module, help)}: actions added to the sub-parsers its module made (each
+# module provides add_arguments(parser) and main(args)).
+ACTIONS: dict[str, dict[str, tuple[str, str]]] = {
+    "debug": {
+        "stragglers": (
+            "megatiny.training.stragglers",
+            "ranks' compute scores: table + rank x step heatmap PNG",
+        ),
+    },
 }
 
 
@@ -54,7 +68,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(_main=mod.main)
+            _add_actions(p, ACTIONS.get(name, {}))
     return parser
+
+
+def _add_actions(parser: argparse.ArgumentParser, actions: dict) -> None:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action, (module, help_text) in actions.items():
+        mod = importlib.import_module(module)
+        p = subs[0].add_parser(action, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
     from megatiny.parallel.tracer import CommTracer
     from megatiny.training import rundir
     from megatiny.training.checkpoint import load_checkpoint, save_checkpoint
+    from megatiny.training.checks import SilentDataCorruption, install_checks
     from megatiny.training.flight import FlightRecorder
     from megatiny.training.metrics import (
         MetricsWriter,
@@ -144,6 +145,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                 if moved:
                     print(f"{name}: {moved} rows after step {trainer.step} (replayed now) moved "
                           f"to {name}.replaced", flush=True)  # fmt: skip
+    checks = install_checks(cfg, trainer, _warn)  # stragglers, SDC replay, MEGATINY_FAULT; or None
     spikes = None
     if tc.spike_factor:
         spikes = SpikeDetector(tc.spike_factor, tc.spike_window, meta.get("loss_history", ()))
@@ -197,6 +199,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
             from megatiny.parallel.experts import reduce_moe_metrics
 
             out.update(reduce_moe_metrics(trainer.model, ctx))
+        out.update(checks.collect(step) if checks is not None else {})  # straggler scores
         if step in (tc.log_interval, tc.steps):
             from megatiny.training.memory import memory_metrics
 
@@ -228,6 +231,8 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
             phase(trainer.step + 1, "train")
             try:
                 out = trainer.train_step()
+            except SilentDataCorruption as e:  # the model is the previous step's: keep it
+                raise SilentDataCorruption(f"{e}; saved checkpoint {save()}") from None
             except NonFiniteLoss as e:
                 last_checkpoint = save()
                 raise NonFiniteLoss(
@@ -293,6 +298,8 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
         raise
     finally:
         stop.__exit__()
+        if checks is not None:
+            checks.close()
         if recorder is not None:
             recorder.stop()
         if tracer is not None:
