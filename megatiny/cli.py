@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "diagnose a run: a hung job (flight-recorder dumps), slow ranks (straggler scores)",
     ),
     "plan": ("megatiny.plan.cli", "predict memory, communication and step time of a layout"),
+    "config": ("megatiny.config.reference", "every config key (keys); a resolved config (show)"),
+    "plot": ("megatiny.training.plot", "loss, lr, grad norm, tokens/s of runs overlaid, as a PNG"),
 }
 
 # subcommand -> {action: (module, help)}: actions added to the sub-parsers its module made (each
@@ -38,6 +40,10 @@ ACTIONS: dict[str, dict[str, tuple[str, str]]] = {
         "stragglers": (
             "megatiny.training.stragglers",
             "ranks' compute scores: table + rank x step heatmap PNG",
+        ),
+        "comm": (
+            "megatiny.training.summary",
+            "comm.jsonl totalled per group, op and phase (train.trace_comm=true)",
         ),
     },
 }

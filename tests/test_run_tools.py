@@ -1,0 +1,93 @@
+"""Summaries and pictures of a run: `megatiny debug comm` totals equal the planner's bytes,
+`megatiny plot` overlays runs in one PNG, `plan --search` holds one global batch."""
+
+import json
+import os
+
+import pytest
+
+from megatiny.cli import main
+from tests.test_train import REPO, make_corpus, run_training, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tp2dp2_run(tmp_path_factory):
+    """A traced tp2 x dp2 run (4 ranks) and an untraced dp2 run of the same corpus."""
+    base = tmp_path_factory.mktemp("runs")
+    prefix = make_corpus(base)
+    traced = tiny_config(prefix, base / "tp2dp2", "parallel.tp=2", "train.trace_comm=true",
+                         "train.steps=3", "train.eval_interval=2")  # fmt: skip
+    run_training(traced, world_size=4)
+    plain = tiny_config(prefix, base / "dp2", "train.steps=3", "train.eval_interval=2")
+    run_training(plain, world_size=2)
+    return traced, base / "tp2dp2", base / "dp2"
+
+
+@pytest.mark.slow
+def test_debug_comm_totals_equal_the_plan(tp2dp2_run, capsys):
+    from megatiny.plan.predict import plan
+    from megatiny.plan.timemodel import load_profile
+    from megatiny.training.summary import summarize
+
+    cfg, run_dir, _ = tp2dp2_run
+    planned = plan(cfg, 4, load_profile("cpu"))["comm_bytes_per_step"]
+    summary = summarize(str(run_dir))
+    assert summary["steps"] == 3
+    assert summary["per_step"] == planned and planned["tp"] > 0 and planned["dp"] > 0
+    assert main(["debug", "comm", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "share of step" in out and f"tp {planned['tp']:,}" in out
+    phases = {r["phase"] for r in summary["rows"]}
+    assert {"train", "eval"} <= phases
+
+
+@pytest.mark.slow
+def test_plot_overlays_two_runs_in_one_png(tp2dp2_run, tmp_path, capsys):
+    from megatiny.training.plot import plot_runs
+
+    _, a, b = tp2dp2_run
+    output = tmp_path / "both.png"
+    lines = plot_runs([str(a), str(b)], str(output))
+    # per panel one line per run; the loss panel also one validation curve per run
+    assert lines == {"loss": 4, "lr": 2, "grad_norm": 2, "tokens_per_second": 2}
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(a), str(b), "--output", str(tmp_path / "cli.png")]) == 0
+    assert "2 run(s)" in capsys.readouterr().out and (tmp_path / "cli.png").exists()
+
+
+def test_debug_comm_without_a_trace_says_how_to_get_one(tmp_path, capsys):
+    assert main(["debug", "comm", str(tmp_path)]) == 1
+    assert "train.trace_comm=true" in capsys.readouterr().err
+
+
+def test_plan_search_holds_the_configs_global_batch():
+    # llama3-8b-torchtitan at 8 GPUs resolves to micro 2 x dp 8 = 16 sequences; every candidate
+    # layout (other micro-batches, tp, pp, cp) keeps 16 (before: 4 and 8 at other layouts)
+    from megatiny.config import Config
+    from megatiny.plan.search import candidates, format_search, global_batch
+    from megatiny.plan.timemodel import load_profile
+
+    cfg = Config.from_yaml(os.path.join(REPO, "benchmarks/plan_configs/llama3-8b-torchtitan.yaml"))
+    profile = load_profile("h100-sxm")
+    assert global_batch(cfg, 8) == 16
+    pool = candidates(cfg, 8, profile)
+    assert pool and {c.train.global_batch_size for c in pool} == {16}
+    assert len({c.train.micro_batch_size for c in pool}) > 1  # accumulation makes up the rest
+    row = {"layout": {"tp": 1, "pp": 1, "virtual_pipeline_size": 1, "cp": 1, "dp": 8,
+                      "sequence_parallel": False, "zero1": True, "recompute": "op",
+                      "micro_batch_size": 2, "global_batch_size": 16},
+           "memory_bytes": {"peak": 2**30}, "time_s": {"step": 1.0},
+           "tokens_per_s_per_gpu": 1.0, "mfu": 0.5}  # fmt: skip
+    text = format_search([row], 8, profile, 1.0)
+    assert "gbs" in text.splitlines()[1] and "global batch of 16 sequences" in text
+
+
+def test_plan_search_json_lists_one_global_batch(capsys):
+    code = main(["plan", "--config", "launch/configs/tiny-cpu.yaml", "model.vocab_size=256",
+                 "data.tokenizer=null", "train.global_batch_size=null", "--world-size", "4",
+                 "--search", "--json", "--top", "3"])  # fmt: skip
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    # tiny-cpu: micro 16 at tp2 -> dp 2 at 4 ranks: 32 sequences for every layout
+    assert code == 0 and rows and {r["layout"]["global_batch_size"] for r in rows} == {32}
+    assert "global batch of 32 sequences" in captured.err
