@@ -26,6 +26,7 @@ from megatiny.parallel.comm import (
 )
 from megatiny.parallel.sharding import Sharding, shard_from_full
 from megatiny.parallel.sp_linear import sequence_parallel_linear
+from megatiny.parallel.split_backward import linear
 
 
 def _check_divisible(what: str, n: int, tp: int) -> None:
@@ -163,7 +164,7 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel:  # saves only the shard X_i for backward, not the gathered X
             y = sequence_parallel_linear(x, self.weight, self.bias, self.group)
         else:
-            y = F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+            y = linear(copy_to_tp(x, self.group), self.weight, self.bias)  # split_backward
         if self.gather_output:
             y = self.unshard(gather_from_tp(y, self.group))
         return y
@@ -218,7 +219,7 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)  # F.linear, or its weight gradient deferred (split_backward)
         if self.sequence_parallel:
             _check_seq(y, self.tp, "RowParallelLinear")
             y = reduce_scatter_to_sp(y, self.group, dim=1)

@@ -99,12 +99,28 @@ def _shallow_copy(model: nn.Module) -> nn.Module:
     return chunk
 
 
-def _rank_stages(n_layers: int, ctx, virtual_pipeline_size, layer_split) -> list[tuple]:
+def rank_stages(pp: int, pp_rank: int, v: int, placement: str = "interleaved") -> list[int]:
+    """The virtual stages of a pipeline rank, ascending: s = c * pp + rank (interleaved), or
+    rank and 2 pp - 1 - rank (placement "v", ZB-V's two chunks)."""
+    if placement == "v":
+        if v != 2:
+            raise ValueError(
+                f"the V placement (zb-v) holds 2 chunks per rank, got virtual_pipeline_size={v}; "
+                "set parallel.virtual_pipeline_size=2 or null"
+            )
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    if placement != "interleaved":
+        raise ValueError(f"unknown stage placement {placement!r}; choose interleaved or v")
+    return [c * pp + pp_rank for c in range(v)]
+
+
+def _rank_stages(n_layers, ctx, virtual_pipeline_size, layer_split, placement) -> list[tuple]:
     """(virtual stage s, first layer, end layer) of each of this pipeline rank's chunks."""
-    pp, v = ctx.pp_size, virtual_pipeline_size or 1
+    pp = ctx.pp_size
+    v = virtual_pipeline_size or (2 if placement == "v" else 1)
     split = validate_pipeline(n_layers, pp, v, layer_split)
     starts = [sum(split[:s]) for s in range(pp * v + 1)]
-    return [(s, starts[s], starts[s + 1]) for s in (c * pp + ctx.pp_rank for c in range(v))]
+    return [(s, starts[s], starts[s + 1]) for s in rank_stages(pp, ctx.pp_rank, v, placement)]
 
 
 def _block(model: nn.Module, i: int) -> nn.Module:
@@ -139,6 +155,7 @@ def keep_stages(
     ctx,
     virtual_pipeline_size: int | None = None,
     layer_split: list[int] | None = None,
+    placement: str = "interleaved",
 ) -> nn.Module:
     """Prune a GPT in place to the modules of this pipeline rank's stages and return it.
 
@@ -151,8 +168,9 @@ def keep_stages(
     """
     if ctx.pp_size == 1:
         return model
-    stages = _rank_stages(model.config.n_layers, ctx, virtual_pipeline_size, layer_split)
-    last = ctx.pp_size * (virtual_pipeline_size or 1) - 1
+    stages = _rank_stages(model.config.n_layers, ctx, virtual_pipeline_size, layer_split,
+                          placement)  # fmt: skip
+    last = ctx.pp_size * (2 if placement == "v" else virtual_pipeline_size or 1) - 1
     first_rank = any(s == 0 for s, _, _ in stages)
     last_rank = any(s == last for s, _, _ in stages)
     _prune(model, model, [(lo, hi) for _, lo, hi in stages], first_rank, last_rank)
@@ -164,15 +182,20 @@ def build_pipeline_chunks(
     ctx,
     virtual_pipeline_size: int | None = None,
     layer_split: list[int] | None = None,
+    placement: str = "interleaved",
 ) -> list[nn.Module]:
     """This pipeline rank's model chunks (v of them), cut from a single-device or TP-sharded GPT
     (whole, or already pruned to this rank's stages by `keep_stages`).
 
     Each chunk gets `is_first_chunk` / `is_last_chunk` (first/last virtual stage of the whole
-    pipeline), `virtual_stage` and `layer_range` attributes.
+    pipeline), `virtual_stage` and `layer_range` attributes. `placement="v"` places stages r and
+    2 pp - 1 - r on rank r (zb-v): rank 0 then holds the first and the last stage, and a tied
+    embedding is one local parameter (nothing to sync over the embedding group).
     """
-    pp, v = ctx.pp_size, virtual_pipeline_size or 1
-    stages = _rank_stages(model.config.n_layers, ctx, v, layer_split)
+    pp = ctx.pp_size
+    v = virtual_pipeline_size or (2 if placement == "v" else 1)
+    stages = _rank_stages(model.config.n_layers, ctx, v, layer_split, placement)
+    both_ends = {0, pp * v - 1} <= {s for s, _, _ in stages}
     if pp == 1:
         model.is_first_chunk = model.is_last_chunk = True
         model.virtual_stage, model.layer_range = 0, (0, len(model.blocks))
@@ -183,7 +206,7 @@ def build_pipeline_chunks(
         chunk.is_first_chunk, chunk.is_last_chunk = s == 0, s == pp * v - 1
         chunk.virtual_stage, chunk.layer_range = s, (lo, hi)
         _prune(chunk, model, [(lo, hi)], chunk.is_first_chunk, chunk.is_last_chunk)
-        if chunk.config.tie_embeddings and chunk.embed is not None:  # first or last stage
+        if chunk.config.tie_embeddings and chunk.embed is not None and not both_ends:
             declare_tied(chunk.embed, "weight", "embedding")  # ctx.embedding_group
         chunks.append(chunk)
     return chunks
@@ -223,11 +246,15 @@ class PipelineModel(nn.Module):
 
 
 def build_pipeline(
-    model: nn.Module, ctx, virtual_pipeline_size: int | None = None, layer_split=None
+    model: nn.Module,
+    ctx,
+    virtual_pipeline_size: int | None = None,
+    layer_split=None,
+    placement: str = "interleaved",
 ) -> nn.Module:
     """`model` itself when pp == 1, else a `PipelineModel` of this rank's chunks; both have
     `.chunks` (the list the schedule runs)."""
-    chunks = build_pipeline_chunks(model, ctx, virtual_pipeline_size, layer_split)
+    chunks = build_pipeline_chunks(model, ctx, virtual_pipeline_size, layer_split, placement)
     if ctx.pp_size == 1:
         model.chunks = chunks
         return model
@@ -308,6 +335,7 @@ class P2P:
     def __init__(self, ctx, shape, dtype=torch.float32, device=None):
         pp, rank = ctx.pp_size, ctx.pp_rank
         self.rank, self.size, self.group = rank, pp, ctx.pp_group
+        self.ranks = list(ctx.pp_ranks)  # global rank of each pipeline rank
         self.prev = ctx.pp_ranks[(rank - 1) % pp]
         self.next = ctx.pp_ranks[(rank + 1) % pp]
         self.shape, self.dtype = tuple(shape), dtype
@@ -324,22 +352,42 @@ class P2P:
             )
         return t.detach().to(self.dtype).contiguous()
 
+    def post(self, messages):
+        """Post ("send", tensor, pp rank) / ("recv", None, pp rank) messages in this order, as one
+        batch; wait for the receives only. Returns (received tensors in order, send handles):
+        a send's tensor must stay alive until its handle is waited for (the schedule does)."""
+        posts, received, sends = [], [], []
+        for kind, tensor, peer in messages:
+            if kind == "send":
+                posts.append(("send", self._check(tensor), self.ranks[peer]))
+            else:
+                received.append(self._empty())
+                posts.append(("recv", received[-1].data, self.ranks[peer]))
+        works = collectives.batch_isend_irecv(posts, self.group)
+        for (kind, tensor, _), work in zip(posts, works):
+            if kind == "recv":
+                work.wait()
+            else:
+                sends.append((work, tensor))
+        return received, sends
+
     def communicate(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
         """One exchange: activations forward (to next / from prev), gradients backward.
 
         Returns (tensor from prev or None, tensor from next or None).
         """
-        messages, from_prev, from_next = [], None, None
+        messages = []
         if send_next is not None:
-            messages.append(("send", self._check(send_next), self.next))
+            messages.append(("send", send_next, (self.rank + 1) % self.size))
         if recv_prev:
-            from_prev = self._empty()
-            messages.append(("recv", from_prev.data, self.prev))
+            messages.append(("recv", None, (self.rank - 1) % self.size))
         if send_prev is not None:
-            messages.append(("send", self._check(send_prev), self.prev))
+            messages.append(("send", send_prev, (self.rank - 1) % self.size))
         if recv_next:
-            from_next = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            messages.append(("recv", from_next, self.next))
-        for work in collectives.batch_isend_irecv(messages, self.group):
+            messages.append(("recv", None, (self.rank + 1) % self.size))
+        received, sends = self.post(messages)
+        for work, _ in sends:
             work.wait()
+        from_prev = received.pop(0) if recv_prev else None
+        from_next = received.pop(0).detach() if recv_next else None
         return from_prev, from_next
