@@ -11,8 +11,8 @@ Extension's two scores):
     individual = this rank's best interval so far / this interval   (1 = as fast as it ever was)
 
 A rank is named a straggler when its relative score is below `train.straggler_threshold`, or its
-individual score is while the median individual score of all ranks is not (it slowed down, the
-job did not). Rank 0 warns in one line per straggler and the scores go to metrics.jsonl
+individual score is below threshold x the median individual score of all ranks (it slowed down
+more than the job did: a machine that slows every rank names none). Rank 0 warns in one line per straggler and the scores go to metrics.jsonl
 (`straggler_relative`, `straggler_individual`, `compute_s`, `comm_wait_s`: one value per rank;
 `stragglers`: the ranks named). `megatiny debug stragglers RUN_DIR` reads them back.
 
@@ -122,11 +122,11 @@ def score(compute: list[float], stage: list[float], best: list[float] | None,
             peer = min(
                 (r for r, s in enumerate(stage) if s == stage[rank]), key=lambda r: compute[r]
             )
-            why.append(f"computes at {rel:.2f} x the speed of rank {peer} ({compute[rank]:.4f} "
+            why.append(f"runs at {rel:.2f} x the speed of rank {peer} ({compute[rank]:.4f} "
                        f"vs {compute[peer]:.4f} s/step)")  # fmt: skip
-        if ind < threshold <= typical:
-            why.append(f"at {ind:.2f} x its own best ({compute[rank]:.4f} vs {best[rank]:.4f} "
-                       "s/step) while the other ranks kept their pace")  # fmt: skip
+        if ind < threshold * typical:
+            why.append(f"runs at {ind:.2f} x its own best ({compute[rank]:.4f} vs {best[rank]:.4f} "
+                       f"s/step) while the ranks' median is {typical:.2f}")  # fmt: skip
         if why:
             named.append(rank)
             lines.append(f"rank {rank} is a straggler: it " + " and ".join(why) +
