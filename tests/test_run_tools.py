@@ -91,3 +91,15 @@ def test_plan_search_json_lists_one_global_batch(capsys):
     # tiny-cpu: micro 16 at tp2 -> dp 2 at 4 ranks: 32 sequences for every layout
     assert code == 0 and rows and {r["layout"]["global_batch_size"] for r in rows} == {32}
     assert "global batch of 32 sequences" in captured.err
+
+
+def test_console_line_shows_moe_losses_when_moe_is_on():
+    from megatiny.training.metrics import format_line
+
+    m = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_second": 100.0,
+         "tflops_per_device": 0.1, "mfu": None, "peak_memory_gib": 0.0}  # fmt: skip
+    assert "moe" not in format_line(5, 10, m)
+    line = format_line(
+        5, 10, {**m, "moe_aux_loss": 1.0123, "moe_z_loss": 0.25, "moe_dropped_fraction": 0}
+    )
+    assert line.endswith("moe aux 1.0123 z 0.2500")

@@ -103,6 +103,8 @@ def format_line(step: int, total: int, m: dict) -> str:
     parts.append(f"mem {m['peak_memory_gib']:.2f} GiB")
     if m.get("skipped_steps"):
         parts.append(f"skipped {m['skipped_steps']}")
+    if "moe_aux_loss" in m:  # MoE runs: the router's losses beside the LM loss
+        parts.append(f"moe aux {m['moe_aux_loss']:.4f} z {m['moe_z_loss']:.4f}")
     return " | ".join(parts)
 
 
