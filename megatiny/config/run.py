@@ -41,6 +41,7 @@ class ParallelConfig:
     ep: int = 1  # expert parallelism: experts split over ep of the dp ranks (MoE models)
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
+    pipeline_schedule: str = "auto"  # auto|gpipe|1f1b|interleaved|zb-h1|zb-v: parallel/schedule_ir.py
     # ZeRO level over the data-parallel ranks: 0 none | 1 optimizer state | 2 + gradients |
     # 3 + parameters (FSDP-style, gathered per block); megatiny/parallel/zero.py, fsdp.py
     zero: int = 0
@@ -59,6 +60,9 @@ class ParallelConfig:
             raise ConfigError(f"parallel.dp={self.dp} must be >= 1 (or null to derive it)")
         if self.cp_mode not in ("ring", "a2a"):
             raise ConfigError(f"parallel.cp_mode={self.cp_mode!r}; choose ring or a2a")
+        from megatiny.parallel.schedule_ir import check_config  # pure: imports no torch
+
+        check_config(self.pipeline_schedule, self.virtual_pipeline_size, ConfigError)
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(
                 f"parallel.zero={self.zero}: choose 0 (replicated), 1 (optimizer state sharded), "
