@@ -103,3 +103,60 @@ def test_console_line_shows_moe_losses_when_moe_is_on():
         5, 10, {**m, "moe_aux_loss": 1.0123, "moe_z_loss": 0.25, "moe_dropped_fraction": 0}
     )
     assert line.endswith("moe aux 1.0123 z 0.2500")
+
+
+@pytest.mark.slow
+def test_convert_to_hf_of_a_run_carries_its_tokenizer_and_generates_the_same(tmp_path, capsys):
+    # the README's round trip: train, `convert --to-hf --input RUN_DIR` (no --tokenizer), then
+    # transformers' tokenizer gives the run's ids and its greedy output equals megatiny's
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatiny.config import Config
+    from megatiny.data.tokenizer import load_tokenizer, train_tokenizer
+    from megatiny.generate import generate
+    from megatiny.hf import load_any
+
+    texts = [f"the quick brown fox {i} jumps over the lazy dog {i % 7}" for i in range(200)]
+    train_tokenizer(texts, vocab_size=300, output=str(tmp_path / "tok"), show_progress=False)
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    assert main(["data", "tokenize", "--input", str(tmp_path / "docs.jsonl"), "--tokenizer",
+                 str(tmp_path / "tok"), "--output-prefix", str(tmp_path / "data")]) == 0  # fmt: skip
+    cfg = Config.from_dict(
+        {"model": {"vocab_size": "auto", "max_seq_len": 32, "d_model": 32, "n_layers": 2,
+                   "n_heads": 4}},
+        [f"data.path={tmp_path / 'data'}", f"data.tokenizer={tmp_path / 'tok'}",
+         "data.seq_length=16", "data.split=90,10,0", f"train.run_dir={tmp_path / 'run'}",
+         "train.steps=3", "train.micro_batch_size=2", "train.eval_iters=1",
+         "train.progress_bar=false", "train.tensorboard=false"],
+    )  # fmt: skip
+    run_training(cfg)
+    hf_dir = tmp_path / "hf"
+    assert (
+        main(["convert", "--to-hf", "--input", str(tmp_path / "run"), "--output", str(hf_dir)]) == 0
+    )
+    text = "the quick brown fox 12 jumps"
+    ids = load_tokenizer(str(tmp_path / "tok")).encode(text)
+    assert ids and AutoTokenizer.from_pretrained(hf_dir).encode(text) == ids
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                             min_new_tokens=8)[0].tolist()  # fmt: skip
+    ours = generate(load_any(str(tmp_path / "run")), ids, 8, temperature=0)[0].tolist()
+    assert theirs == ours
+
+    # a run whose config names no tokenizer: refused, naming --tokenizer
+    config = tmp_path / "run" / "config.yaml"
+    config.write_text(config.read_text().replace(str(tmp_path / "tok"), str(tmp_path / "gone")))
+    with pytest.raises(SystemExit, match="pass --tokenizer TOKDIR"):
+        main(
+            [
+                "convert",
+                "--to-hf",
+                "--input",
+                str(tmp_path / "run"),
+                "--output",
+                str(tmp_path / "x"),
+            ]
+        )

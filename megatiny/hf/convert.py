@@ -5,6 +5,9 @@ with what a model needs besides its weights.
     megatiny convert --from-hf --input DIR --gguf-file model.Q4_1.gguf --output MODEL_DIR
     megatiny convert --to-hf --input MODEL_DIR_OR_RUN [--tokenizer TOKDIR] --output HF_DIR
 
+`--to-hf` of a training run (or one of its checkpoints) carries the run's tokenizer, named by its
+config's data.tokenizer; it refuses, naming --tokenizer, when that is unset or missing.
+
 Both directions carry the tokenizer files (tokenizer.json / vocab + merges, tokenizer_config.json,
 special_tokens_map.json, chat_template.jinja) and the special-token ids: `--from-hf` writes the
 HF model's `generation_config.json` next to model.safetensors; `--to-hf` sets bos / eos / pad in
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 from megatiny.data.tokenizer import CONFIG_FILES, TOKENIZER_FILES, copy_tokenizer_files
@@ -122,6 +126,37 @@ def to_hf_dir(input_path: str, output: str, tokenizer: str | None = None) -> Non
         hf.generation_config.save_pretrained(tmp)
 
 
+def run_tokenizer(input_path: str) -> str | None:
+    """The tokenizer a training run or checkpoint was trained with (its config's data.tokenizer),
+    None for a model directory without a run config. Exits, naming --tokenizer, when the run's
+    config names none or one that is not there: an export without it encodes text to []."""
+    config = None
+    for candidate in (input_path, os.path.dirname(os.path.dirname(os.path.abspath(input_path)))):
+        meta = os.path.join(candidate, "meta.json")
+        if os.path.isfile(os.path.join(candidate, "config.yaml")):
+            import yaml
+
+            with open(os.path.join(candidate, "config.yaml"), encoding="utf-8") as f:
+                config = yaml.safe_load(f) or {}
+            break
+        if os.path.isfile(meta):  # a checkpoint step directory
+            with open(meta, encoding="utf-8") as f:
+                config = json.load(f).get("config")
+            if config:
+                break
+    if config is None:
+        return None
+    tokenizer = (config.get("data") or {}).get("tokenizer")
+    if not tokenizer or not os.path.exists(tokenizer):
+        found = f"names data.tokenizer={tokenizer!r}, which is not there" if tokenizer else (
+            "names no data.tokenizer")  # fmt: skip
+        raise SystemExit(
+            f"--to-hf: the run of {input_path} {found}; pass --tokenizer TOKDIR (the tokenizer "
+            "its data was made with), else the exported tokenizer would encode any text to []"
+        )
+    return tokenizer
+
+
 class _built_aside:
     """A temporary directory beside `output`, given normal permissions and renamed to `output`
     when the block succeeds; removed otherwise."""
@@ -173,7 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="directory to create")
     parser.add_argument("--gguf-file", help="--from-hf: a GGUF file name inside --input")
     parser.add_argument("--tokenizer", help="--to-hf: tokenizer dir to carry along (default: "
-                        "the tokenizer files in --input, if any)")  # fmt: skip
+                        "the tokenizer files in --input, else a run's data.tokenizer)")  # fmt: skip
 
 
 def main(args) -> int:
@@ -198,7 +233,14 @@ def main(args) -> int:
     if args.from_hf:
         from_hf_dir(args.input, out, args.gguf_file)
     else:
-        to_hf_dir(args.input, out, args.tokenizer)
+        tokenizer = args.tokenizer
+        if tokenizer is None and not has_tokenizer(args.input):
+            tokenizer = run_tokenizer(args.input)  # a run: the tokenizer of its config
+            if tokenizer is None:
+                print(f"convert: {args.input} has no tokenizer files and no run config: the "
+                      "export has weights only; pass --tokenizer TOKDIR to include one",
+                      file=sys.stderr)  # fmt: skip
+        to_hf_dir(args.input, out, tokenizer)
     carried = [n for n in TOKENIZER_FILES + CONFIG_FILES if os.path.isfile(os.path.join(out, n))]
     print(f"wrote {out}" + (f" (with {', '.join(carried)})" if carried else ""))
     return 0
