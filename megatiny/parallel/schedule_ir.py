@@ -292,7 +292,7 @@ def generate(name: str, p: int, m: int, v: int = 1) -> Schedule:
     """The IR of a named schedule (SCHEDULES) for p ranks, m micro-batches, v chunks per rank."""
     if name not in GENERATORS:
         raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {SCHEDULES}")
-    if name == "zb-v" and v not in (None, 2):
+    if name == "zb-v" and v not in (None, 1, 2):  # 1: unset
         raise ValueError(f"zb-v runs two chunks per rank in a V; got virtual_pipeline_size={v}")
     v = 2 if name == "zb-v" else (v or 1)
     if name == "interleaved" and (v < 2 or m % p):
