@@ -229,6 +229,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="measure every point this many times, round-robin; report the median")  # fmt: skip
     args = parser.parse_args()
+    from megatiny.plan.timemodel import CALIBRATED
+
+    calibrated = os.path.exists(CALIBRATED)
+    if not calibrated:
+        print(f"uncalibrated: no {CALIBRATED}, so the predictions use the stock CPU profile "
+              "(megatiny/plan/profiles/cpu.yaml), not this machine's speeds; run `megatiny plan "
+              "--gpu cpu --calibrate` first (a few minutes) for predictions of this machine", flush=True)  # fmt: skip
     heads = max(4, args.d_model // 32)
     MODEL.update(d_model=args.d_model, n_heads=heads, n_kv_heads=heads // 2)
     os.makedirs(args.out, exist_ok=True)
@@ -254,6 +261,9 @@ def main() -> None:
         print(table(rows, kind))
     plot(results, args.out)
     print(f"\nplots: {args.out}/efficiency.png, {args.out}/breakdown.png")
+    if not calibrated:
+        print(f"(predictions uncalibrated: run `megatiny plan --gpu cpu --calibrate`, which writes "
+              f"{CALIBRATED}, and rerun this benchmark)")  # fmt: skip
 
 
 if __name__ == "__main__":
