@@ -42,10 +42,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 all_reduce):  # fmt: skip
         dtype = _compute_dtype(h)
         h_low, w_low = h.to(dtype), weight.to(dtype)
-        n_tokens, width = h.shape[0], weight.shape[0]
-        local = target - vocab_start
-        owned = (local >= 0) & (local < width) & (target != ignore_index)
-        local = local.masked_fill(~owned, 0)
+        n_tokens = h.shape[0]
+        local, owned = _columns(target, vocab_start, weight.shape[0], ignore_index)
         loss = torch.empty(n_tokens, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(loss)
         for i in range(0, n_tokens, chunk):
@@ -61,18 +59,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             log_sum = sum_exp.log()
             loss[i:j] = log_sum - picked
             lse[i:j] = m + log_sum
-        ignored = target == ignore_index
-        loss.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(h_low, weight, local, owned, ignored, lse)
+            del z  # before the next chunk's logits exist: one chunk alive at a time
+        loss.masked_fill_(target == ignore_index, 0.0)
+        ctx.save_for_backward(h_low, weight, target, lse)  # target: the labels' own storage
         ctx.chunk, ctx.n_valid, ctx.dtype, ctx.h_dtype = chunk, n_valid, dtype, h.dtype
+        ctx.vocab_start, ctx.ignore_index = vocab_start, ignore_index
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        h_low, weight, local, owned, ignored, lse = ctx.saved_tensors
+        h_low, weight, target, lse = ctx.saved_tensors
         dtype, chunk = ctx.dtype, ctx.chunk
         w_low = weight.to(dtype)
-        g = dloss.float().masked_fill(ignored, 0.0)
+        local, owned = _columns(target, ctx.vocab_start, weight.shape[0], ctx.ignore_index)
+        g = dloss.float().masked_fill(target == ctx.ignore_index, 0.0)
         want_dh, want_dw = ctx.needs_input_grad[:2]
         dh = torch.empty_like(h_low) if want_dh else None
         dw = torch.zeros_like(weight) if want_dw else None
@@ -89,8 +89,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 dw.addmm_(dz.t(), h_low[i:j])
             elif want_dw:  # fp32 weight under autocast: a low-precision GEMM, summed in fp32
                 dw.add_(dz.t() @ h_low[i:j])
+            del dz
         dh = None if dh is None else dh.to(ctx.h_dtype)
         return dh, dw, None, None, None, None, None, None, None
+
+
+def _columns(target, vocab_start, width, ignore_index):
+    """Each target's column in this rank's rows (0 where another rank owns it, or ignored) and
+    whether this rank owns it."""
+    local = target - vocab_start
+    owned = (local >= 0) & (local < width) & (target != ignore_index)
+    return local.masked_fill(~owned, 0), owned
 
 
 def _logits(h, w_low, n_valid):

@@ -158,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--zero1", action="store_true", help="shard AdamW's state over the data-parallel ranks")
     a("--recompute", choices=["none", "selective", "op", "full"],
       help="activation recomputation (default: the pretrained config's)")  # fmt: skip
+    a("--loss-chunk-tokens", type=int, metavar="N",
+      help="instruction: compute the LM head and loss N tokens at a time, never holding the "
+      "whole logits (0: unchunked; default: the pretrained config's)")  # fmt: skip
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA, fp32 on CPU")  # fmt: skip
     a("--prompt-format", default="auto", choices=["auto", "alpaca", "chat"],

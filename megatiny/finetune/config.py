@@ -57,6 +57,7 @@ class FinetuneConfig:
     sequence_parallel: bool = False
     zero1: bool = False
     recompute: str | None = None  # none | selective | op | full; None = the pretrained config's
+    loss_chunk_tokens: int | None = None  # LM loss over chunks of N tokens; None = the pretrained's
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
     progress_bar: bool = True
     tensorboard: bool = False
@@ -92,13 +93,15 @@ class FinetuneConfig:
 
 
 def model_config(cfg: FinetuneConfig, body: ModelConfig) -> ModelConfig:
-    """The pretrained body's config with the run's recompute choice (shapes unchanged)."""
-    if cfg.recompute is None:
-        return body
-    try:
-        return dataclasses.replace(body, recompute=cfg.recompute)
-    except ValueError as e:
-        raise FinetuneError(f"--recompute: {e}") from None
+    """The pretrained body's config with the run's recompute and loss-chunking choices (shapes
+    unchanged)."""
+    for name in ("recompute", "loss_chunk_tokens"):
+        if getattr(cfg, name) is not None:
+            try:
+                body = dataclasses.replace(body, **{name: getattr(cfg, name)})
+            except ValueError as e:
+                raise FinetuneError(f"--{name.replace('_', '-')}: {e}") from None
+    return body
 
 
 def run_config(cfg: FinetuneConfig, model: ModelConfig, world_size: int) -> Config:
