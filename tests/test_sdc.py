@@ -164,3 +164,35 @@ def test_stop_exits_1_with_the_intact_checkpoint_before_the_corrupt_step(tmp_pat
     assert verify(str(ckpt / "step_2"))[1] is None
     rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "split" not in r] == [1, 2]  # nothing lost, nothing of 3
+
+
+def test_replay_check_refuses_zero_2_and_3_which_free_the_local_gradient(tmp_path):
+    from types import SimpleNamespace
+
+    from megatiny.config import ConfigError
+    from megatiny.training.checks import install_checks
+
+    cfg = tiny_config(tmp_path / "corpus", tmp_path / "run", "train.check_replay_every=10")
+    cfg.parallel.zero = 2
+    trainer = SimpleNamespace(ctx=SimpleNamespace(rank=0))
+    with pytest.raises(ConfigError, match="parallel.zero=1"):
+        install_checks(cfg, trainer)
+    cfg.train.check_replay_every = 0
+    assert install_checks(cfg, trainer) is None  # every check off: the Trainer is untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"], ids=["tp2xdp2", "pp2xdp2"])
+def test_replays_change_nothing_on_4_ranks(tmp_path, capfd, layout):
+    prefix = make_corpus(tmp_path)
+    runs = [
+        run_ranks(
+            _run,
+            4,
+            args=(tiny_config(prefix, tmp_path / k, "train.steps=4", layout, *extra, dropout=0.1),),
+            timeout=240,
+        )[0]  # fmt: skip
+        for k, extra in (("a", ()), ("b", ("train.check_replay_every=1",)))
+    ]
+    assert runs[0]["losses"] == runs[1]["losses"] and runs[1]["skipped_steps"] == 0
+    assert "silent data corruption" not in capfd.readouterr().err
