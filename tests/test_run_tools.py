@@ -160,3 +160,22 @@ def test_convert_to_hf_of_a_run_carries_its_tokenizer_and_generates_the_same(tmp
                 str(tmp_path / "x"),
             ]
         )
+
+
+def test_progress_bar_ends_at_the_reports_counts(tmp_path, capsys):
+    # the bar's docs= / kept= were refreshed every 256 documents only: 300 documents ended the
+    # bar at docs=256 while the report said 300
+    import re
+
+    from megatiny.data.dedup import DedupConfig, dedup
+    from megatiny.data.synthetic import dedup_corpus
+
+    records = dedup_corpus(
+        n_docs=300, exact_frac=0.1, near_frac=0.0, words=(20, 40), seed=3
+    ).records
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rep = dedup([str(tmp_path / "in.jsonl")], str(tmp_path / "out.jsonl"), DedupConfig(),
+                progress=True)  # fmt: skip
+    shown = re.findall(r"docs=(\d+), kept=(\d+)", capsys.readouterr().err)
+    assert rep["docs_in"] % 256 and rep["docs_kept"] < rep["docs_in"]
+    assert shown and tuple(map(int, shown[-1])) == (rep["docs_in"], rep["docs_kept"])

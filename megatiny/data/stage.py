@@ -252,6 +252,7 @@ def run_stage(
                 bar.set_postfix(docs=rep.docs_in, kept=rep.kept, refresh=False)
         if finish is not None:
             finish(rep)
+        bar.set_postfix(docs=rep.docs_in, kept=rep.kept)  # the final counts = the report's
     except BaseException as e:
         bar.close()
         partial = writer.abort(keep_partial=True) if writer is not None else None
