@@ -1,0 +1,144 @@
+"""Zero-bubble schedules (zb-h1, zb-v) and the split backward: the one-rank loss and every gradient
+at pp2, pp4, tp2 x pp2 + SP and pp2 x dp2 (fp32); a weight used twice gets both contributions,
+once; data-parallel hooks fire once per parameter; the executor keeps the simulator's timing."""
+
+import copy
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from megatiny.model import GPT
+from megatiny.parallel import ParallelContext, split_backward
+from megatiny.parallel.data_parallel import DistributedDataParallel
+from megatiny.parallel.parallelize import parallelize
+from megatiny.parallel.pipeline import build_pipeline, sync_tied_grads
+from megatiny.parallel.schedule_ir import stage_placement
+from megatiny.parallel.schedules import build_schedule
+from megatiny.testing import full_parameters, run_ranks
+from tests.test_pipeline import MICRO, SEQ, micro_batches, reference_grads, tiny_config
+
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def _zb_worker(kind, tp, pp, dp, sp, m, tie):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tie_embeddings=tie, n_layers=2 * pp))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    batches = micro_batches(m * dp)
+    single = copy.deepcopy(model)
+    _, ref_grads = reference_grads(copy.deepcopy(model), batches)
+    ctx = ParallelContext.initialize(tp=tp, pp=pp, dp=dp)
+    if tp > 1:
+        parallelize(model, ctx, sequence_parallel=sp)
+    module = build_pipeline(model, ctx, 2 if kind == "zb-v" else None,
+                            placement=stage_placement(kind))  # fmt: skip
+    ddp = DistributedDataParallel(module, ctx, bucket_mb=0.001) if dp > 1 else None
+    deferred = []
+    run = split_backward.WeightGradQueue.run
+
+    def counting_run(queue):
+        deferred.append(len(queue))
+        run(queue)
+
+    split_backward.WeightGradQueue.run = counting_run
+    schedule = build_schedule(ctx, module.chunks, MICRO, SEQ, schedule=kind, sequence_parallel=sp)
+    mine = batches[ctx.dp_rank * m : (ctx.dp_rank + 1) * m]
+    loss = schedule(mine, ddp)
+    if ddp is not None:
+        ddp.finish_grad_sync()
+    sync_tied_grads(module.chunks, ctx, ddp)
+    grads = {}
+    for chunk in module.chunks:
+        got = full_parameters(chunk, shapes, ctx.tp_group, grads=True) if tp > 1 else {
+            n: p.grad for n, p in chunk.named_parameters()}  # fmt: skip
+        grads.update({n: g.clone() for n, g in got.items() if g is not None})
+    with torch.no_grad():  # the mean loss of this rank's micro-batches (the pipeline returns it)
+        ref_mine = sum(single(b["input_ids"], labels=b["labels"]) for b in mine).item() / m
+    return dict(loss=loss.item(), ref_loss=ref_mine, grads=grads, ref=ref_grads,
+                deferred=sum(deferred), w_actions=len(deferred))  # fmt: skip
+
+
+def check(kind, tp=1, pp=2, dp=1, sp=False, m=4, tie=True):
+    out = run_ranks(_zb_worker, tp * pp * dp, args=(kind, tp, pp, dp, sp, m, tie), timeout=240)
+    seen = set()
+    for r in out:
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=RTOL)
+        for name, g in r["grads"].items():
+            torch.testing.assert_close(g, r["ref"][name], rtol=RTOL, atol=ATOL, msg=name)
+            seen.add(name)
+        # every chunk micro-batch ran its W, and the linears deferred their dW to it
+        assert r["w_actions"] == m * (2 if kind == "zb-v" else 1) and r["deferred"] > 0
+    assert seen == set(out[0]["ref"])
+
+
+@pytest.mark.parametrize("kind", ["zb-h1", "zb-v"])
+def test_zero_bubble_pp2_matches_one_rank(kind):
+    check(kind, pp=2, m=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zb-h1", "zb-v"])
+@pytest.mark.parametrize(
+    "tp,pp,dp,sp,m,tie",
+    [(1, 4, 1, False, 8, True), (2, 2, 1, True, 4, False), (1, 2, 2, False, 3, True)],
+)
+def test_zero_bubble_layouts_match_one_rank(kind, tp, pp, dp, sp, m, tie):
+    check(kind, tp, pp, dp, sp, m, tie)
+
+
+def test_a_weight_used_twice_gets_each_contribution_once():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6)
+    ref = copy.deepcopy(lin)
+    x = torch.randn(3, 6, requires_grad=True)
+    ref(torch.tanh(ref(x))).sum().backward()
+    ready = []
+    lin.weight.register_post_accumulate_grad_hook(lambda p: ready.append(p.grad.clone()))
+    split_backward.split_linears([lin])
+    x2 = x.detach().requires_grad_()
+    with split_backward.split_weight_grads():
+        out = lin(torch.tanh(lin(x2))).sum()  # F
+        queue = split_backward.WeightGradQueue()
+        with split_backward.defer_weight_grads(queue):
+            out.backward()  # B: dX only
+    assert lin.weight.grad is None and ready == [] and len(queue) == 2
+    torch.testing.assert_close(x2.grad, x.grad)
+    queue.run()  # W
+    assert len(ready) == 1  # the data-parallel hook fires once, with both contributions
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad)
+    queue.run()  # an emptied queue adds nothing
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+
+
+def _sleep_worker(kind, m, unit):
+    """Every compute action sleeps its simulated cost; return measured wall / simulated makespan."""
+    from megatiny.parallel.schedule_sim import simulate
+    from megatiny.parallel.schedules import checked_schedule
+
+    pp = 4
+    ctx = ParallelContext.initialize(pp=pp)
+    torch.manual_seed(0)
+    model = GPT(tiny_config(d_model=8, n_heads=2, ffn_hidden=8, n_layers=2 * pp))
+    v = 2 if kind in ("zb-v", "interleaved") else 1
+    module = build_pipeline(model, ctx, v if v > 1 else None, placement=stage_placement(kind))
+    schedule = build_schedule(ctx, module.chunks, MICRO, SEQ, schedule=kind)
+    schedule.action_hook = lambda a: time.sleep(unit / v)
+    batches = micro_batches(m)
+    schedule(batches)  # warm-up
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    schedule(batches)
+    wall = time.perf_counter() - start
+    simulated = simulate(checked_schedule(kind, pp, m, v), {"F": 1 / v, "B": 1 / v, "W": 1 / v})
+    return wall / (simulated.makespan * unit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["1f1b", "interleaved", "zb-h1", "zb-v"])
+def test_executor_keeps_the_simulated_makespan(kind):
+    # Sleeping actions (20 ms per stage pass) dwarf the tiny model's compute and messages.
+    ratios = run_ranks(_sleep_worker, 4, args=(kind, 8, 0.02), timeout=240)
+    assert max(ratios) == pytest.approx(1.0, abs=0.10), ratios
