@@ -63,17 +63,27 @@ def weight_source(model):
     return getattr(model, "weight_source", None) or InitialValues(model)
 
 
-def materialize(model, device) -> nn.Module:
+def shard_value(model, name: str, p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard (CPU) of `model`'s meta parameter `name` from the model's weight
+    source: what `materialize` gives it. ZeRO-3 calls it for parameters it leaves on meta, one
+    at a time, and keeps only its flat slice of the result."""
+    owner, _, leaf = name.rpartition(".")
+    sharding = sharding_of(model.get_submodule(owner), leaf)
+    return weight_source(model).shard(name, full_shape(p.shape, sharding), sharding, p.dtype)
+
+
+def materialize(model, device, keep_meta=()) -> nn.Module:
     """Give every parameter of `model` a real tensor on `device`, in place, and return it:
     a parameter on the meta device gets this rank's shard (the sharding its module declares;
     replicated: the whole tensor) from the model's weight source, the others are moved.
 
     With `keep_stages` (megatiny.parallel.pipeline) first, a pipeline rank allocates only its
-    own stages' parameters; `parallelize` calls this once its modules are swapped in."""
+    own stages' parameters; `parallelize` calls this once its modules are swapped in.
+    `keep_meta`: ids of parameters left on meta (ZeRO-3 generates only its slices of them)."""
     source = weight_source(model)
     device = torch.device(device)
     for name, p in list(model.named_parameters()):
-        if not p.is_meta and p.device == device:
+        if (not p.is_meta and p.device == device) or id(p) in keep_meta:
             continue
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)

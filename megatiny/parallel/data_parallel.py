@@ -134,6 +134,8 @@ class DistributedDataParallel:
         self.main_grads = self.param_dtype in (torch.bfloat16, torch.float16)
         self.dtype = torch.float32 if self.main_grads else self.param_dtype  # the grad buffer
         self.device = named[0][1].device
+        if self.device.type == "meta" and getattr(ctx, "device", None) is not None:
+            self.device = torch.device(ctx.device)  # ZeRO-3 fills meta parameters as slices
         self.names = {id(p): n for n, p in named}
         self.params = [p for _, p in named]
         self._isolated = {id(p) for p in isolate}

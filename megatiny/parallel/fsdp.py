@@ -178,15 +178,38 @@ class ShardedDataParallel(DistributedDataParallel):
         for b in self.buckets:
             b.full = torch.zeros(b.numel, dtype=self.param_dtype, device=self.device)
             lo, hi = self.shard_range(b)
-            for p in b.params:
+            for i, p in enumerate(list(b.params)):
                 a = self.offsets[id(p)]
                 view = b.full[a - b.start : a - b.start + p.numel()].view_as(p)
-                if not p.is_meta:
+                if not p.is_meta or self.device.type == "meta":
                     view.copy_(p.detach())
-                p.data = view
+                    p.data = view
+                else:  # left on meta by shard-only building: generated one at a time
+                    from megatiny.parallel.build import shard_value
+
+                    view.copy_(shard_value(self.module, self.names[id(p)], p))
+                    # its own version counter (a plain view shares the buffer's, which gathers
+                    # bump), as `p.data = view` gives the others
+                    new = nn.Parameter(view.new_empty(0), p.requires_grad)
+                    new.data = view
+                    b.params[i] = self._replace(p, new)
             mine = self.param_shard[b.shard_start : b.shard_start + hi - lo]
             mine.copy_(b.full[lo - b.start : hi - b.start])
             _free(b.full)
+            b.reset()
+
+    def _replace(self, old: nn.Parameter, new: nn.Parameter) -> nn.Parameter:
+        """Put `new` where the meta parameter `old` was, in the module and in every map."""
+        name = self.names.pop(id(old))
+        owner, _, leaf = name.rpartition(".")
+        setattr(self.module.get_submodule(owner), leaf, new)
+        self.names[id(new)] = name
+        self.offsets[id(new)] = self.offsets.pop(id(old))
+        self.bucket_of[id(new)] = self.bucket_of.pop(id(old))
+        self.params = [new if q is old else q for q in self.params]
+        if id(old) in self._isolated:
+            self._isolated = (self._isolated - {id(old)}) | {id(new)}
+        return new
 
     # ------------------------------------------------------------------------- gradients
     def _on_grad_ready(self, p: nn.Parameter) -> None:

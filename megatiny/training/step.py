@@ -313,7 +313,13 @@ def shard_model(model: torch.nn.Module, cfg: Config, ctx) -> torch.nn.Module:
 
     p = cfg.parallel
     if ctx.tp_size == 1 and ctx.pp_size == 1:  # this rank's experts first: only they are made
-        model = materialize(apply_expert_parallel(model, ctx), ctx.device).to(ctx.device)
+        model = apply_expert_parallel(model, ctx)
+        # ZeRO-3: trainable weights stay meta; ShardedDataParallel generates only its slices
+        keep = {id(q) for q in model.parameters() if q.requires_grad} if p.zero == 3 else ()
+        model = materialize(model, ctx.device, keep_meta=keep)
+        for module in model.modules():  # buffers (the parameters are where materialize put them)
+            for name, b in module.named_buffers(recurse=False):
+                setattr(module, name, b.to(ctx.device))
         return apply_context_parallel(model, ctx, p.cp_mode)
     from megatiny.parallel.parallelize import parallelize
     from megatiny.parallel.pipeline import build_pipeline, keep_stages
@@ -368,6 +374,8 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
     p = cfg.parallel
     ddp = build_data_parallel(model, ctx, bucket_mb=p.ddp_bucket_mb, zero=p.zero,
                               reshard_after_forward=p.reshard_after_forward)  # fmt: skip
+    if any(q.is_meta for q in model.parameters()) and ctx.device.type != "meta":
+        raise RuntimeError("parameters left on the meta device after building the model")
     optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero else None,
                                 overlap_param_gather=p.overlap_param_gather)  # fmt: skip
     scheduler = build_scheduler(optimizer, cfg.train)
