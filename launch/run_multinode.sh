@@ -8,8 +8,12 @@
 # MAX_RESTARTS (default 3): when a rank dies, torchrun restarts the job on every node up to this
 # many times; each attempt runs with --resume auto (the newest intact checkpoint of run_dir).
 # MAX_RESTARTS=0 turns that off (and with it the implied --resume auto).
+# The config is checked first on every node, in one process: a mistake is printed once, last.
+# SIGTERM / SIGINT to this script: the ranks finish their step, agree on it across the nodes,
+# save a checkpoint and stop; the script exits 128 + the signal (launch/lib_signals.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/lib_signals.sh
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -22,7 +26,8 @@ EXTRA=()
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 RESUME=()
 [ "$MAX_RESTARTS" -gt 0 ] && RESUME=(--resume auto)   # an --resume of yours, later, wins
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
+WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" -m megatiny train --check ${RESUME[@]+"${RESUME[@]}"} "$@"
+run_relaying_signals "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
   --nproc-per-node="$NPROC" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --rdzv-id="${RDZV_ID:-megatiny}" --max-restarts="$MAX_RESTARTS" "${EXTRA[@]}" \
   -m megatiny train ${RESUME[@]+"${RESUME[@]}"} "$@"
