@@ -237,3 +237,21 @@ def simulate_forward(schedule: Schedule, costs=None, latency: float = 0.0) -> fl
     if any(idx[r] < len(acts[r]) for r in range(p)):
         raise ScheduleError("deadlock in the forward-only schedule")
     return max(clock)
+
+
+def bubble_seconds(kind: str, p: int, m: int, v: int, t_microbatch: float) -> float:
+    """Idle time of a step's critical rank under schedule `kind` ("auto": interleaved when v > 1,
+    else 1f1b): makespan minus compute, with a stage's micro-batch (F + B + W) costing
+    `t_microbatch` split F = B = W (a chunk 1/v of it). The fill and drain do not grow with m
+    (m >= p), so m is simulated up to 2p (a multiple of p) and the idle time taken from there."""
+    from megatiny.parallel.schedule_ir import generate
+
+    if p <= 1:
+        return 0.0
+    if kind == "auto":
+        kind = "interleaved" if v > 1 else "1f1b"
+    v = 2 if kind == "zb-v" else (v if kind == "interleaved" else 1)
+    m_sim = min(m, 2 * p) if kind != "interleaved" else p * max(1, min(m, 2 * p) // p)
+    unit = t_microbatch / (3 * v)
+    res = simulate(generate(kind, p, m_sim, v), {"F": unit, "B": unit, "W": unit})
+    return res.makespan - max(res.busy)

@@ -27,7 +27,8 @@ reduce-scatter costs more than its all-reduce).
 Per step (m micro-batches, p stages, v chunks per stage, the slowest stage sets the pace):
 
     t_mb      = t_compute + t_tp                                     of the slowest stage
-    bubble    = (p - 1) / v x t_mb                                   (1F1B / interleaved)
+    bubble    = the simulated idle time of the pipeline schedule (parallel/schedule_sim.py;
+                (p - 1) / v x t_mb for 1F1B / interleaved, a third of it for zb-h1)
                 x (1 - filled): on a CPU profile with more ranks than cores the idle stages'
                 cores go to the busy ranks, filled = min(1, world / p / cores), else 0
     pp        = sends per step x (latency + message / bandwidth)     blocking p2p, exposed
@@ -56,6 +57,8 @@ from __future__ import annotations
 import os
 
 import yaml
+
+from megatiny.parallel.schedule_sim import bubble_seconds
 
 PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
 CALIBRATED = os.path.join("runs", "cpu-calibrated.yaml")
@@ -246,7 +249,8 @@ def step_time(stages: list[dict], profile: dict, cfg, world_size: int) -> dict:
     # one stage's ranks alone can keep every core busy, the bubble costs no wall time.
     cores = profile.get("cores")
     filled = min(1.0, world_size / p / cores) if cores and world_size > cores else 0.0
-    bubble = (1.0 - filled) * (p - 1) / v * t_mb
+    kind = getattr(cfg.parallel, "pipeline_schedule", "auto")  # simulated: schedule_sim.py
+    bubble = (1.0 - filled) * bubble_seconds(kind, p, m, v, t_mb)
     pp = max(t["pp"] for t in times)
     overlap_window = 2 / 3 * worst["compute"] if profile.get("comm_overlaps_compute", True) else 0.0
     dp = max(
