@@ -12,9 +12,12 @@ $(BIN)/python:
 
 # Reinstall only when the packaging files or the C++ sources change.
 $(STAMP): $(BIN)/python setup.py pyproject.toml $(wildcard csrc/*.cpp)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	@echo "[install 1/2] torch==2.13.0 (the CPU wheel, a download of a few hundred MB) ..."
+	$(BIN)/pip install --progress-bar on torch==2.13.0
+	@echo "[install 2/2] megatiny[dev] and its dependencies, building the C++ helpers ..."
+	$(BIN)/pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
+	@echo "[install] done: $(VENV)"
 
 install: $(STAMP)
 
@@ -36,11 +39,15 @@ clean:
 	rm -rf $(VENV) build *.egg-info megatiny/*.so
 
 # The README's first command: the venv, the real Shakespeare corpus + tokenizer, a tiny GPT trained
-# with tp=2 on 2 CPU ranks under torchrun (~4 minutes for 600 steps), validation loss/perplexity, then samples.
+# with tp=2 on 2 CPU ranks under torchrun (600 steps; the time: README.md), validation
+# loss/perplexity, then samples.
 demo: $(STAMP)
+	@echo "[demo 1/3] data: Shakespeare -> pipeline -> tokenizer -> .demo/data (skipped when present)"
 	launch/prepare_demo_data.sh .demo
 	rm -rf .demo/run
+	@echo "[demo 2/3] training 600 steps, tp=2 on 2 CPU ranks (a progress bar follows)"
 	NPROC=2 PYTHON=$(BIN)/python launch/run_local.sh --config launch/configs/tiny-cpu.yaml
+	@echo "[demo 3/3] sampling"
 	@echo; echo "== samples from the trained model (megatiny generate) =="
 	@seed=0; for prompt in "HAMLET." "ROMEO." "KING HENRY." ; do \
 	  seed=$$((seed + 1)); \

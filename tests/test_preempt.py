@@ -187,7 +187,7 @@ def test_torchrun_root_cause_carries_megatinys_message(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_saves_and_resume_continues(corpus, tmp_path):
     run_dir = tmp_path / "run"
-    steps = 40
+    steps = 30
     args = [f"data.path={corpus}", "data.seq_length=16", "data.split=90,10,0",
             f"train.run_dir={run_dir}", f"train.steps={steps}", "train.micro_batch_size=2",
             "train.lr=1e-2", "train.warmup_steps=2", "train.log_interval=1",
