@@ -206,7 +206,7 @@ class TrainConfig(ResilienceConfig):  # + straggler_threshold, check_replay_ever
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 1")
-        for name in ("warmup_steps", "eval_interval", "save_interval"):
+        for name in ("warmup_steps", "eval_interval", "save_interval", "exit_duration_mins"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.global_batch_size is not None and self.global_batch_size < 1:
@@ -215,8 +215,6 @@ class TrainConfig(ResilienceConfig):  # + straggler_threshold, check_replay_ever
             raise ConfigError(
                 f"need 0 <= train.min_lr <= train.lr and lr > 0 (got {self.min_lr}, {self.lr})"
             )
-        if self.exit_duration_mins < 0:
-            raise ConfigError(f"train.exit_duration_mins={self.exit_duration_mins} must be >= 0")
         if self.timeout_s <= 0:
             raise ConfigError(f"train.timeout_s={self.timeout_s} must be > 0 (seconds)")
         if self.spike_factor and self.spike_factor <= 1:
