@@ -2,7 +2,7 @@
 tokens/s per GPU.
 
 Candidates: tp among the model's TP sizes within a node, pp dividing n_layers, interleaving
-v in {1, 2}, context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
+v in {1, 2} (pp > 1: also zb-h1, or zb-v at v = 2), context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
 (tp > 1), ZeRO-1 (dp > 1; with its parameter gather overlapped), recompute none / selective / op /
 full, micro-batch 1, 2, 4, 8 or the config's, every combination that validates for the world
 size at one global batch: the config's train.global_batch_size, or what it resolves to at this
@@ -59,7 +59,9 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
             check(c, world_size)
         except (ConfigError, ValueError):
             continue
-        out.append(c)
+        for kind in ("auto",) if pp == 1 else ("auto", "zb-h1" if v == 1 else "zb-v"):
+            out.append(copy.deepcopy(c))  # and the zero-bubble schedule of the same layout
+            out[-1].parallel.pipeline_schedule = kind
     return out
 
 
