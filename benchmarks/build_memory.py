@@ -37,7 +37,6 @@ def _status_kib(field: str) -> int:
 
 
 def child(case: str, layers: int | None) -> dict:
-    import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -63,7 +62,7 @@ def child(case: str, layers: int | None) -> dict:
     model = build_model(cfg, ctx)
     held = host_bytes(model)
     if zero:  # the data-parallel wrapper shards the parameters (megatiny/parallel/fsdp.py)
-        from megatiny.parallel.data_parallel import build_data_parallel
+        from megatiny.parallel.zero_levels import build_data_parallel
 
         build_data_parallel(model, ctx, bucket_mb=cfg.parallel.ddp_bucket_mb, zero=zero,
                             reshard_after_forward=True)  # fmt: skip

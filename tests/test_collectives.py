@@ -87,7 +87,7 @@ def test_tensor_parallel_step_runs_on_meta_under_the_fake_group(sp, monkeypatch)
 
 def _meta_zero1_checkpoint_state():
     from megatiny.config import TrainConfig
-    from megatiny.parallel.data_parallel import build_data_parallel
+    from megatiny.parallel.zero_levels import build_data_parallel
     from megatiny.training.optim import build_optimizer
 
     torch.manual_seed(0)

@@ -92,7 +92,7 @@ def test_pipeline_bytes_are_one_activation_per_micro_batch_each_way():
 
 def _dp_bytes(zero1):
     from megatiny.config import TrainConfig
-    from megatiny.parallel.data_parallel import build_data_parallel
+    from megatiny.parallel.zero_levels import build_data_parallel
     from megatiny.training.optim import build_optimizer
 
     ctx = ParallelContext.initialize(dp=2)

@@ -355,34 +355,6 @@ class _Done:
 _DONE = _Done()
 
 
-def build_data_parallel(model: nn.Module, ctx, shard: bool = False, bucket_mb: float = 25.0,
-                        zero: int = 0, reshard_after_forward: bool = True):  # fmt: skip
-    """The DDP wrapper a training loop needs, or None when there is nothing to reduce.
-
-    Gradients need averaging when dp x cp > 1; ZeRO (`zero` >= 1, or `shard`: ZeRO-1) needs the
-    wrapper at any dp; zero 2 and 3 get megatiny.parallel.fsdp.ShardedDataParallel. A pipeline
-    model's tied embedding copy (first / last stage) gets its own bucket.
-    """
-    zero = max(zero, int(shard))
-    group = resolve_dp_group(ctx)
-    low_precision = any(p.dtype != torch.float32 for p in model.parameters())
-    if dist.get_world_size(group) == 1 and not zero and not low_precision:
-        return None  # (bf16 parameters need it at any dp: it holds their fp32 main gradients)
-    isolate = ()
-    if getattr(model, "chunks", None) is not None:
-        from megatiny.parallel.pipeline import tied_embedding_weight
-
-        tied = tied_embedding_weight(model.chunks, ctx)
-        isolate = () if tied is None else (tied,)
-    if zero >= 2:
-        from megatiny.parallel.fsdp import ShardedDataParallel
-
-        return ShardedDataParallel(model, ctx, level=zero, bucket_mb=bucket_mb, isolate=isolate,
-                                   reshard_after_forward=reshard_after_forward)  # fmt: skip
-    return DistributedDataParallel(model, ctx, bucket_mb=bucket_mb, shard=zero == 1,
-                                   isolate=isolate)  # fmt: skip
-
-
 def no_sync_unless(
     ddp: DistributedDataParallel | None, sync: bool
 ) -> contextlib.AbstractContextManager:

@@ -103,7 +103,11 @@ class ShardedDataParallel(DistributedDataParallel):
         self._in_flight: list[tuple] = []
         self._lists, self._in_blocks = _unit_modules(module)
         if level == 3:
-            bucket_mb = 2.0**40  # one bucket per unit (and kind): gathered whole
+            bucket_mb = 2.0**40  # one bucket per block (and kind): gathered whole
+            # The root's parameters a bucket each: the head's gradient is reduce-scattered as
+            # soon as backward has it, not held until the embedding's comes last.
+            isolate = (*isolate, *(p for p in module.parameters()
+                                   if p.requires_grad and id(p) not in self._in_blocks))  # fmt: skip
         super().__init__(module, ctx, bucket_mb=bucket_mb, shard=True,
                          record_events=record_events, isolate=isolate)  # fmt: skip
         self.units: list[Unit] = []
@@ -365,13 +369,25 @@ class ShardedDataParallel(DistributedDataParallel):
         self._prefetch(self._neighbour(unit, -1))
 
     # ---------------------------------------------------------------------------- report
-    def held_bytes(self) -> dict[str, int]:
-        """Bytes of persistent state: my parameter slices (level 3) and gradient slices."""
-        shard = getattr(self, "param_shard", None)
-        return {
-            "param_shard": 0 if shard is None else shard.numel() * shard.element_size(),
-            "shard_grad": self.shard_grad.numel() * self.shard_grad.element_size(),
-        }
+    def transient_bytes(self) -> dict[str, int]:
+        """The most bytes this wrapper holds at once beyond its slices, during a step:
+        `gradient_buckets`, the bucket being filled plus `max_in_flight` being reduce-scattered
+        (fp32, the largest bucket each) and their received slices; `gathered_parameters`
+        (level 3), the root unit plus two blocks (current and prefetched; every block when
+        `reshard_after_forward` is false). The plan adds them to the peak."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        largest = max(b.numel for b in self.buckets)
+        grads = (self.max_in_flight + 1) * largest * elem
+        grads += self.max_in_flight * max(b.numel // b.size for b in self.buckets) * elem
+        gathered = 0
+        if self.level == 3:
+            pelem = torch.empty((), dtype=self.param_dtype).element_size()
+            size = [sum(b.numel for b in u.buckets) * pelem for u in self.units]
+            blocks = [n for u, n in zip(self.units, size, strict=True) if u.siblings is not None]
+            gathered = sum(n for u, n in zip(self.units, size, strict=True) if u.siblings is None)
+            keep = len(blocks) if not self.reshard_after_forward else min(2, len(blocks))
+            gathered += sum(sorted(blocks, reverse=True)[:keep])
+        return {"gradient_buckets": grads, "gathered_parameters": gathered}
 
 
 def _unique(buckets) -> list[Bucket]:

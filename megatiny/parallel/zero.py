@@ -33,8 +33,6 @@ sums the slices of every expert exactly once.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,28 +46,6 @@ def finish_param_sync(optimizer) -> None:
     (`overlap_param_gather`), so the model's weights are final; other optimizers have none."""
     if isinstance(optimizer, ZeroOptimizer):
         optimizer.finish_param_sync()
-
-
-@contextlib.contextmanager
-def whole_parameters(optimizer, loading: bool = False):
-    """Inside, every parameter of the model is whole and final: ZeRO-1/2 gathers in flight are
-    waited for; ZeRO-3 units are all gathered (collective over dp), and freed at the end.
-    `loading`: what was written into the parameters is taken back into this rank's slices.
-    Checkpoint save and load run inside it (their files stay layout-free)."""
-    finish_param_sync(optimizer)
-    ddp = getattr(optimizer, "ddp", None) if isinstance(optimizer, ZeroOptimizer) else None
-    if ddp is None or ddp.param_buffer is not None:
-        yield
-        return
-    ddp.gather_all()
-    try:
-        yield
-        if loading:
-            ddp.scatter_back()
-            if optimizer.master.data_ptr() != ddp.param_shard.data_ptr():
-                optimizer.master.copy_(ddp.param_shard)  # bf16: main_param state may refine it
-    finally:
-        ddp.reshard_all()
 
 
 class ZeroOptimizer:

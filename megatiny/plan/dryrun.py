@@ -190,6 +190,8 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         "activation_bytes_per_chunk": per_chunk,
         "runs": runs,
         "transient_bytes": transient,
+        # ZeRO-2/3: bucket buffers in flight and gathered blocks (megatiny/parallel/fsdp.py)
+        "zero_transient_bytes": sum(getattr(ddp, "transient_bytes", dict)().values()),
         "chunks": v,
         "layers": sum(len(c.blocks) for c in chunks),
         "group_sizes": {

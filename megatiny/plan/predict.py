@@ -45,7 +45,7 @@ def stage_memory(stage: dict, cfg: Config, m: int) -> dict:
     out = dict(stage["state"])
     out["activations"] = activation_bytes(stage["activation_bytes_per_chunk"], p.pp,
                                           stage["pp_rank"], m, v)  # fmt: skip
-    out["transient"] = stage["transient_bytes"]
+    out["transient"] = stage["transient_bytes"] + stage.get("zero_transient_bytes", 0)
     out["peak"] = sum(out.values())
     out["micro_batches_in_flight"] = in_flight(p.pp, stage["pp_rank"], m, v)
     return out

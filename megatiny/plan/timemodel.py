@@ -36,7 +36,9 @@ Per step (m micro-batches, p stages, v chunks per stage, the slowest stage sets 
                 last micro-batch's backward (2/3 of its compute): exposed = max(t - overlap,
                 t / buckets); ZeRO-1's parameter all-gather: exposed, or with
                 parallel.overlap_param_gather max(0, t - the first forward, 1/3 of t_compute);
-                the grad-norm and tied-embedding all-reduces: exposed
+                the grad-norm and tied-embedding all-reduces: exposed; ZeRO-2/3's per-micro-
+                batch reduce-scatters and ZeRO-3's per-block gathers: each call minus the
+                compute between its post and its wait in the dry run (as t_tp)
     optimizer = the optimizer step's bytes / (HBM bandwidth x memory_efficiency)
     step      = m x t_mb + bubble + pp + dp + optimizer
 
@@ -179,9 +181,18 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
     cp, cp_hidden = _overlapped_seconds(stage, profile, world_size, m, rates, "cp")
     pp = dp_overlap = dp_exposed = 0.0
     buckets = 1
+    # ZeRO-2/3 reduce-scatter every micro-batch's buckets as backward fills them and ZeRO-3
+    # gathers each block while the one before computes: each call minus the compute the dry
+    # run saw between its post and its wait, as for tp
+    zero = getattr(cfg.parallel, "zero", 0)
+    windowed = {"reduce_scatter"} if zero == 2 else {"reduce_scatter", "all_gather"}
+    if zero >= 2:
+        for group in ("dp", "dp_cp"):
+            exposed, _ = _overlapped_seconds(stage, profile, world_size, m, rates, group, windowed)
+            dp_exposed += m * exposed
     for row in comm_per_step(stage, m):
         group, op = row["group"], row["op"]
-        if group in ("tp", "cp"):
+        if group in ("tp", "cp") or (zero >= 2 and group in ("dp", "dp_cp") and op in windowed):
             continue  # _overlapped_seconds: per micro-batch, each call minus its window
         link = _link(profile, _group_ranks(stage, group, world_size))
         if op in ("send", "recv"):
@@ -207,7 +218,8 @@ def stage_times(stage: dict, profile: dict, cfg, world_size: int) -> dict:
             "m": m}  # fmt: skip
 
 
-def _overlapped_seconds(stage, profile, world_size: int, m: int, rates, group: str) -> tuple:
+def _overlapped_seconds(stage, profile, world_size: int, m: int, rates, group: str,
+                        ops=None) -> tuple:  # fmt: skip
     """Exposed and hidden seconds per micro-batch of one group's ops (TP collectives, the cp
     ring's sends): each call costs max(0, alpha-beta time - its overlap window), counts taken at
     m (affine in m). A send meets its receive in the same exchange: receives are not counted."""
@@ -219,7 +231,7 @@ def _overlapped_seconds(stage, profile, world_size: int, m: int, rates, group: s
     for run in stage["runs"]:
         counts: dict[tuple, int] = {}
         for r in run["in_flight"]:
-            if r["group"] == group and r["op"] != "recv":
+            if r["group"] == group and r["op"] != "recv" and (ops is None or r["op"] in ops):
                 key = (r["op"], r["bytes"], r["matmul_flops"], r["attention_flops"])
                 counts[key] = counts.get(key, 0) + r["calls"]
         points.append({"m": run["m"], "calls": counts})

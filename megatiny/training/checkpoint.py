@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatiny.fsutil import atomic_write_text
 from megatiny.parallel import collectives
 from megatiny.parallel.sharding import Sharding, checkpoint_pieces, group_of, named_shardings
-from megatiny.parallel.zero import whole_parameters
+from megatiny.parallel.zero_levels import whole_parameters
 from megatiny.training.manifest import write_manifest, write_rank_part
 from megatiny.training.rundir import prune
 

@@ -187,8 +187,9 @@ def _unique_bytes(tensors) -> int:
 def state_bytes(model: torch.nn.Module, optimizer, ddp=None) -> dict[str, int]:
     """{params, grads, optimizer} bytes this rank holds (see the module docstring). Call after
     the first optimizer step (AdamW creates its state lazily)."""
-    shard = getattr(ddp, "param_shard", None)  # ZeRO-3: my slices (the blocks are freed)
-    params = _unique_bytes([*model.parameters(), shard])
+    shard = getattr(ddp, "param_shard", None)  # ZeRO-3: my slices, not the gathered blocks
+    held = [p for p in model.parameters() if shard is None or id(p) not in ddp.offsets]
+    params = _unique_bytes([*held, shard])
     if ddp is not None:
         grads = _unique_bytes([ddp.grad_buffer, ddp.shard_grad])
     else:

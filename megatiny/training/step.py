@@ -367,7 +367,7 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
     model = task.build_model(cfg, ctx)
     if cfg.model.dtype == "bf16":  # bf16 weights; fp32 main params/grads in DDP and the optimizer
         model.to(torch.bfloat16)
-    from megatiny.parallel.data_parallel import build_data_parallel
+    from megatiny.parallel.zero_levels import build_data_parallel
 
     # Gradients averaged over dp x cp in buckets, overlapped with the backward pass (None when
     # dp x cp == 1 without ZeRO-1); ZeRO-1 reduce-scatters them into per-rank slices instead.
