@@ -84,6 +84,14 @@ LAYOUTS = [
     ["parallel.pp=2", "parallel.virtual_pipeline_size=2", "train.global_batch_size=8"],
     ["parallel.cp=2"],
     ["parallel.cp=2", "parallel.cp_mode=a2a"],
+    ["parallel.zero=2", "train.global_batch_size=8"],
+    ["parallel.zero=3", "train.global_batch_size=8"],
+    [
+        "parallel.zero=3",
+        "parallel.reshard_after_forward=false",
+        "model.recompute=full",
+        "train.global_batch_size=8",
+    ],
 ]
 
 
@@ -97,6 +105,21 @@ def test_plan_bytes_equal_the_tracer_in_a_real_run(overrides):
     for (tp_rank, dp_rank, pp_rank), traced, _ in run_ranks(real_step, 2, args=(overrides,)):
         if tp_rank == 0 and dp_rank == 0:  # the plan's representative rank of each stage
             assert traced == by_stage[pp_rank]
+
+
+def _state_bytes(trainer):
+    from megatiny.training.memory import state_bytes
+
+    trainer.train_step()
+    return state_bytes(trainer.model, trainer.optimizer, trainer.ddp)
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_plan_state_bytes_equal_a_real_run_at_each_zero_level(zero):
+    overrides = [f"parallel.zero={zero}", "train.global_batch_size=8"]
+    want = planned(overrides, 2)["memory_bytes"]
+    for _, _, real in run_ranks(real_step, 2, args=(overrides,), kwargs={"measure": _state_bytes}):
+        assert {k: want[k] for k in real} == real
 
 
 def test_plan_state_bytes_are_exact_for_llama_7b_at_32_ranks():

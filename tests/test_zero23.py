@@ -179,6 +179,26 @@ def test_zero3_recomputation_runs_inside_backward_with_the_block_gathered():
         assert r["after_backward"] == 0 and r["freed"]
 
 
+def _root_numel(_):
+    from megatiny.parallel import ParallelContext
+    from megatiny.training.step import build_trainer
+    from tests.test_plan import RandomTask, tiny_config
+
+    cfg = tiny_config(["parallel.zero=3", "train.global_batch_size=8"])
+    trainer = build_trainer(cfg, ParallelContext.initialize(), task=RandomTask())
+    root = trainer.ddp.units[0]
+    blocks = {id(p) for b in trainer.model.blocks for p in b.parameters()}
+    in_root = [p for b in root.buckets for p in b.params]
+    return root.name, sum(id(p) in blocks for p in in_root), len(trainer.ddp.units)
+
+
+def test_zero3_built_shard_only_keeps_blocks_out_of_the_root_unit():
+    """The trainer builds a zero=3 model on meta and fills its slices; the blocks must still be
+    units of their own (the root holds only embedding, final norm and head)."""
+    for name, blocks_in_root, units in run_ranks(_root_numel, 2, args=(None,)):
+        assert name == "root" and blocks_in_root == 0 and units == 1 + 4
+
+
 def test_zero_level_config():
     from megatiny.config import Config, ConfigError
 

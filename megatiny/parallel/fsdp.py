@@ -141,6 +141,10 @@ class ShardedDataParallel(DistributedDataParallel):
 
     def _build_units(self) -> None:
         by_param = {id(p): b for b in self.buckets for p in b.params}
+        # (again: shard-only building replaced the meta parameters by real ones)
+        self._in_blocks = {
+            id(p) for blocks in self._lists for _, b in blocks for p in b.parameters()
+        }
         for blocks in self._lists:
             siblings: list[Unit] = []
             for name, block in blocks:

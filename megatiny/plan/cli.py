@@ -52,7 +52,7 @@ def format_plan(r: dict) -> str:
     lay = r["layout"]
     lines = [
         f"layout       tp={lay['tp']} pp={lay['pp']} (v={lay['virtual_pipeline_size']}) "
-        f"dp={lay['dp']} cp={lay['cp']} sp={lay['sequence_parallel']} zero1={lay['zero1']} "
+        f"dp={lay['dp']} cp={lay['cp']} sp={lay['sequence_parallel']} zero={lay['zero']} "
         f"recompute={lay['recompute']} micro_batch={lay['micro_batch_size']} "
         f"global_batch={lay['global_batch_size']}  ({r['world_size']} ranks, {r['gpu']})",
         f"model        {r['params']:,} parameters, {r['flops_per_step']:.3e} FLOPs per step",

@@ -78,7 +78,8 @@ def plan(cfg: Config, world_size: int, profile: dict, stages_parallel: int = 2) 
         "layout": {
             "tp": p.tp, "pp": p.pp, "dp": p.dp, "cp": p.cp,
             "virtual_pipeline_size": p.virtual_pipeline_size or 1,
-            "sequence_parallel": p.sequence_parallel, "zero1": p.zero1,
+            "sequence_parallel": p.sequence_parallel, "zero1": p.zero1, "zero": p.zero,
+            "reshard_after_forward": p.reshard_after_forward,
             "recompute": cfg.model.recompute, "micro_batch_size": t.micro_batch_size,
             "global_batch_size": t.global_batch_size_for(p.dp),
         },

@@ -3,13 +3,14 @@ tokens/s per GPU.
 
 Candidates: tp among the model's TP sizes within a node, pp dividing n_layers, interleaving
 v in {1, 2} (pp > 1: also zb-h1, or zb-v at v = 2), context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
-(tp > 1), ZeRO-1 (dp > 1; with its parameter gather overlapped), recompute none / selective / op /
+(tp > 1), ZeRO levels 0-3 (dp > 1; 1 and 2 with their parameter gather overlapped), recompute
+none / selective / op /
 full, micro-batch 1, 2, 4, 8 or the config's, every combination that validates for the world
 size at one global batch: the config's train.global_batch_size, or what it resolves to at this
 world size (micro_batch_size x the config's dp), so the ranking compares layouts, not batch
 sizes. A dry run costs seconds, so candidates are first ordered by a cheap bound
-(fp32 weights + grads + AdamW state per rank, 16 bytes/parameter / (tp pp), or
-(8 + 8/dp) with ZeRO-1) and the `limit` most promising (smallest model-parallel size first, the
+(fp32 weights + grads + AdamW state per rank, 4 + 4 + 8 bytes/parameter / (tp pp), each
+term / dp where the ZeRO level shards it: optimizer from 1, gradients from 2, weights at 3) and the `limit` most promising (smallest model-parallel size first, the
 bound under the GPU memory) are planned for real; each result is the full plan.
 """
 
@@ -37,19 +38,19 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
     micro = sorted({1, 2, 4, 8, t.micro_batch_size})
     cps = sorted({1, 2, 4, cfg.parallel.cp})
     modes = ("none", "selective", "op", "full")
-    for tp, pp, cp, v, sp, zero1, rc, mb in itertools.product(
-        tps, pps, cps, (1, 2), (False, True), (False, True), modes, micro
+    for tp, pp, cp, v, sp, zero, rc, mb in itertools.product(
+        tps, pps, cps, (1, 2), (False, True), (0, 1, 2, 3), modes, micro
     ):
         if (sp and tp == 1) or (v > 1 and pp == 1) or world_size % (tp * pp * cp):
             continue
         dp = world_size // (tp * pp * cp)
-        if zero1 and dp == 1:
+        if zero and dp == 1:
             continue
         c = copy.deepcopy(cfg)
         c.parallel.tp, c.parallel.pp, c.parallel.cp, c.parallel.dp = tp, pp, cp, None
         c.parallel.virtual_pipeline_size = v if v > 1 else None
-        c.parallel.sequence_parallel, c.parallel.zero1 = sp, zero1
-        c.parallel.overlap_param_gather = zero1  # never slower, same bytes and memory
+        c.parallel.sequence_parallel, c.parallel.zero, c.parallel.zero1 = sp, zero, zero >= 1
+        c.parallel.overlap_param_gather = zero in (1, 2)  # never slower, same bytes and memory
         c.model.recompute, c.train.micro_batch_size = rc, mb
         c.train.global_batch_size = batch
         try:
@@ -68,7 +69,8 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
 def _state_bound(c: Config, world_size: int) -> float:
     p = c.parallel
     dp = world_size // (p.tp * p.pp * p.cp)
-    per_param = 8 + 8 / dp if p.zero1 else 16
+    z = p.zero
+    per_param = (4 / dp if z >= 3 else 4) + (4 / dp if z >= 2 else 4) + (8 / dp if z else 8)
     return c.model.num_parameters() * per_param / (p.tp * p.pp)
 
 
@@ -80,7 +82,7 @@ def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list
     pool = [c for c in candidates(cfg, world_size, profile) if _state_bound(c, world_size) < budget]
     rank = {"none": 0, "selective": 1, "op": 2, "full": 3}
     pool.sort(key=lambda c: (c.parallel.tp * c.parallel.pp * c.parallel.cp, rank[c.model.recompute],
-                             not c.parallel.sequence_parallel, not c.parallel.zero1,
+                             not c.parallel.sequence_parallel, -c.parallel.zero,
                              -c.train.micro_batch_size, c.parallel.virtual_pipeline_size or 1))  # fmt: skip
     rows = []
     for c in pool[:limit]:
@@ -93,7 +95,7 @@ def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list
 
 
 def format_search(rows: list[dict], world_size: int, profile: dict, seconds: float) -> str:
-    head = (f"{'tp':>3} {'pp':>3} {'v':>2} {'cp':>3} {'dp':>4} {'sp':>3} {'zero1':>5} {'recompute':>9} "
+    head = (f"{'tp':>3} {'pp':>3} {'v':>2} {'cp':>3} {'dp':>4} {'sp':>3} {'zero':>4} {'recompute':>9} "
             f"{'mb':>3} {'gbs':>5} {'peak GiB':>9} {'step s':>8} {'tok/s/gpu':>10} {'MFU':>6}")  # fmt: skip
     batch = (
         f" at a global batch of {rows[0]['layout']['global_batch_size']} sequences" if rows else ""
@@ -104,7 +106,7 @@ def format_search(rows: list[dict], world_size: int, profile: dict, seconds: flo
         a = r["layout"]
         lines.append(
             f"{a['tp']:>3} {a['pp']:>3} {a['virtual_pipeline_size']:>2} {a['cp']:>3} {a['dp']:>4} "
-            f"{'y' if a['sequence_parallel'] else 'n':>3} {'y' if a['zero1'] else 'n':>5} "
+            f"{'y' if a['sequence_parallel'] else 'n':>3} {a.get('zero', int(a['zero1'])):>4} "
             f"{a['recompute']:>9} {a['micro_batch_size']:>3} {a['global_batch_size']:>5} "
             f"{r['memory_bytes']['peak'] / 2**30:>9.2f} {r['time_s']['step']:>8.3g} "
             f"{r['tokens_per_s_per_gpu']:>10,.0f} {100 * r['mfu']:>5.1f}%"
