@@ -27,16 +27,19 @@ def stale_activation_send(model, ctx):
         return
     from megatiny.parallel.pipeline import P2P
 
-    communicate, first = P2P.communicate, []
+    post, first = P2P.post, []
 
-    def stale(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
-        if send_next is not None:
-            if not first:
-                first.append(send_next.detach().clone())
-            send_next = first[0]
-        return communicate(self, send_next, send_prev, recv_prev, recv_next)
+    def stale(self, messages):
+        out = []
+        for kind, t, peer in messages:
+            if kind == "send" and peer > self.rank:  # activations flow up the stages at pp=2
+                if not first:
+                    first.append(t.detach().clone())
+                t = first[0]
+            out.append((kind, t, peer))
+        return post(self, out)
 
-    P2P.communicate = stale  # in this forked rank only
+    P2P.post = stale  # in this forked rank only
 
 
 def partition_without_padding(model, ctx):

@@ -163,3 +163,30 @@ def test_executor_keeps_the_simulated_makespan(kind):
     # Sleeping actions (80 ms per stage pass) dwarf the one-linear chunks' compute and messages.
     ratios = run_ranks(_sleep_worker, 4, args=(kind, 8, 0.08), timeout=240)
     assert max(ratios) == pytest.approx(1.0, abs=0.10), ratios
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [["parallel.pipeline_schedule=zb-h1"], ["parallel.pipeline_schedule=zb-v"],
+     ["parallel.pipeline_schedule=zb-h1", "parallel.zero=3"],
+     ["parallel.pipeline_schedule=zb-v", "parallel.zero=2", "model.recompute=full"]],
+    ids=["zb-h1", "zb-v", "zb-h1+zero3", "zb-v+zero2+recompute"],
+)  # fmt: skip
+def test_zero_bubble_schedules_through_the_training_loop(extra, tmp_path):
+    """`megatiny train`'s own path (build_trainer, the loop, checkpoints) at pp2 x dp2: the one-rank
+    losses; the zb-v run's checkpoint (single-device names) loads into the plain GPT."""
+    from megatiny.training.checkpoint import load_model_for_inference
+    from tests.test_train import make_corpus, run_training, tiny_config
+
+    prefix = make_corpus(tmp_path)
+    common = ("train.global_batch_size=8", "train.steps=3")
+    ref = run_training(tiny_config(prefix, tmp_path / "ref", *common, n_layers=4))[0]
+    got = run_training(tiny_config(prefix, tmp_path / "zb", *common, "parallel.pp=2", *extra,
+                                   n_layers=4), 4)[0]  # fmt: skip
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    want = load_model_for_inference(str(tmp_path / "ref"))[0].state_dict()
+    have = load_model_for_inference(str(tmp_path / "zb"))[0].state_dict()
+    assert have.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(have[name], value, rtol=1e-4, atol=1e-5, msg=name)

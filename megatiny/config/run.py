@@ -21,6 +21,7 @@ from megatiny.config.io import (
     tokenizer_vocab_size,
     unknown_key_message,
 )
+from megatiny.config.layout import check_context_parallel, check_expert_parallel
 from megatiny.config.model import ModelConfig
 from megatiny.config.resilience import ResilienceConfig
 
@@ -41,7 +42,8 @@ class ParallelConfig:
     ep: int = 1  # expert parallelism: experts split over ep of the dp ranks (MoE models)
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
-    pipeline_schedule: str = "auto"  # auto|gpipe|1f1b|interleaved|zb-h1|zb-v: parallel/schedule_ir.py
+    # auto (1F1B; interleaved with v > 1) | gpipe | 1f1b | interleaved | zb-h1 | zb-v
+    pipeline_schedule: str = "auto"
     # ZeRO level over the data-parallel ranks: 0 none | 1 optimizer state | 2 + gradients |
     # 3 + parameters (FSDP-style, gathered per block); megatiny/parallel/zero.py, fsdp.py
     zero: int = 0
@@ -75,68 +77,16 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.overlap_param_gather=true overlaps the parameter all-gather after the "
                 f"optimizer step of parallel.zero=1 or 2 (this run: zero={self.zero}); "
-                + ("set parallel.zero=1" if self.zero == 0 else
-                   "zero=3 gathers each block before its forward, prefetched; drop the flag")
+                + (
+                    "set parallel.zero=1"
+                    if self.zero == 0
+                    else "zero=3 gathers each block before its forward, prefetched; drop the flag"
+                )
             )
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError(
                 "parallel.sequence_parallel=true needs parallel.tp > 1 (it shards the sequence "
                 "over the TP group); set parallel.tp=2 or parallel.sequence_parallel=false"
-            )
-
-    def check_context_parallel(self, model: ModelConfig, seq_length: int) -> None:
-        """cp > 1: the sequence split (2*cp zig-zag chunks for ring, cp chunks for a2a, each
-        still divisible by tp under sequence parallelism), a2a's heads, ring's no-dropout."""
-        if self.cp == 1:
-            return
-        chunks = 2 * self.cp if self.cp_mode == "ring" else self.cp
-        multiple = chunks * (self.tp if self.sequence_parallel else 1)
-        if seq_length % multiple:
-            why = f"{chunks} chunks for cp_mode={self.cp_mode}" + (
-                f", each split over tp={self.tp} by sequence_parallel"
-                if self.sequence_parallel else "")  # fmt: skip
-            raise ConfigError(
-                f"data.seq_length={seq_length} is not divisible by {multiple} ({why}); set "
-                f"data.seq_length to a multiple of {multiple} (e.g. "
-                f"{max(multiple, seq_length - seq_length % multiple)}) or change parallel.cp"
-            )
-        if self.cp_mode == "ring" and model.dropout > 0:
-            raise ConfigError(
-                f"parallel.cp_mode=ring has no attention dropout (model.dropout={model.dropout}); "
-                "set model.dropout=0 or parallel.cp_mode=a2a"
-            )
-        if self.cp_mode == "a2a":
-            n, g = model.n_heads // self.tp, model.n_kv_heads // self.tp
-            if n % self.cp or (g % self.cp and self.cp % g):
-                raise ConfigError(
-                    f"parallel.cp_mode=a2a scatters the heads over cp={self.cp}: the query heads "
-                    f"per tp rank (model.n_heads/tp = {n}) must be divisible by cp and the kv heads "
-                    f"({g}) divisible by cp or dividing it; change parallel.cp or use "
-                    "parallel.cp_mode=ring"
-                )
-
-    def check_expert_parallel(self, model: ModelConfig, dp: int) -> None:
-        """ep > 1: an MoE model whose experts split evenly, ep dividing dp; MoE without cp."""
-        if self.ep > 1 and not model.moe_experts:
-            raise ConfigError(
-                f"parallel.ep={self.ep} splits the experts of a mixture-of-experts model, but "
-                "model.moe_experts=0 (dense); set model.moe_experts or parallel.ep=1"
-            )
-        if model.moe_experts % self.ep:
-            good = [e for e in range(1, model.moe_experts + 1) if model.moe_experts % e == 0]
-            raise ConfigError(
-                f"model.moe_experts={model.moe_experts} is not divisible by parallel.ep={self.ep}; "
-                f"choose parallel.ep in {[e for e in good if dp % e == 0]}"
-            )
-        if dp % self.ep:
-            raise ConfigError(
-                f"parallel.ep={self.ep} does not divide dp={dp}: expert parallelism is carved "
-                f"from the data-parallel ranks; launch a multiple of {self.ep} replicas or lower ep"
-            )
-        if model.moe_experts and self.cp > 1:
-            raise ConfigError(
-                f"mixture of experts with parallel.cp={self.cp} is not supported (the router "
-                "statistics would be per sequence chunk); use parallel.cp=1"
             )
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -315,7 +265,7 @@ class Config:
 
         p, m, t, d = self.parallel, self.model, self.train, self.data
         dp = p.data_parallel_size(world_size)
-        p.check_expert_parallel(m, dp)
+        check_expert_parallel(p, m, dp)
         try:
             build_grid(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, ep=p.ep)
         except ValueError as e:
@@ -334,7 +284,7 @@ class Config:
                 f"data.seq_length={d.seq_length} is not divisible by parallel.tp={p.tp} "
                 "(needed by sequence_parallel)"
             )
-        p.check_context_parallel(m, d.seq_length)
+        check_context_parallel(p, m, d.seq_length)
         t.accumulation_steps(dp)
         self._check_vocab()
         return dp

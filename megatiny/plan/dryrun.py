@@ -141,6 +141,7 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     model, ddp, optimizer = trainer.model, trainer.ddp, trainer.optimizer
     chunks = getattr(model, "chunks", None) or build_pipeline_chunks(model, ctx)
     schedule = build_schedule(ctx, chunks, cfg.train.micro_batch_size, cfg.data.seq_length,
+                              schedule=p.pipeline_schedule,
                               sequence_parallel=p.sequence_parallel)  # fmt: skip
     bf16 = cfg.train.precision == "bf16"
     autocast = MetaAutocast if bf16 else None

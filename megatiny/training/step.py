@@ -324,16 +324,25 @@ def shard_model(model: torch.nn.Module, cfg: Config, ctx) -> torch.nn.Module:
     from megatiny.parallel.parallelize import parallelize
     from megatiny.parallel.pipeline import build_pipeline, keep_stages
 
-    v = p.virtual_pipeline_size
-    keep_stages(model, ctx, v)
+    v, placement = pipeline_stages(p)
+    keep_stages(model, ctx, v, placement=placement)
     if ctx.tp_size == 1:  # this rank's experts first: only they are generated
         apply_expert_parallel(model, ctx)
         apply_context_parallel(materialize(model, ctx.device), ctx, p.cp_mode)
     else:
         parallelize(model, ctx, sequence_parallel=p.sequence_parallel, cp_mode=p.cp_mode)
     if ctx.pp_size > 1:  # this rank's chunks, under the single-device parameter names
-        model = build_pipeline(model, ctx, v)
+        model = build_pipeline(model, ctx, v, placement=placement)
     return model
+
+
+def pipeline_stages(p) -> tuple[int | None, str]:
+    """(virtual stages per rank, their placement) of a ParallelConfig's pipeline schedule: zb-v
+    runs two chunks per rank in a V (rank r: stages r and 2p-1-r), the others as configured."""
+    from megatiny.parallel.schedule_ir import stage_placement
+
+    v = 2 if p.pipeline_schedule == "zb-v" else p.virtual_pipeline_size
+    return v, stage_placement(p.pipeline_schedule)
 
 
 def check_supported(cfg: Config, world_size: int | None = None) -> None:
@@ -344,9 +353,11 @@ def check_supported(cfg: Config, world_size: int | None = None) -> None:
     micro_batches = None
     if world_size is not None:
         micro_batches = cfg.train.accumulation_steps(p.data_parallel_size(world_size))
+    v, _ = pipeline_stages(p)
+    if p.pipeline_schedule == "zb-v":  # its list scheduler takes any micro-batch count
+        micro_batches = None
     try:  # layers vs pp * virtual stages; the interleaved schedule's micro-batch count
-        validate_pipeline(cfg.model.n_layers, p.pp, p.virtual_pipeline_size,
-                          num_microbatches=micro_batches)  # fmt: skip
+        validate_pipeline(cfg.model.n_layers, p.pp, v, num_microbatches=micro_batches)
     except ValueError as e:
         raise ConfigError(f"parallel: {e}") from None
 
@@ -389,12 +400,12 @@ def build_trainer(cfg: Config, ctx, task: Task | None = None) -> Trainer:
             for d in (train_data, valid_data)
         )
     schedule = forward_backward_no_pipelining
-    if ctx.pp_size > 1:  # 1F1B, or interleaved 1F1B with virtual_pipeline_size chunks per rank
+    if ctx.pp_size > 1:  # parallel.pipeline_schedule (auto: 1F1B, or interleaved with v chunks)
         from megatiny.parallel.schedules import as_trainer_schedule, build_schedule
 
         schedule = as_trainer_schedule(build_schedule(
             ctx, model.chunks, cfg.train.micro_batch_size, cfg.data.seq_length,
-            sequence_parallel=p.sequence_parallel,
+            schedule=p.pipeline_schedule, sequence_parallel=p.sequence_parallel,
             dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32,
         ))  # fmt: skip
     # Dropout: same stream on TP ranks (replicated activations), distinct per dp / pp / cp rank.
