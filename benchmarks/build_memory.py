@@ -37,12 +37,11 @@ def _status_kib(field: str) -> int:
 
 
 def child(case: str, layers: int | None) -> dict:
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from megatiny.config import load_config
     from megatiny.parallel.build import host_bytes
     from megatiny.parallel.context import ParallelContext
+    from megatiny.plan.fake_group import init_fake_process_group
     from megatiny.training.step import build_model
 
     tp, pp, world, zero = CASES[case]
@@ -55,7 +54,7 @@ def child(case: str, layers: int | None) -> dict:
     if zero:
         overrides.append(f"parallel.zero={zero}")
     cfg = load_config(os.path.join(root, "launch/configs/llama-1b.yaml"), overrides)
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    init_fake_process_group(rank, world)
     ctx = ParallelContext.initialize(tp=tp, pp=pp, device="cpu")
     before = _status_kib("VmRSS")
     start = time.perf_counter()

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatiny.kernels import check_ids
+
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     # meta: the plan's dry run raises CUDA's autocast flag (megatiny/plan/opcount.py)
@@ -137,13 +139,8 @@ def chunked_cross_entropy(h, weight, labels, chunk_tokens: int, *, group=None, a
     total = world * width if vocab_size is None else vocab_size
     if not 0 < total <= world * width:
         raise ValueError(f"vocab_size={vocab_size} must be in (0, {world * width}] (tp x rows)")
-    if labels.device.type == "cpu" and labels.numel():  # reading ids is free only on the host
-        real = labels[labels != ignore_index]
-        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= total):
-            raise ValueError(
-                f"labels must be in [0, {total}) or ignore_index={ignore_index}, got min "
-                f"{int(real.min())} max {int(real.max())}; check the tokenizer's vocab_size"
-            )
+    message = f"labels must be in [0, {total}) or ignore_index={ignore_index}, got {{bad}}; "
+    check_ids(labels, total, message + "check the tokenizer's vocab_size", ignore_index)
     start = rank * width
     n_valid = max(0, min(width, total - start))
     loss = _ChunkedCrossEntropy.apply(

@@ -13,15 +13,15 @@ Weight layouts are chosen for tensor parallelism (megatiny/parallel/parallelize.
   features, then head 1's, ...). Splitting each segment evenly over tp splits by heads.
 - SwiGLU's `mlp.fc` is fused [gate | up]; split as two segments it stays [gate_r | up_r] per rank.
 
-This file knows no parallelism. `parallelize(model, ctx)` (megatiny/parallel/parallelize.py)
-swaps modules for parallel ones that carry the communication: linears, the token and position
-embeddings, the norms (under sequence parallelism), the dropouts on sharded activations, the
-attention core (its dropout draws per-rank masks) and `output` (logits and loss over a vocabulary
-split across ranks). `GPT.forward` runs the same code before and after.
+This file knows no parallelism: `parallelize(model, ctx)` (megatiny/parallel/parallelize.py)
+swaps in parallel linears, token and position embeddings, norms (sequence parallelism), dropouts
+on sharded activations, the attention core (per-rank dropout masks) and `output` (logits and loss
+over a split vocabulary); `GPT.forward` runs the same code before and after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -32,9 +32,24 @@ from torch.utils.checkpoint import checkpoint
 
 from megatiny.chunked_loss import chunked_cross_entropy
 from megatiny.config import ModelConfig
-from megatiny.kernels import use_kernels
+from megatiny.kernels import check_ids, use_kernels
 from megatiny.moe import MoE
 from megatiny.recompute import op_context_fn
+
+# The two calls a dry run on meta tensors swaps (megatiny/plan/dryrun.py; training/memory.py
+# counts checkpoint inputs): attention's SDPA and activation checkpointing.
+RUNTIME = {"sdpa": F.scaled_dot_product_attention, "checkpoint": checkpoint}
+
+
+@contextlib.contextmanager
+def runtime(**calls):
+    """Within the block, the model calls `calls` (keys of RUNTIME) instead of torch's."""
+    saved = {key: RUNTIME[key] for key in calls}  # a KeyError names an unknown call
+    RUNTIME.update(calls)
+    try:
+        yield
+    finally:
+        RUNTIME.update(saved)
 
 
 class LayerNorm(nn.Module):
@@ -134,16 +149,12 @@ def attention_core(q, k, v, *, causal_offset=0, dropout_p=0.0, fused=False):
         return F.dropout(probs, dropout_p) @ v
     gqa = g != n  # SDPA maps query head i to kv head i // (n/g) itself
     if causal_offset == 0:
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
-        )
+        return RUNTIME["sdpa"](q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     mask = None
     if s > 1:
         key_pos = torch.arange(t, device=q.device)
         mask = key_pos[None, :] <= (causal_offset + torch.arange(s, device=q.device))[:, None]
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa
-    )
+    return RUNTIME["sdpa"](q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 class CoreAttention(nn.Module):
@@ -210,7 +221,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)
         if self.selective_recompute and torch.is_grad_enabled():
-            y = checkpoint(self.core, q, k, v, offset, use_reentrant=False)
+            y = RUNTIME["checkpoint"](self.core, q, k, v, offset, use_reentrant=False)
         else:
             y = self.core(q, k, v, offset)
         y = y.transpose(1, 2).reshape(b, s, n * d)
@@ -298,11 +309,8 @@ class GPT(nn.Module):
         # real device but not on meta.
         self.init_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_embed = (
-            nn.Embedding(config.max_seq_len, config.d_model)
-            if config.position == "learned"
-            else None
-        )
+        learned = config.position == "learned"
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm_f = make_norm(config)
@@ -344,20 +352,11 @@ class GPT(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if offset + s > self.config.max_seq_len:
             raise ValueError(
-                f"sequence of {offset + s} tokens is longer than max_seq_len="
-                f"{self.config.max_seq_len}; truncate the input or build the model with a "
-                f"larger max_seq_len"
+                f"sequence of {offset + s} tokens is longer than max_seq_len={self.config.max_seq_len}"
+                "; truncate the input or build the model with a larger max_seq_len"
             )
-        # Token ids are checked where reading them is free: on CPU tensors. On an accelerator the
-        # check would stall the host every micro-batch; the data path checks ids on the CPU.
-        if input_ids.numel() and input_ids.device.type == "cpu":
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= V:
-                bad = hi if hi >= V else lo
-                raise ValueError(
-                    f"token id {bad} is outside the vocabulary [0, {V}); the tokenizer and the "
-                    f"model disagree: set vocab_size >= {hi + 1} or re-tokenize"
-                )
+        check_ids(input_ids, V, f"token id {{bad}} is outside the vocabulary [0, {V}); the "
+                  "tokenizer and the model disagree: raise vocab_size or re-tokenize")  # fmt: skip
 
     @staticmethod
     def positions(input_ids, offset: int = 0):
@@ -388,7 +387,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             if mode in ("full", "op"):  # op: torchtitan's policy, megatiny/recompute.py
                 policy = {"context_fn": op_context_fn(block)} if mode == "op" else {}
-                h = checkpoint(block, h, rope, use_reentrant=False, **policy)
+                h = RUNTIME["checkpoint"](block, h, rope, use_reentrant=False, **policy)
             else:
                 h = block(h, rope, kv_cache, offset)
         return h

@@ -14,9 +14,9 @@ from megatiny.testing import run_in_fork, run_ranks
 
 
 def _fake_world(world_size: int, **layout):
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from megatiny.plan.fake_group import init_fake_process_group
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    init_fake_process_group(0, world_size)
     return ParallelContext.initialize(device="meta", **layout)
 
 

@@ -57,12 +57,18 @@ def test_all_rows_ignored_and_half_logits():
     torch.testing.assert_close(ce.cross_entropy(half, target), ce.cross_entropy_ref(half, target))
 
 
-def test_single_rank_vocab_parallel_excludes_padding():
+def _vocab_parallel(x, t, group, vocab_size, fused=True):
+    from megatiny.parallel.layers import vocab_parallel_cross_entropy
+
+    return vocab_parallel_cross_entropy(x, t, group, vocab_size=vocab_size, fused=fused)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_single_rank_vocab_parallel_excludes_padding(fused):
+    """The one vocab-parallel cross-entropy (parallel/layers.py), kernel backend and torch."""
     logits, target = _inputs((3, 4), 29)
     padded = torch.cat([logits, torch.randn(3, 4, 3) * 10], dim=-1)
-    loss, grad = _loss_and_grad(
-        lambda x, t: ce.vocab_parallel_cross_entropy(x, t, None, vocab_size=29), padded, target
-    )
+    loss, grad = _loss_and_grad(lambda x, t: _vocab_parallel(x, t, None, 29, fused), padded, target)
     loss_ref, grad_ref = _loss_and_grad(ce.cross_entropy_ref, logits, target)
     torch.testing.assert_close(loss, loss_ref)
     torch.testing.assert_close(grad[..., :29], grad_ref)
@@ -77,18 +83,14 @@ def test_bad_targets_raise_clear_errors():
 
 
 def _vocab_parallel_rank(vocab, width, max_block):
-    from megatiny.parallel.layers import vocab_parallel_cross_entropy as layers_vpce
-
     ce.MAX_BLOCK = max_block
     rank, world = dist.get_rank(), dist.get_world_size()
     logits, target = _inputs((3, 5), vocab)
     padded = torch.cat([logits, torch.full((3, 5, world * width - vocab), 55.0)], dim=-1)
     shard = padded[..., rank * width : (rank + 1) * width]
     group = dist.group.WORLD
-    fused = _loss_and_grad(
-        lambda x, t: ce.vocab_parallel_cross_entropy(x, t, group, vocab_size=vocab), shard, target
-    )
-    layers = _loss_and_grad(lambda x, t: layers_vpce(x, t, group, vocab_size=vocab), shard, target)
+    fused = _loss_and_grad(lambda x, t: _vocab_parallel(x, t, group, vocab), shard, target)
+    layers = _loss_and_grad(lambda x, t: _vocab_parallel(x, t, group, vocab, False), shard, target)
     return fused, layers
 
 

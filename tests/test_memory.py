@@ -34,18 +34,17 @@ b, s, h, a = 2, 16, 64, 4
 
 def _block_bytes(tp, sp, recompute):
     """Saved bytes of one GPT-2 block's forward on the meta device (fake group of tp ranks)."""
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    import megatiny.model as model_module
     from megatiny.config import ModelConfig
     from megatiny.model import GPT
     from megatiny.parallel.context import ParallelContext
     from megatiny.parallel.parallelize import parallelize
     from megatiny.plan.dryrun import _flash_sdpa
+    from megatiny.plan.fake_group import init_fake_process_group
 
-    F.scaled_dot_product_attention = _flash_sdpa(F.scaled_dot_product_attention)
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    model_module.RUNTIME["sdpa"] = _flash_sdpa(model_module.RUNTIME["sdpa"])  # forked child
+    init_fake_process_group(0, tp)
     ctx = ParallelContext.initialize(tp=tp, device="meta")
     config = ModelConfig.gpt2(vocab_size=96, max_seq_len=s, d_model=h, n_layers=1, n_heads=a,
                               recompute=recompute)  # fmt: skip

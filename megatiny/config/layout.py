@@ -1,10 +1,61 @@
-"""Layout checks of a ParallelConfig (`self`) against the model and the data: what context and
-expert parallelism need. Called by `Config.validate` (megatiny/config/run.py)."""
+"""Layout checks of a ParallelConfig (`self`) against the model and the data: the grid's sizes,
+the pipeline schedule's name, what context and expert parallelism need. Called by
+`Config.validate` (megatiny/config/run.py); megatiny/parallel applies the same rules (grid.py,
+schedule_ir.py import them from here: parallel builds on config, never the other way)."""
 
 from __future__ import annotations
 
 from megatiny.config.io import ConfigError
-from megatiny.config.model import ModelConfig
+from megatiny.config.model import ModelConfig, divisors
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")  # parallel.pipeline_schedule
+
+
+def check_pipeline_schedule(kind: str, v: int | None) -> None:
+    """parallel.pipeline_schedule against parallel.virtual_pipeline_size."""
+    kinds, v = ("auto",) + SCHEDULES, v or 1
+    need = {"zb-v": (1, 2), "interleaved": tuple(range(2, v + 2))}.get(kind, (1,))
+    if kind not in kinds or (kind != "auto" and v not in need):
+        raise ConfigError(
+            f"parallel.pipeline_schedule={kind!r} with virtual_pipeline_size={v}: choose one of "
+            f"{kinds}; interleaved needs virtual_pipeline_size >= 2, zb-v 2 or null, gpipe / "
+            "1f1b / zb-h1 null"
+        )
+
+
+def check_grid_sizes(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,
+                     ep: int = 1) -> int:  # fmt: skip
+    """The data-parallel size of `world_size` ranks laid out as tp x cp x dp x pp (`dp=None`
+    infers it); raises ValueError, naming the fix, when a size is not a positive integer, the
+    sizes do not multiply to `world_size` or `ep` does not divide dp."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive integer")
+    for name, value in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) + (
+        (("dp", dp),) if dp is not None else ()
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    model = tp * pp * cp
+    if dp is None:
+        if world_size % model:
+            raise ValueError(
+                f"world_size={world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {model}; "
+                f"choose tp*pp*cp in {divisors(world_size)} or launch a multiple of {model} ranks"
+            )
+        dp = world_size // model
+    elif model * dp != world_size:
+        raise ValueError(
+            f"tp*pp*cp*dp = {tp}*{pp}*{cp}*{dp} = {model * dp} does not equal "
+            f"world_size={world_size}; pass dp=None to infer it"
+            + (f" (dp={world_size // model})" if world_size % model == 0 else "")
+            + f" or launch {model * dp} ranks"
+        )
+    if dp % ep:
+        raise ValueError(
+            f"ep={ep} does not divide dp={dp}: expert parallelism splits the data-parallel ranks; "
+            f"choose ep in {divisors(dp)} or launch more ranks"
+        )
+    return dp
 
 
 def check_context_parallel(self, model: ModelConfig, seq_length: int) -> None:

@@ -21,7 +21,12 @@ from megatiny.config.io import (
     tokenizer_vocab_size,
     unknown_key_message,
 )
-from megatiny.config.layout import check_context_parallel, check_expert_parallel
+from megatiny.config.layout import (
+    check_context_parallel,
+    check_expert_parallel,
+    check_grid_sizes,
+    check_pipeline_schedule,
+)
 from megatiny.config.model import ModelConfig
 from megatiny.config.resilience import ResilienceConfig
 
@@ -62,9 +67,7 @@ class ParallelConfig:
             raise ConfigError(f"parallel.dp={self.dp} must be >= 1 (or null to derive it)")
         if self.cp_mode not in ("ring", "a2a"):
             raise ConfigError(f"parallel.cp_mode={self.cp_mode!r}; choose ring or a2a")
-        from megatiny.parallel.schedule_ir import check_config  # pure: imports no torch
-
-        check_config(self.pipeline_schedule, self.virtual_pipeline_size, ConfigError)
+        check_pipeline_schedule(self.pipeline_schedule, self.virtual_pipeline_size)
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(
                 f"parallel.zero={self.zero}: choose 0 (replicated), 1 (optimizer state sharded), "
@@ -261,13 +264,11 @@ class Config:
 
         Returns dp. Raises ConfigError naming the key to change.
         """
-        from megatiny.parallel.grid import build_grid
-
         p, m, t, d = self.parallel, self.model, self.train, self.data
         dp = p.data_parallel_size(world_size)
         check_expert_parallel(p, m, dp)
         try:
-            build_grid(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, ep=p.ep)
+            check_grid_sizes(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=dp, ep=p.ep)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         try:

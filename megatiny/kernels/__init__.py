@@ -7,7 +7,8 @@ Modules (each: Triton kernels (``@jit`` below: ``triton.jit`` in Triton's import
 - ``softmax``: ``scaled_causal_softmax(x, scale)``, ``scaled_masked_softmax(x, mask, scale)``
 - ``layernorm``: ``layer_norm(x, weight, bias, eps)``, ``rms_norm(x, weight, eps)``
 - ``cross_entropy``: ``cross_entropy(logits, target, ignore_index=-100)`` and
-  ``vocab_parallel_cross_entropy(logits_shard, target, group, ...)``
+  ``sharded_cross_entropy`` (the fused backend of
+  ``megatiny.parallel.layers.vocab_parallel_cross_entropy``)
 - ``flash_attention`` (a package: Python side + ``kernels.py``): ``flash_attention(q, k, v,
   causal=True, scale=None, causal_offset=None)`` and ``flash_attention_with_lse`` (GQA by head
   groups; the log-sum-exp for merging partial results)
@@ -65,6 +66,23 @@ def kernels_usable(x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     return x.device.type == "cpu" and interpreter_ready()
+
+
+def check_ids(ids: torch.Tensor, limit: int, message: str, ignore_index: int | None = None) -> None:
+    """Fail on ids outside ``[0, limit)`` (``ignore_index`` allowed): token ids into an embedding,
+    labels into a vocabulary. On the CPU a ValueError, ``message`` formatted with the first bad id
+    (``{bad}``); on CUDA a device-side assert (``torch._assert_async``: no host sync; the next
+    synchronising call fails with "device-side assert triggered"), because an out-of-range id
+    there is a silent wrong answer (masked gather) or a crash far from its cause; on meta nothing."""
+    if ids.numel() == 0 or ids.is_meta:
+        return
+    valid = (ids >= 0) & (ids < limit)
+    if ignore_index is not None:
+        valid |= ids == ignore_index
+    if ids.device.type != "cpu":
+        torch._assert_async(valid.all(), message.format(bad="out of range"))
+    elif not bool(valid.all()):
+        raise ValueError(message.format(bad=int(ids[~valid].flatten()[0])))
 
 
 def _is_interpreted(kernel) -> bool:

@@ -7,7 +7,8 @@ and gradient 0. The forward streams the row in ``BLOCK``-column chunks keeping a
 sum (per lane, merged at the end), saving only ``lse`` (4 bytes per row); the backward streams
 the logits once more and writes the gradient directly. Loss is fp32 whatever the logits' dtype.
 
-Vocab-parallel form (Megatron's ``vocab_parallel_cross_entropy``): rank ``r`` of the TP group holds
+Vocab-parallel form, the fused backend of ``megatiny.parallel.layers.vocab_parallel_cross_entropy``
+(the one implementation: it validates, then calls ``sharded_cross_entropy`` here): rank ``r`` of the TP group holds
 the contiguous slice ``[vocab_start, vocab_start + V_r)`` of the (padded) vocabulary. The kernel
 returns the local ``m_r``, ``s_r = sum exp(x - m_r)`` over the columns with global index
 ``< vocab_size`` (padding excluded) and ``x_t`` when the target falls in the slice (else 0); then
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from megatiny.kernels import check_launchable, jit, num_warps_for
+from megatiny.kernels import check_ids, check_launchable, jit, num_warps_for
 
 # Columns per chunk for long rows; rows up to this length are processed in one chunk.
 MAX_BLOCK = 4096
@@ -82,16 +83,6 @@ def _block_config(n: int) -> tuple[int, int]:
     return block, triton.cdiv(max(n, 1), block)
 
 
-def _check_targets(target, ignore_index, vocab_size):
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab_size))
-    if bool(bad.any()):
-        first = target[bad].flatten()[0].item()
-        raise ValueError(
-            f"target {first} is outside the vocabulary [0, {vocab_size}); use ignore_index="
-            f"{ignore_index} for positions without a label"
-        )
-
-
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, ignore_index, vocab_start, n_valid, all_reduce):
@@ -149,34 +140,16 @@ def cross_entropy(
     vocab = logits.shape[-1]
     if vocab == 0:
         raise ValueError("logits have an empty class dimension")
-    _check_targets(target, ignore_index, vocab)
-    return _CrossEntropy.apply(logits, target, None, ignore_index, 0, vocab, _all_reduce)
+    check_ids(target, vocab, f"target {{bad}} is outside the vocabulary [0, {vocab}); use "
+              f"ignore_index={ignore_index} for positions without a label", ignore_index)  # fmt: skip
+    return _CrossEntropy.apply(logits, target, None, ignore_index, 0, vocab, None)
 
 
-def _all_reduce(t, group, op):
-    dist.all_reduce(t, op=op, group=group)
-
-
-def vocab_parallel_cross_entropy(logits_shard, target, group, ignore_index=-100, vocab_size=None,
-                                 vocab_start=None, all_reduce=_all_reduce):  # fmt: skip
-    """Per-token loss from this rank's vocab slice ``logits_shard`` ``[..., V/tp]`` (never gathered).
-
-    ``vocab_start`` defaults to ``tp_rank * V/tp`` and ``vocab_size`` (the true vocabulary; columns
-    at or beyond it are padding and excluded) to ``tp * V/tp``. ``group`` None means one rank.
-    ``all_reduce(tensor, group, op)`` issues the two reductions (megatiny.parallel passes its own,
-    so they are traced and device-checked like every other collective).
-    """
-    width = logits_shard.shape[-1]
-    world = dist.get_world_size(group) if group is not None else 1
-    rank = dist.get_rank(group) if group is not None else 0
-    vocab_start = rank * width if vocab_start is None else vocab_start
-    vocab_size = world * width if vocab_size is None else vocab_size
-    if vocab_size > world * width:
-        raise ValueError(
-            f"vocab_size={vocab_size} exceeds the {world} shards x {width} columns it is split into"
-        )
-    _check_targets(target, ignore_index, vocab_size)
-    n_valid = max(0, min(width, vocab_size - vocab_start))
+def sharded_cross_entropy(logits_shard, target, group, ignore_index, vocab_start, n_valid,
+                          all_reduce):  # fmt: skip
+    """The kernels on this rank's vocabulary columns ``[vocab_start, vocab_start + n_valid)`` of
+    ``logits_shard`` (the rest padding), statistics combined by ``all_reduce(t, group, op)``.
+    Called by ``megatiny.parallel.layers.vocab_parallel_cross_entropy``, which checks the inputs."""
     return _CrossEntropy.apply(
         logits_shard, target, group, ignore_index, vocab_start, n_valid, all_reduce
     )

@@ -189,26 +189,3 @@ def gather_from_sp(
 def reduce_scatter_to_sp(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """Reduce-scatter `dim` forward, all-gather backward."""
     return _ReduceScatterToSP.apply(x, group, dim)
-
-
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    """Out-of-place sum over `group` without autograd (for statistics such as loss or norms)."""
-    return _all_reduce(x.detach(), group)
-
-
-def all_reduce_grads(params, group) -> None:
-    """Sum the `.grad` of `params` over `group`, in place, with one flat all-reduce.
-
-    For replicated parameters applied to sequence shards under sequence parallelism (e.g. norm
-    weights): each TP rank's gradient covers only its tokens, so the full gradient is the sum.
-    Call after backward, before the optimizer (and before data-parallel gradient averaging).
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or _size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    collectives.all_reduce(flat, group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()

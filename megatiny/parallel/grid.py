@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatiny.config.model import divisors
+from megatiny.config.layout import check_grid_sizes
 
 DIMS = ("tp", "cp", "dp", "pp")  # fastest-varying first
 
@@ -98,33 +98,7 @@ def build_grid(
     Raises ValueError, naming the fix, when a size is not a positive integer or the sizes do not
     multiply to `world_size`.
     """
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be a positive integer")
-    for name, value in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep)) + (
-        (("dp", dp),) if dp is not None else ()
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-    model = tp * pp * cp
-    if dp is None:
-        if world_size % model:
-            raise ValueError(
-                f"world_size={world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {model}; "
-                f"choose tp*pp*cp in {divisors(world_size)} or launch a multiple of {model} ranks"
-            )
-        dp = world_size // model
-    elif model * dp != world_size:
-        raise ValueError(
-            f"tp*pp*cp*dp = {tp}*{pp}*{cp}*{dp} = {model * dp} does not equal "
-            f"world_size={world_size}; pass dp=None to infer it"
-            + (f" (dp={world_size // model})" if world_size % model == 0 else "")
-            + f" or launch {model * dp} ranks"
-        )
-    if dp % ep:
-        raise ValueError(
-            f"ep={ep} does not divide dp={dp}: expert parallelism splits the data-parallel ranks; "
-            f"choose ep in {divisors(dp)} or launch more ranks"
-        )
+    dp = check_grid_sizes(world_size, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep)
     sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
     strides, stride = {}, 1
     for dim in DIMS:

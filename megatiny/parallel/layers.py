@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatiny.config.model import divisors
+from megatiny.kernels import check_ids
 from megatiny.parallel import collectives
 from megatiny.parallel.comm import (
     copy_to_tp,
@@ -42,15 +43,6 @@ def _check_seq(x: torch.Tensor, tp: int, layer: str) -> None:
             f"{layer} with sequence_parallel needs [batch, seq, ...] with seq divisible by tp={tp}, "
             f"got shape {tuple(x.shape)}; pad or choose the sequence length as a multiple of {tp}"
         )
-
-
-def _min_max(ids: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of an integer CPU tensor; (0, 0) when empty or not on the CPU (reading it back
-    from an accelerator would stall the host every micro-batch: ids are checked on the CPU)."""
-    if ids.numel() == 0 or ids.device.type != "cpu":
-        return 0, 0
-    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-    return lo, hi
 
 
 def _param(t: torch.Tensor, device, requires_grad: bool = True) -> nn.Parameter:
@@ -303,12 +295,8 @@ class VocabParallelEmbedding(nn.Module):
         return layer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        lo, hi = _min_max(ids)
-        if lo < 0 or hi >= self.num_embeddings:
-            raise ValueError(
-                f"token ids must be in [0, {self.num_embeddings}), got min {lo} max {hi}; "
-                "check the tokenizer's vocab_size against the model's"
-            )
+        check_ids(ids, self.num_embeddings, f"token ids must be in [0, {self.num_embeddings}), "
+                  "got {bad}; check the tokenizer's vocab_size against the model's")  # fmt: skip
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
@@ -326,7 +314,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def _all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.get_world_size(group) > 1:
+    if group is not None and dist.get_world_size(group) > 1:
         collectives.all_reduce(t, group, op=op)
     return t
 
@@ -340,14 +328,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, group, ignore_index, vocab_size):
-        rank = dist.get_rank(group)
+    def forward(ctx, logits, target, group, ignore_index, start, n_valid):
         per_rank = logits.shape[-1]
-        start = rank * per_rank
         z = logits.float()
-        if vocab_size is not None and vocab_size < start + per_rank:
-            columns = torch.arange(start, start + per_rank, device=z.device)
-            z = z.masked_fill(columns >= vocab_size, float("-inf"))
+        if n_valid < per_rank:
+            z = z.masked_fill(torch.arange(per_rank, device=z.device) >= n_valid, float("-inf"))
         m = _all_reduce_(z.max(dim=-1).values, group, dist.ReduceOp.MAX)
         z = z - m.unsqueeze(-1)
         ignored = target == ignore_index
@@ -371,7 +356,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         onehot = (~outside).to(grad.dtype).unsqueeze(-1)
         grad.scatter_add_(-1, local.unsqueeze(-1), -onehot)
         grad.mul_(dloss.masked_fill(ignored, 0.0).unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -380,28 +365,41 @@ def vocab_parallel_cross_entropy(
     group,
     ignore_index: int = -100,
     vocab_size: int | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Per-token cross-entropy of vocabulary-sharded logits, without gathering them.
 
     `logits_shard` [..., V_padded/p] holds this rank's contiguous vocabulary slice (rank i: columns
     [i*V_padded/p, (i+1)*V_padded/p)); `target` [...] holds global ids. Columns with global index
     >= `vocab_size` (padding) are excluded from the softmax. Returns the loss with `target`'s
-    shape, 0 where target == ignore_index. Computed in fp32.
+    shape, 0 where target == ignore_index. Computed in fp32. `group` None means one rank.
+
+    The one implementation: torch ops by default; with `fused` the Triton kernels
+    (megatiny.kernels.cross_entropy.sharded_cross_entropy, which never materialises the softmax).
+    Targets outside [0, vocab_size) raise on the CPU and trip a device-side assert on CUDA.
     """
     if logits_shard.shape[:-1] != target.shape:
         raise ValueError(
             f"logits_shard {tuple(logits_shard.shape)} and target {tuple(target.shape)} must "
             "agree on every dim but the last"
         )
-    total = logits_shard.shape[-1] * dist.get_world_size(group)
-    limit = total if vocab_size is None else vocab_size
-    if vocab_size is not None and not 0 < vocab_size <= total:
+    width = logits_shard.shape[-1]
+    world, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+    limit = world * width if vocab_size is None else vocab_size
+    if not 0 < limit <= world * width:
         raise ValueError(
-            f"vocab_size={vocab_size} must be in (0, {total}] (tp * logits_shard.shape[-1])"
+            f"vocab_size={vocab_size} must be in (0, {world * width}] (tp * logits_shard.shape[-1])"
         )
-    lo, hi = _min_max(target[target != ignore_index] if target.device.type == "cpu" else target[:0])
-    if lo < 0 or hi >= limit:
-        raise ValueError(
-            f"targets must be in [0, {limit}) or ignore_index={ignore_index}, got min {lo} max {hi}"
+    message = f"targets must be in [0, {limit}) or ignore_index={ignore_index}, got {{bad}}"
+    check_ids(target, limit, message, ignore_index)
+    start = rank * width
+    n_valid = max(0, min(width, limit - start))
+    if fused:
+        from megatiny.kernels.cross_entropy import sharded_cross_entropy
+
+        return sharded_cross_entropy(
+            logits_shard, target, group, ignore_index, start, n_valid, collectives.all_reduce
         )
-    return _VocabParallelCrossEntropy.apply(logits_shard, target, group, ignore_index, vocab_size)
+    return _VocabParallelCrossEntropy.apply(
+        logits_shard, target, group, ignore_index, start, n_valid
+    )

@@ -58,26 +58,19 @@ class VocabParallelOutput(nn.Module):
         if self.chunk_tokens:
             return chunked_cross_entropy(
                 self.full_input(h), weight, labels, self.chunk_tokens, group=self.group,
-                all_reduce=_all_reduce, vocab_size=self.vocab_size,
+                all_reduce=collectives.all_reduce, vocab_size=self.vocab_size,
             )  # fmt: skip
         logits = self.local_logits(h, weight)
-        if use_kernels(self.fused, logits):
-            from megatiny.kernels.cross_entropy import vocab_parallel_cross_entropy as fused_ce
-
-            return fused_ce(
-                logits, labels, self.group, vocab_size=self.vocab_size, all_reduce=_all_reduce
-            )
-        return vocab_parallel_cross_entropy(logits, labels, self.group, vocab_size=self.vocab_size)
+        fused = use_kernels(self.fused, logits)
+        return vocab_parallel_cross_entropy(
+            logits, labels, self.group, vocab_size=self.vocab_size, fused=fused
+        )
 
     def extra_repr(self) -> str:
         return (
             f"vocab_size={self.vocab_size}, sequence_parallel={self.sequence_parallel}, "
             f"chunk_tokens={self.chunk_tokens}"
         )
-
-
-def _all_reduce(t, group, op):
-    collectives.all_reduce(t, group, op=op)
 
 
 def _grad_summed(norm, group):

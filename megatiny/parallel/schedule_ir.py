@@ -37,8 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from megatiny.config.layout import SCHEDULES
+
 COMPUTE = ("F", "B", "W", "BW")
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 
 
 class Action(NamedTuple):
@@ -274,18 +275,6 @@ def with_communication(name, p, m, v, placement, orders) -> Schedule:
                 acts.append(Action("SEND", i, st, kind == "grad", dst))
         actions.append(acts)
     return Schedule(name, p, m, v, tuple(placement), actions)
-
-
-def check_config(kind: str, v: int | None, error=ValueError) -> None:
-    """parallel.pipeline_schedule against parallel.virtual_pipeline_size (raises `error`)."""
-    kinds, v = ("auto",) + SCHEDULES, v or 1
-    need = {"zb-v": (1, 2), "interleaved": tuple(range(2, v + 2))}.get(kind, (1,))
-    if kind not in kinds or (kind != "auto" and v not in need):
-        raise error(
-            f"parallel.pipeline_schedule={kind!r} with virtual_pipeline_size={v}: choose one of "
-            f"{kinds}; interleaved needs virtual_pipeline_size >= 2, zb-v 2 or null, gpipe / "
-            "1f1b / zb-h1 null"
-        )
 
 
 def generate(name: str, p: int, m: int, v: int = 1) -> Schedule:

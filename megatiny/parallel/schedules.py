@@ -33,12 +33,12 @@ import functools
 
 import torch
 
+from megatiny.config.layout import SCHEDULES
 from megatiny.parallel import collectives, schedule_ir, split_backward
 from megatiny.parallel.data_parallel import no_sync_unless
 from megatiny.parallel.pipeline import P2P, forward_step, validate_pipeline
 from megatiny.parallel.schedule_sim import simulate, simulate_forward
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 _MESSAGE_NAMES = {("SEND", False): "send_forward", ("RECV", False): "recv_forward",
                   ("SEND", True): "send_backward", ("RECV", True): "recv_backward"}  # fmt: skip
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 from megatiny.config import Config, ConfigError
+from megatiny.parallel.local_ranks import run_ranks
 from megatiny.parallel.pipeline import validate_pipeline
 from megatiny.testing.equivalence import Layout, mismatch, parse_layout
-from megatiny.testing.ranks import run_ranks
 from megatiny.training.step import check_supported
 
 UNSUPPORTED = ("cp", "zero1")

@@ -1,31 +1,30 @@
 """`megatiny plan --gpu cpu --calibrate`: measure this machine so predictions can be checked here.
 
-Measured with one thread per rank (as benchmarks/scaling.py runs its ranks), each figure the mean
-of repeated runs, as a training step meets them (not the best run: on a shared machine the best
-is 1.5x faster than the typical):
-    peak fp32 FLOP/s     the three GEMMs of a linear layer's training step (forward X W^T,
-                         backward dY W and dY^T X) for 512 tokens at hidden 128 .. 1024 (d -> 4d,
-                         4d -> d, d -> d), the mean rate over those 12 shapes
-                         (matmul_efficiency = 1)
-    attention            flash SDPA forward + backward, causal, b=4 n=4 s=128 d=32: the fraction
-                         of the GEMM rate it reaches on the causal half (attention_efficiency)
-    memory bandwidth     a + b into c over 16M floats (3 x 64 MB moved)
-    transcendentals      exp, SiLU and log-softmax over 1M floats (bytes in + out per second):
-                         compute-bound on a CPU (transcendental_gb_per_s)
-    op overhead          a chain of tiny autograd ops, forward + backward: the eager cost of
-                         one op (dispatch, autograd node), what a small model pays per op
-    gloo                 each all-reduce issued right after a ~1 ms GEMM (as a step interleaves
-                         them, so the peer must be woken): 4 bytes gives the latency, 4 MB the
-                         bus bandwidth; an all-gather and a reduce-scatter of 4 MB give how far
-                         gloo's are from the ring model (`op_scale`)
+Held out from benchmarks/scaling.py: the calibration measures at shapes and rank counts of its own
+(docs/scaling.md lists both sets; tests/test_timemodel.py checks they do not meet):
 
-Every figure is measured with N ranks running at once, for N in 1, 2, 4, 8 (`by_world`): what
-one rank gets while the others compete for the same cores, caches and memory bus, and gloo
-between all N; the whole set is measured `repeats` (3) times round-robin over N and each figure
-keeps its median. On this 2-core VM two ranks do not each get a whole core's memory bandwidth, and
-eight ranks get less than a quarter of two cores each (context switches, evicted caches); the time
-model takes the entry of the world size it plans (`timemodel.for_world`). The top-level figures
-are the one-rank entry. Written to runs/cpu-calibrated.yaml, which `--gpu cpu` uses from then on.
+    rank counts          3 and 6 at once (the benchmark runs 1, 2, 4, 8)
+    GEMMs                a linear layer's three training GEMMs (forward X W^T, backward dY W and
+                         dY^T X) for 384 tokens at hidden 192, 384, 768 (d -> 4d, 4d -> d,
+                         d -> d): 27 shapes, each timed alone (the benchmark: 512 tokens at hidden
+                         128, 512, 1024); fitted as rate = peak x k / (k + k_overhead)
+    attention            flash SDPA forward + backward, causal, b=2 n=6 s=96 d=40 (the
+                         benchmark: s=128, d=32): its fraction of the GEMM rate on the causal half
+    memory bandwidth     a + b into c over 16M floats (3 x 64 MB moved)
+    transcendentals      exp, SiLU and log-softmax over 1M floats (bytes in + out per second)
+    op overhead          a chain of tiny autograd ops, forward + backward: one op's eager cost
+    gloo                 each all-reduce issued right after a ~1 ms GEMM (as a step interleaves
+                         them): 4 bytes gives the latency, 4 MB the bus bandwidth; an all-gather
+                         and a reduce-scatter of 4 MB give gloo's departure from the ring model
+
+One thread per rank (as the benchmark runs its ranks); each figure the mean of repeated runs, the
+mean over the ranks, the median of `repeats` rounds round-robin over the rank counts. From the two
+rank counts the model of any other is fitted (`contention`): a rank gets min(1, cores / N) of a
+core, and each rank beyond the cores slows every rank's rate by a further factor 1 + g (N - cores)
+(context switches, evicted caches), g fitted per kind (compute, memory, gloo bandwidth); gloo's
+latency is linear in N. `timemodel.for_world` applies it at the plan's world size. Written to
+runs/cpu-calibrated.yaml (or `--calibrate-out`), with the machine's cores and memory; a plan uses
+it only when named: `--gpu runs/cpu-calibrated.yaml`.
 """
 
 from __future__ import annotations
@@ -39,7 +38,9 @@ import yaml
 from megatiny.fsutil import atomic_write
 from megatiny.plan.timemodel import CALIBRATED, PROFILE_DIR
 
-WORLDS = (1, 2, 4, 8)
+WORLDS = (3, 6)  # disjoint from benchmarks/scaling.py's 1, 2, 4, 8
+TOKENS, HIDDEN = 384, (192, 384, 768)  # the benchmark: 512 tokens, hidden 128, 512, 1024
+ATTENTION = (2, 6, 96, 40)  # b, heads, s, head dim (the benchmark: s 128, head dim 32)
 SMALL, LARGE = 4, 4 * 2**20  # gloo message sizes: latency, bandwidth
 
 
@@ -51,31 +52,55 @@ def _mean(fn, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _gemm_rate() -> float:
-    """Mean FLOP rate of a linear layer's three training GEMMs over transformer shapes: 512 tokens,
-    hidden d in 128 .. 1024, the d -> 4d, 4d -> d and d -> d projections (each shape counts once,
-    so small layers weigh as much as large ones)."""
+def gemm_shapes() -> list[tuple[int, int, int]]:
+    """(m, n, k) of a linear layer's three training GEMMs at the calibration's shapes."""
+    out = []
+    for d in HIDDEN:
+        for d_in, d_out in ((d, 4 * d), (4 * d, d), (d, d)):
+            out += [(TOKENS, d_out, d_in), (TOKENS, d_in, d_out), (d_out, d_in, TOKENS)]
+    return out
+
+
+def _gemm_rates() -> list[float]:
+    """FLOP/s of each calibration GEMM, timed alone."""
     rates = []
-    for d in (128, 256, 512, 1024):
-        for m, k, n in ((512, d, 4 * d), (512, 4 * d, d), (512, d, d)):
-            x, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
-            seconds = _mean(lambda x=x, w=w, dy=dy: (x @ w.t(), dy @ w, dy.t() @ x),
-                            repeats=max(3, int(3e8 / (6 * m * k * n))))  # fmt: skip
-            rates.append(6 * m * k * n / seconds)
-    return sum(rates) / len(rates)
+    for m, n, k in gemm_shapes():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        seconds = _mean(lambda a=a, b=b: a @ b, repeats=max(3, int(1e8 / (2 * m * n * k))))
+        rates.append(2 * m * n * k / seconds)
+    return rates
+
+
+def fit_gemm(rates: list[float]) -> tuple[float, float]:
+    """(peak FLOP/s, k_overhead) of rate = peak x k / (k + k_overhead), least squares on
+    1 / rate = 1 / peak + k_overhead / (peak k) over the calibration shapes."""
+    xs = [1 / k for _, _, k in gemm_shapes()]
+    ys = [1 / r for r in rates]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    slope = max(slope, 0.0)
+    intercept = my - slope * mx
+    if intercept <= 0:  # no k effect measurable: the mean rate, no overhead
+        return n / sum(ys), 0.0
+    return 1 / intercept, slope / intercept
 
 
 def _compute_rates() -> dict:
     """This rank's GEMM, attention, memory, transcendental and per-op rates."""
     import torch.nn.functional as F
 
-    flops = _gemm_rate()
-    q, k, v = (torch.randn(4, 4, 128, 32, requires_grad=True) for _ in range(3))
+    gemms = _gemm_rates()
+    flops, _ = fit_gemm(gemms)
+    b, h, n, d = ATTENTION
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
 
     def attention():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-    counted = 3 * 4 * 4 * 4 * 128 * 128 * 32  # forward 4 b n s^2 d, backward 2x
+    counted = 3 * 4 * b * h * n * n * d  # forward 4 b h s^2 d, backward 2x
     attention_eff = counted / 2 / _mean(attention) / flops
     a, b = torch.randn(2**24), torch.randn(2**24)
     c = torch.empty_like(a)
@@ -93,7 +118,7 @@ def _compute_rates() -> dict:
             y = y * 1.0
         y.sum().backward()
 
-    return {"flops": flops, "attention_efficiency": min(attention_eff, 1.0),
+    return {"gemms": gemms, "attention_efficiency": min(attention_eff, 1.0),
             "bandwidth": bandwidth, "special": special, "op_overhead": _mean(chain) / 1000}  # fmt: skip
 
 
@@ -135,60 +160,112 @@ def _measure_rank() -> dict:
 
 
 def world_entry(rounds: list[list[dict]]) -> dict:
-    """One `by_world` entry from every round's per-rank measurements: each figure is the mean
-    over the ranks of a round, then the median over the rounds (a shared VM's speed moves
-    between rounds; the median keeps the typical one)."""
+    """One rank count's figures from every round's per-rank measurements: each the mean over the
+    ranks of a round, then the median over the rounds (a shared VM's speed moves between rounds;
+    the median keeps the typical one)."""
     n = len(rounds[0])
 
-    def typical(key):
-        per_round = sorted(sum(r[key] for r in ranks) / n for ranks in rounds)
+    def typical(get):
+        per_round = sorted(sum(get(r) for r in ranks) / n for ranks in rounds)
         return per_round[len(per_round) // 2]
 
-    flops = typical("flops")
-    entry = {
-        "peak_tflops": {"bf16": flops / 1e12, "fp32": flops / 1e12},
-        "attention_efficiency": round(typical("attention_efficiency"), 4),
-        "hbm_gb_per_s": typical("bandwidth") / 1e9,
-        "transcendental_gb_per_s": typical("special") / 1e9,
-        "op_overhead_us": typical("op_overhead") * 1e6,
-    }
+    out = {key: typical(lambda r, k=key: r[k])
+           for key in ("attention_efficiency", "bandwidth", "special", "op_overhead")}  # fmt: skip
+    out["gemms"] = [typical(lambda r, i=i: r["gemms"][i]) for i in range(len(rounds[0][0]["gemms"]))]
     if n > 1:
-        latency = typical("small")
+        out.update({key: typical(lambda r, k=key: r[k])
+                    for key in ("small", "large", "all_gather", "reduce_scatter")})  # fmt: skip
+    return out
+
+
+def _contention(per_rank: dict[int, float], cores: int) -> tuple[float, float]:
+    """(rate per core, g) of rate(N) = per_core x min(1, cores / N) / (1 + g max(0, N - cores))
+    from the rates measured at two rank counts."""
+    (n1, r1), (n2, r2) = sorted(per_rank.items())
+    a, b = r1 / min(1.0, cores / n1), r2 / min(1.0, cores / n2)  # per core, contention included
+    o1, o2 = max(0, n1 - cores), max(0, n2 - cores)
+    g = (a - b) / (b * o2 - a * o1) if b * o2 - a * o1 > 0 else 0.0
+    g = max(g, 0.0)
+    return a * (1 + g * o1), g
+
+
+def fit_profile(entries: dict[int, dict], cores: int) -> dict:
+    """The profile's rates per core and their `contention` from the entries of two rank counts."""
+    fits = {n: fit_gemm(e["gemms"]) for n, e in entries.items()}
+    peak, g_compute = _contention({n: f[0] for n, f in fits.items()}, cores)
+    hbm, g_memory = _contention({n: e["bandwidth"] for n, e in entries.items()}, cores)
+    special, _ = _contention({n: e["special"] for n, e in entries.items()}, cores)
+    per_op, _ = _contention({n: 1 / e["op_overhead"] for n, e in entries.items()}, cores)
+    k_overhead = sum(f[1] for f in fits.values()) / len(fits)
+    latency = {n: e["small"] for n, e in entries.items()}
+    (n1, l1), (n2, l2) = sorted(latency.items())
+    per_rank = max((l2 - l1) / (n2 - n1), 0.0)
+    bus = {}
+    for n, e in entries.items():
         ring = 2 * (n - 1) / n  # the ring all-reduce's bus factor
-        bandwidth = LARGE * ring / max(typical("large") - latency, 1e-9)
-        # gloo's all-gather and reduce-scatter are not the halves of its all-reduce that the ring
-        # model assumes ((n-1)/n each): the measured multiple of the ring model's time
-        half = LARGE * (n - 1) / n / bandwidth
-        op_scale = {op: round(max(typical(op) - latency, 1e-9) / half, 3)
-                    for op in ("all_gather", "reduce_scatter")}  # fmt: skip
-        link = {"gb_per_s": bandwidth / 1e9, "efficiency": 1.0, "latency_us": latency * 1e6,
-                "op_scale": op_scale}  # fmt: skip
-        entry["links"] = {"intra_node": link, "inter_node": dict(link)}
-    return entry
+        bus[n] = LARGE * ring / max(e["large"] - e["small"], 1e-9)
+    gloo_bw, g_gloo = _contention(bus, cores)
+    op_scale = {}
+    for op in ("all_gather", "reduce_scatter"):
+        scales = [max(e[op] - e["small"], 1e-9) / (LARGE * (n - 1) / n / bus[n])
+                  for n, e in entries.items()]  # fmt: skip
+        op_scale[op] = round(sum(scales) / len(scales), 3)
+    attention = sum(e["attention_efficiency"] for e in entries.values()) / len(entries)
+    return {
+        "peak_tflops": {"bf16": peak / 1e12, "fp32": peak / 1e12},
+        "k_overhead": round(k_overhead, 1),
+        "attention_efficiency": round(attention, 4),
+        "hbm_gb_per_s": hbm / 1e9,
+        "transcendental_gb_per_s": special / 1e9,
+        "op_overhead_us": 1e6 / per_op,
+        "contention": {"compute": round(g_compute, 4), "memory": round(g_memory, 4),
+                       "gloo": {"gb_per_s": gloo_bw / 1e9, "contention": round(g_gloo, 4),
+                                "latency_us": (l1 - per_rank * n1) * 1e6,
+                                "latency_us_per_rank": per_rank * 1e6, "op_scale": op_scale}},
+    }  # fmt: skip
+
+
+def machine() -> dict:
+    """This machine's cores (those this process may run on) and memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = 0.0
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    memory = int(line.split()[1]) * 1024 / 2**30
+    except OSError:
+        pass
+    return {"cores": cores, "memory_gib": round(memory, 1)}
 
 
 def calibrate(path: str = CALIBRATED, worlds=WORLDS, repeats: int = 3) -> str:
-    from megatiny.testing import run_ranks
+    from megatiny.parallel.local_ranks import run_ranks
 
+    if len(worlds) != 2 or min(worlds) < 2:
+        raise ValueError(f"--calibrate fits its model from two rank counts >= 2, got {worlds}")
     rounds = {n: [] for n in worlds}
     for _ in range(repeats):  # round-robin over the world sizes, so drift falls on all alike
         for n in worlds:
             rounds[n].append(run_ranks(_measure_rank, n, timeout=600))
-    by_world = {n: world_entry(rounds[n]) for n in worlds}
+    entries = {n: world_entry(rounds[n]) for n in worlds}
     with open(os.path.join(PROFILE_DIR, "cpu.yaml"), encoding="utf-8") as f:
         profile = yaml.safe_load(f)
-    solo = by_world[min(worlds)]
+    host = machine()
+    fitted = fit_profile(entries, host["cores"])
     profile.update({
         "name": "cpu-calibrated",
         "sources": [f"measured on this machine by megatiny plan --calibrate ({time.ctime()}): "
-                    f"means of repeats, one thread per rank, {', '.join(map(str, worlds))} ranks "
-                    f"at once, the median of {repeats} rounds"],
-        "matmul_efficiency": 1.0,
+                    f"means of repeats, one thread per rank, {' and '.join(map(str, worlds))} "
+                    f"ranks at once, the median of {repeats} rounds; shapes and rank counts "
+                    "disjoint from benchmarks/scaling.py's"],
+        **host,
+        "gemm_efficiency": 1.0,
         "memory_efficiency": 1.0,
-        **{k: v for k, v in solo.items() if k != "links"},
-        "links": by_world[min(n for n in worlds if n > 1)]["links"],
-        "by_world": by_world,
+        **fitted,
+        "measured": {n: {k: v for k, v in e.items() if k != "gemms"} for n, e in entries.items()},
     })  # fmt: skip
+    profile.pop("links", None)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, lambda f: yaml.safe_dump(profile, f, sort_keys=False), "w", "utf-8")
     return path

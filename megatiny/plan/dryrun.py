@@ -16,7 +16,8 @@ every quantity of a step is affine in m (a + b m: TP collectives and p2p per mic
 DP reduction and optimizer once), so the two runs give it exactly at the real m. Memory per
 micro-batch does not depend on m; micro-batches in flight come from `memory.in_flight`.
 
-Two substitutions make meta behave like a device (both only inside the child process):
+Substitutions make meta behave like a device (only inside the child process; attention and
+checkpointing through the model's explicit hook, `megatiny.model.RUNTIME`):
 - weights are never generated: the GPT's `initial_value` returns meta tensors of the shape;
 - attention runs the flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, which
   saves q, k, v, out and the log-sum-exp, as flash attention on a GPU and SDPA on CPU tensors
@@ -110,8 +111,6 @@ def _micro_batches(cfg, n: int) -> list[dict]:
 
 def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     """In the child: everything the plan needs from pipeline stage `pp_rank`."""
-    import torch.nn.functional as F
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import megatiny.model as model_module
     from megatiny.parallel import collectives
@@ -125,17 +124,21 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     from megatiny.parallel.schedules import build_schedule
     from megatiny.parallel.tracer import CommTracer
     from megatiny.parallel.zero import finish_param_sync
-    from megatiny.plan.opcount import MetaAutocast, OpCounter
+    from megatiny.plan.fake_group import init_fake_process_group
+    from megatiny.plan.efficiency import ShapeCounter as OpCounter  # + GEMM/attention shapes
+    from megatiny.plan.opcount import MetaAutocast
     from megatiny.training import memory
     from megatiny.training.optim import clip_grad_norm_
     from megatiny.training.step import build_trainer
 
-    F.scaled_dot_product_attention = _flash_sdpa(F.scaled_dot_product_attention)
-    model_module.checkpoint = _autocast_checkpoint(model_module.checkpoint)
+    model_module.RUNTIME.update(  # this child process only: the model's explicit hook
+        sdpa=_flash_sdpa(model_module.RUNTIME["sdpa"]),
+        checkpoint=_autocast_checkpoint(model_module.RUNTIME["checkpoint"]),
+    )
     p = cfg.parallel
     grid = build_grid(world_size, tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp)
     rank = grid.rank_of(pp=pp_rank)
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    init_fake_process_group(rank, world_size)
     ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, cp=p.cp, dp=grid.dp, device="meta")
     trainer = build_trainer(cfg, ctx, task=_MetaTask())
     model, ddp, optimizer = trainer.model, trainer.ddp, trainer.optimizer
@@ -205,7 +208,9 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
             "embedding": 2,
             "world": world_size,
         },  # fmt: skip
-        "ranks": {g: getattr(ctx, f"{g}_ranks") for g in ("tp", "pp", "dp")},
+        # every group's ranks: the time model plans a group inside one node on NVLink
+        "ranks": {g: getattr(ctx, f"{g}_ranks") for g in ("tp", "pp", "dp", "cp", "dp_cp", "mp",
+                                                          "embedding")},  # fmt: skip
     }
 
 

@@ -4,7 +4,7 @@
 
 - `run_ranks(fn, world_size, *args, backend="gloo", timeout=120)`: fork-started ranks of one
   process group on a free localhost port; per-rank results back; a failing rank's traceback, a
-  dead rank's exit code or a hung rank's stack raised as `RankError` (megatiny/testing/ranks.py).
+  dead rank's exit code or a hung rank's stack raised as `RankError` (megatiny/parallel/local_ranks.py).
 - `assert_parallel_equivalent(build_single, build_parallel, inputs, layouts=[...], rtol, atol)`:
   a module at 1 rank vs its parallel version at each layout; outputs, input gradients and every
   parameter gradient (gathered to full shape) compared, the worst tensor named
@@ -13,9 +13,9 @@
 docs/extending.md writes a new parallel layer and proves it with these.
 """
 
+from megatiny.parallel.local_ranks import RankError, free_port, run_in_fork, run_ranks
 from megatiny.testing.equivalence import Layout, assert_parallel_equivalent, parse_layout
 from megatiny.testing.gather import full_parameters, full_tensor
-from megatiny.testing.ranks import RankError, free_port, run_in_fork, run_ranks
 
 __all__ = [
     "Layout",

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatiny.parallel.local_ranks import run_ranks
 from megatiny.testing.gather import full_parameters, full_tensor, module_output_unshard
-from megatiny.testing.ranks import run_ranks
 
 LAYOUT_KEYS = ("tp", "dp", "pp", "cp", "virtual_pipeline_size", "sequence_parallel", "zero1")
 

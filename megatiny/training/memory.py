@@ -39,7 +39,7 @@ class ActivationCounter:
         counter.bytes                                # saved for backward by that forward
 
     Regions under torch.utils.checkpoint save nothing (they are recomputed); what checkpoint
-    keeps is its tensor inputs, counted through `megatiny.model.checkpoint`, which the counter
+    keeps is its tensor inputs, counted through `megatiny.model.RUNTIME["checkpoint"]`, which the counter
     wraps while active, and under recompute="op" the outputs its policy keeps
     (`megatiny.recompute.OP_SAVE_HOOKS`). Storages are held until exit, so addresses cannot be
     reused meanwhile.
@@ -75,7 +75,7 @@ class ActivationCounter:
         import megatiny.model as model_module
         from megatiny.recompute import OP_SAVE_HOOKS
 
-        real = model_module.checkpoint
+        real = model_module.RUNTIME["checkpoint"]
 
         def counted_checkpoint(fn, *args, **kwargs):
             for a in args:
@@ -87,8 +87,7 @@ class ActivationCounter:
                             self.add(x, checkpoint_input=True)
             return real(fn, *args, **kwargs)
 
-        model_module.checkpoint = counted_checkpoint
-        self._stack.callback(setattr, model_module, "checkpoint", real)
+        self._stack.enter_context(model_module.runtime(checkpoint=counted_checkpoint))
 
         def kept(out):  # recompute="op": outputs the checkpoint keeps in its own cache
             for t in out if isinstance(out, tuple | list) else (out,):
