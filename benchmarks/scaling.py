@@ -1,18 +1,20 @@
 """Scaling: measured tokens/s and step breakdown of parallel layouts on CPU gloo ranks, each point
-beside `megatiny plan --gpu cpu`'s prediction (calibrate first: `megatiny plan --gpu cpu
---calibrate`).
+beside `megatiny plan --gpu runs/cpu-calibrated.yaml`'s prediction (calibrate first: `megatiny plan
+--gpu cpu --calibrate`, which measures at shapes and rank counts disjoint from these).
 
-    .venv/bin/python benchmarks/scaling.py                    # table + runs/scaling/*.png, *.json
-    .venv/bin/python benchmarks/scaling.py --steps 4 --only strong
-    .venv/bin/python benchmarks/scaling.py --d-model 128 --out runs/scaling-d128   # overheads dominate
+    .venv/bin/python benchmarks/scaling.py                    # d 128, 512, 1024: tables, PNGs, JSON
+    .venv/bin/python benchmarks/scaling.py --steps 4 --only strong --widths 512
+    .venv/bin/python benchmarks/scaling.py --profile megatiny/plan/profiles/cpu.yaml   # uncalibrated
 
 Every point trains the same small Llama-style GPT with the real `build_trainer` /
 `Trainer.train_step` on forked gloo ranks (one torch thread per rank) on random tokens: `--warmup`
 steps, then `--steps` timed steps under the communication tracer; every point is measured
 `--repeats` times, round-robin over the points, and keeps its median.
 
-    measured step      wall time per step, slowest rank
-    comm (per group)   seconds inside collectives (blocking time; DP buckets: posting + wait),
+    measured step      time per step by the device's clock (megatiny/parallel/timing.py: wall
+                       time on CPU, CUDA events on a GPU), slowest rank
+    comm (per group)   seconds of collectives by the same clock (CPU: blocking time; DP buckets:
+                       posting + wait; CUDA: event time from posting to completion),
                        slowest rank; for pp this includes waiting for the neighbour stage, i.e.
                        the pipeline bubble, which a CPU run cannot separate from the transfer
     compute            step - comm
@@ -30,7 +32,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -80,6 +81,7 @@ class RandomTokens(Task):
 
 def _rank(overrides, warmup, steps):
     from megatiny.parallel import ParallelContext
+    from megatiny.parallel.timing import DeviceClock
     from megatiny.training.step import build_trainer
 
     torch.set_num_threads(1)
@@ -90,11 +92,12 @@ def _rank(overrides, warmup, steps):
     for _ in range(warmup):
         trainer.train_step()
     torch.distributed.barrier()
+    clock = DeviceClock(ctx.device)
     with CommTracer(ctx.rank) as tracer:
-        start = time.perf_counter()
+        start = clock.start()
         for _ in range(steps):
             trainer.train_step()
-        wall = time.perf_counter() - start
+        wall = clock.seconds(start)
     seconds = {}
     for row in tracer.rows():
         group = {"dp_cp": "dp", "embedding": "pp", "mp": "other", "world": "other"}.get(
@@ -114,15 +117,14 @@ def measure(world, overrides, warmup, steps) -> dict:
             "compute_s": slowest["step"] - sum(comm.values())}  # fmt: skip
 
 
-def point(name, world, overrides, measurements) -> dict:
+def point(name, world, overrides, measurements, profile) -> dict:
     """A point's row: the median of its measurements (the round-robin repeats), their spread,
     and the plan's prediction of the same config."""
     from megatiny.plan.predict import plan
-    from megatiny.plan.timemodel import load_profile
 
     runs = sorted(measurements, key=lambda m: m["step_s"])
     median = runs[len(runs) // 2]
-    predicted = plan(config(overrides), world, load_profile("cpu"))
+    predicted = plan(config(overrides), world, profile)
     return {
         "name": name, "world_size": world, "overrides": overrides,
         "measured": dict(median, runs_tokens_per_s=[m["tokens_per_s"] for m in measurements]),
@@ -131,7 +133,8 @@ def point(name, world, overrides, measurements) -> dict:
                       "compute_s": predicted["time_s"]["compute"],
                       "comm_s": predicted["exposed_comm_s"],
                       "bubble_s": predicted["time_s"]["bubble"]},
-        "command": "megatiny plan --gpu cpu --world-size {} {}".format(world, " ".join(overrides)),
+        "command": "megatiny plan --gpu {} --world-size {} {}".format(profile["path"], world,
+                                                                       " ".join(overrides)),
     }  # fmt: skip
 
 
@@ -219,51 +222,61 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", choices=("strong", "weak"), default=None)
     parser.add_argument("--out", default="runs/scaling")
-    parser.add_argument(
-        "--d-model",
-        type=int,
-        default=MODEL["d_model"],
-        help="hidden size of the benchmark model (heads: d / 32, kv heads: half)",
-    )
+    parser.add_argument("--widths", type=int, nargs="+", default=[128, 512, 1024],
+                        help="hidden sizes of the benchmark model (heads: d / 32, kv heads: half)")  # fmt: skip
+    parser.add_argument("--profile", default="runs/cpu-calibrated.yaml",
+                        help="the profile the predictions use (named, never implied)")  # fmt: skip
     parser.add_argument("--points", nargs="+", default=None, help="only these points (names)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="measure every point this many times, round-robin; report the median")  # fmt: skip
     args = parser.parse_args()
-    from megatiny.plan.timemodel import CALIBRATED
+    from megatiny.plan.timemodel import load_profile
 
-    calibrated = os.path.exists(CALIBRATED)
-    if not calibrated:
-        print(f"uncalibrated: no {CALIBRATED}, so the predictions use the stock CPU profile "
-              "(megatiny/plan/profiles/cpu.yaml), not this machine's speeds; run `megatiny plan "
-              "--gpu cpu --calibrate` first (a few minutes) for predictions of this machine", flush=True)  # fmt: skip
-    heads = max(4, args.d_model // 32)
-    MODEL.update(d_model=args.d_model, n_heads=heads, n_kv_heads=heads // 2)
+    profile = load_profile(args.profile)
+    print(f"predictions from {profile['path']} ({profile['name']})", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    selected = [(kind, *pt) for kind, points in (("strong", STRONG), ("weak", WEAK))
+    selected = [(d, kind, *pt) for d in args.widths
+                for kind, points in (("strong", STRONG), ("weak", WEAK))
                 if args.only in (None, kind)
                 for pt in points if not args.points or pt[0] in args.points]  # fmt: skip
     # round-robin: every point once per round, so a drift of the machine's speed (a shared VM
     # moves 10-20 % within minutes) falls on all points alike; each point keeps its median
     runs = {i: [] for i in range(len(selected))}
     for round_ in range(args.repeats):
-        for i, (kind, name, world, overrides) in enumerate(selected):
+        for i, (d, kind, name, world, overrides) in enumerate(selected):
+            set_width(d)
             m = measure(world, overrides, args.warmup, args.steps)
             runs[i].append(m)
-            print(f"round {round_ + 1}/{args.repeats} {kind:6s} {name:12s} N={world}: "
+            print(f"round {round_ + 1}/{args.repeats} d={d} {kind:6s} {name:12s} N={world}: "
                   f"{m['tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
     results = {}
-    for i, (kind, name, world, overrides) in enumerate(selected):
-        results.setdefault(kind, []).append(point(name, world, overrides, runs[i]))
+    for i, (d, kind, name, world, overrides) in enumerate(selected):
+        set_width(d)
+        results.setdefault(f"d{d}", {}).setdefault(kind, []).append(
+            point(name, world, overrides, runs[i], profile))  # fmt: skip
     with open(os.path.join(args.out, "scaling.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
-    for kind, rows in results.items():
-        print()
-        print(table(rows, kind))
-    plot(results, args.out)
-    print(f"\nplots: {args.out}/efficiency.png, {args.out}/breakdown.png")
-    if not calibrated:
-        print(f"(predictions uncalibrated: run `megatiny plan --gpu cpu --calibrate`, which writes "
-              f"{CALIBRATED}, and rerun this benchmark)")  # fmt: skip
+    close = total = 0
+    for width, by_kind in results.items():
+        for kind, rows in by_kind.items():
+            print(f"\n{width}")
+            print(table(rows, kind))
+            close += sum(abs(r["predicted"]["tokens_per_s"] / r["measured"]["tokens_per_s"] - 1)
+                         <= 0.25 for r in rows)  # fmt: skip
+            total += len(rows)
+        os.makedirs(os.path.join(args.out, width), exist_ok=True)
+        plot(by_kind, os.path.join(args.out, width))
+    print(
+        f"\nall widths: {close} of {total} points within 25% ({100 * close / max(total, 1):.0f}%)"
+    )
+    print(f"plots: {args.out}/d*/efficiency.png, {args.out}/d*/breakdown.png")
+
+
+def set_width(d: int) -> None:
+    """The benchmark model at hidden size d: d / 32 heads (at least 4), half as many KV heads.
+    Forked ranks inherit MODEL, so it is set before each measurement."""
+    heads = max(4, d // 32)
+    MODEL.update(d_model=d, n_heads=heads, n_kv_heads=heads // 2)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ observe them all:
 bytes = numel x itemsize of the full tensor the op works on, as this rank sees it: the input of
 all_reduce / reduce_scatter / broadcast / all_to_all, the output of all_gather, each message of
 send / recv.
-seconds = wall time inside the call (for async ops, until `wait()` returns on the handle given back).
+seconds = the op's time by the device's clock (megatiny/parallel/timing.py, the one place that
+chooses): on the CPU wall time inside the call (for async ops, posting plus `wait()` on the handle
+given back); on CUDA the CUDA-event time from the op's posting to its completion on the current
+stream (for async ops, to `wait()`: overlapped compute queued in between counts), each reading
+synchronising on its end event — only while an observer (tracer, flight recorder) is attached.
 
 Groups are named by the ParallelContext that made them (`name_group`): "tp", "cp", "dp", "pp",
 "mp" (model replica), "dp_cp", "embedding"; the default group is "world".
@@ -34,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from megatiny.parallel.timing import DeviceClock, clock_for
 
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); the
 # fallback for older torch lives only here.
@@ -152,16 +158,20 @@ def _report(group, op: str, t, nbytes: int, seconds: float, peer=None, seq=0, in
 
 
 class _TimedWork:
-    """An async handle that reports its op when `wait()` returns: the seconds are the blocking
-    time, spent posting the op plus spent waiting for it."""
+    """An async handle that reports its op when `wait()` returns: on the CPU the blocking time,
+    posting the op plus waiting for it; on CUDA the event time from posting to completion."""
 
-    def __init__(self, work, report, posting_seconds: float):
+    def __init__(self, work, report, clock: DeviceClock, started, posting_seconds: float):
         self._work, self._report, self._seconds = work, report, posting_seconds
+        self._clock, self._started = clock, started
 
     def wait(self, *args, **kwargs):
         start = time.perf_counter()
         out = self._work.wait(*args, **kwargs)
-        self._report(self._seconds + time.perf_counter() - start)
+        if self._clock.cuda:
+            self._report(self._clock.seconds(self._started))
+        else:
+            self._report(self._seconds + time.perf_counter() - start)
         return out
 
     def is_completed(self):
@@ -174,16 +184,17 @@ def _issue(op: str, group, tensors, nbytes: int, call, async_op: bool = False):
         return call()
     t = tensors[0] if tensors else None
     seq = _start(group, op, t, nbytes)
-    start = time.perf_counter()
+    clock = clock_for(t)
+    started = clock.start()
     result = call()
-    seconds = time.perf_counter() - start
 
     def report(seconds):
         _report(group, op, t, nbytes, seconds, seq=seq)
 
     if async_op and result is not None:
-        return _TimedWork(result, report, seconds)
-    report(seconds)
+        posting = 0.0 if clock.cuda else clock.seconds(started)
+        return _TimedWork(result, report, clock, started, posting)
+    report(clock.seconds(started))
     return result
 
 
@@ -259,7 +270,8 @@ def batch_isend_irecv(messages: list[tuple[str, torch.Tensor, int]], group=None)
     # posting; each message's end event carries the same seq when its handle's wait() returns.
     seqs = [_start(group, kind, t, _nbytes(t), peer, i) if _observed() else 0
             for i, (kind, t, peer) in enumerate(messages)]  # fmt: skip
-    start = time.perf_counter()
+    clock = clock_for(messages[0][1])
+    started, start = clock.start(), time.perf_counter()
     if messages[0][1].is_meta:  # a dry run: the fake group posts ops one by one, unbatched
         works = [op.op(op.tensor, op.peer, op.group) for op in ops]
     else:
@@ -272,7 +284,7 @@ def batch_isend_irecv(messages: list[tuple[str, torch.Tensor, int]], group=None)
         return lambda sec: _report(group, kind, t, _nbytes(t), sec, peer, seq, i)
 
     return [
-        _TimedWork(work, reporter(kind, t, peer, seq, i), posting)
+        _TimedWork(work, reporter(kind, t, peer, seq, i), clock, started, posting)
         for i, ((kind, t, peer), work, seq) in enumerate(zip(messages, works, seqs))
     ]
 

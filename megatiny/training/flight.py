@@ -6,7 +6,8 @@
     recorder.stop()
 
 An entry: op, group, this rank's op number on that group (`gi`), peer and message number for
-send / recv (`pi`), shape, bytes, state (running | done), seconds, and the labels of the moment
+send / recv (`pi`), shape, bytes, state (running | done), seconds (the device's clock, as
+collectives.py measures them: wall time on CPU, CUDA events on a GPU), and the labels of the moment
 (`collectives.set_labels`: step and phase from the loop; micro-batch, chunk and the p2p direction
 such as `recv_forward(mb 7)` from the pipeline schedules). An op is recorded when it is posted,
 so a rank blocked in a collective shows it as `running`.

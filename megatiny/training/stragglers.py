@@ -16,9 +16,9 @@ more than the job did: a machine that slows every rank names none). Rank 0 warns
 (`straggler_relative`, `straggler_individual`, `compute_s`, `comm_wait_s`: one value per rank;
 `stragglers`: the ranks named). `megatiny debug stragglers RUN_DIR` reads them back.
 
-Timing (`StepClock`, the one place that chooses): wall time on CPU; on CUDA the step's device time
-between two CUDA events, while communication waits are host-side blocking seconds, so there NCCL
-kernels that wait for a peer count as compute (not validated on a GPU yet).
+Timing (`DeviceClock`, megatiny/parallel/timing.py, the one place that chooses): wall time on CPU;
+on CUDA the step's device time between two CUDA events, and communication seconds by the same
+clock (collectives.py: event time from posting to completion; not validated on a GPU yet).
 """
 
 from __future__ import annotations
@@ -27,33 +27,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 from megatiny.parallel import collectives
-
-
-class StepClock:
-    """Seconds of one step: wall time on CPU, CUDA events on a GPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, started) -> float:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return started.elapsed_time(end) / 1000
-        return time.perf_counter() - started
+from megatiny.parallel.timing import DeviceClock
 
 
 class StragglerDetector:
@@ -61,7 +39,7 @@ class StragglerDetector:
 
     def __init__(self, trainer, threshold: float, warn=print):
         self.trainer, self.ctx, self.threshold, self.warn = trainer, trainer.ctx, threshold, warn
-        self.clock = StepClock(self.ctx.device)
+        self.clock = DeviceClock(self.ctx.device)
         self.compute: list[float] = []
         self.comm: list[float] = []
         self.best: list[float] | None = None
