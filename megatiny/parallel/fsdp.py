@@ -168,8 +168,18 @@ class ShardedDataParallel(DistributedDataParallel):
                 self.unit_of_bucket[b.index] = unit
 
     # --------------------------------------------------------------------------- buffers
+    @property
+    def shard_grad(self) -> torch.Tensor:
+        """My gradient slices, allocated at first use (building a model allocates no gradient)."""
+        if self._shard_grad is None:
+            self._shard_grad = torch.zeros(self.shard_total, dtype=self.dtype, device=self.device)
+        return self._shard_grad
+
+    @shard_grad.setter
+    def shard_grad(self, value) -> None:
+        self._shard_grad = value
+
     def _allocate(self) -> None:
-        self.shard_grad = torch.zeros(self.shard_total, dtype=self.dtype, device=self.device)
         for b in self.buckets:
             b.grad = None
         for p in self.params:  # gradients arrive in p.grad and are moved into bucket buffers
