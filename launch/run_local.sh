@@ -19,6 +19,10 @@ if [ -z "${NPROC:-}" ]; then
 fi
 # One intra-op thread per CPU rank unless told otherwise (ranks share the cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# GPUs (no effect on CPU): kernels in launch order, which the sequence-parallel backward overlap
+# needs; a failed or timed-out NCCL collective ends the job (megatiny/training/launch_env.py).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RESUME=()
 [ "$MAX_RESTARTS" -gt 0 ] && RESUME=(--resume auto)   # an --resume of yours, later, wins

@@ -19,6 +19,10 @@ MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 NPROC=${NPROC:-${NGPU:-$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# GPUs (no effect on CPU): kernels in launch order, which the sequence-parallel backward overlap
+# needs; a failed or timed-out NCCL collective ends the job (megatiny/training/launch_env.py).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 EXTRA=()
 # Node 0 hosts the c10d store on MASTER_ADDR:MASTER_PORT.
 [ "$NODE_RANK" = 0 ] && EXTRA+=(--rdzv-conf is_host=1)

@@ -392,10 +392,13 @@ def main(args) -> int:
         return 0
     _ensure_env()
     from megatiny.parallel.context import ParallelContext
+    from megatiny.training.launch_env import launch_env_warnings
 
     p = cfg.parallel
     ctx = ParallelContext.from_env(tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp, backend=cfg.train.backend,
                                    timeout_s=cfg.train.timeout_s, ep=p.ep)  # fmt: skip
+    for line in launch_env_warnings(ctx.device) if ctx.rank == 0 else ():
+        print(line, file=sys.stderr, flush=True)
     t0 = time.time()
     try:
         summary = train(cfg, ctx)
