@@ -101,6 +101,7 @@ LAYOUTS = {
     "pp2": dict(pp=2),
     "dp2": dict(),
     "dp2-zero1": dict(zero1=True),
+    "dp2-zero3": dict(zero=3),
 }
 
 
@@ -108,7 +109,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("body", ["gpt2", "llama"])
 @pytest.mark.parametrize("task", ["classification", "instruction"])
 def test_layouts_match_one_rank(assets, tmp_path, task, body):
-    """tp=2, tp=2 + SP, pp=2, dp=2, dp=2 + ZeRO-1 (2 ranks each) == one rank: per-step losses,
+    """tp=2, tp=2 + SP, pp=2, dp=2, dp=2 + ZeRO-1 / ZeRO-3 (2 ranks each) == one rank: per-step losses,
     every evaluation (loss and accuracy / perplexity) and the exported weights."""
     ref = finetune(config(assets, task, body, tmp_path / "ref"))
     ref = (ref["losses"], ref["evals"])

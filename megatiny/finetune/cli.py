@@ -156,6 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--virtual-pipeline-size", type=int, help="model chunks per pipeline rank (interleaved)")
     a("--sequence-parallel", action="store_true")
     a("--zero1", action="store_true", help="shard AdamW's state over the data-parallel ranks")
+    a("--zero", type=int, choices=[0, 1, 2, 3], default=0,
+      help="ZeRO level: 1 optimizer state, 2 + gradients, 3 + parameters (FSDP-style)")  # fmt: skip
     a("--recompute", choices=["none", "selective", "op", "full"],
       help="activation recomputation (default: the pretrained config's)")  # fmt: skip
     a("--loss-chunk-tokens", type=int, metavar="N",

@@ -55,7 +55,8 @@ class FinetuneConfig:
     pp: int = 1
     virtual_pipeline_size: int | None = None
     sequence_parallel: bool = False
-    zero1: bool = False
+    zero1: bool = False  # = zero=1
+    zero: int = 0  # 0-3: ZeRO level over the data-parallel ranks (parallel.zero)
     recompute: str | None = None  # none | selective | op | full; None = the pretrained config's
     loss_chunk_tokens: int | None = None  # LM loss over chunks of N tokens; None = the pretrained's
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | fp32 | bf16
@@ -109,7 +110,7 @@ def run_config(cfg: FinetuneConfig, model: ModelConfig, world_size: int) -> Conf
     try:
         parallel = ParallelConfig(
             tp=cfg.tp, pp=cfg.pp, sequence_parallel=cfg.sequence_parallel,
-            virtual_pipeline_size=cfg.virtual_pipeline_size, zero1=cfg.zero1,
+            virtual_pipeline_size=cfg.virtual_pipeline_size, zero1=cfg.zero1, zero=cfg.zero,
         )  # fmt: skip
         dp = parallel.data_parallel_size(world_size)
         if cfg.batch_size % dp:
