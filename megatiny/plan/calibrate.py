@@ -22,13 +22,15 @@ mean over the ranks, the median of `repeats` rounds round-robin over the rank co
 rank counts the model of any other is fitted (`contention`): a rank gets min(1, cores / N) of a
 core, and each rank beyond the cores slows every rank's rate by a further factor 1 + g (N - cores)
 (context switches, evicted caches), g fitted per kind (compute, memory, gloo bandwidth); gloo's
-latency is linear in N. `timemodel.for_world` applies it at the plan's world size. Written to
+latency is a power of N through the two measurements (a rank waits for more peers, each
+scheduled later). `timemodel.for_world` applies it at the plan's world size. Written to
 runs/cpu-calibrated.yaml (or `--calibrate-out`), with the machine's cores and memory; a plan uses
 it only when named: `--gpu runs/cpu-calibrated.yaml`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -137,8 +139,8 @@ def _gloo() -> dict:
         return max(_mean(lambda: (a @ b, op()), repeats=100) - gemm, 1e-6)
 
     n = dist.get_world_size()
-    full = torch.zeros(LARGE // 4)
     part = torch.zeros(LARGE // 4 // n)
+    full = torch.zeros(part.numel() * n)  # ~LARGE bytes, divisible among the ranks
     return {
         "small": timed(lambda: collectives.all_reduce(torch.zeros(SMALL // 4))),
         "large": timed(lambda: collectives.all_reduce(full)),
@@ -171,7 +173,9 @@ def world_entry(rounds: list[list[dict]]) -> dict:
 
     out = {key: typical(lambda r, k=key: r[k])
            for key in ("attention_efficiency", "bandwidth", "special", "op_overhead")}  # fmt: skip
-    out["gemms"] = [typical(lambda r, i=i: r["gemms"][i]) for i in range(len(rounds[0][0]["gemms"]))]
+    out["gemms"] = [
+        typical(lambda r, i=i: r["gemms"][i]) for i in range(len(rounds[0][0]["gemms"]))
+    ]
     if n > 1:
         out.update({key: typical(lambda r, k=key: r[k])
                     for key in ("small", "large", "all_gather", "reduce_scatter")})  # fmt: skip
@@ -199,7 +203,7 @@ def fit_profile(entries: dict[int, dict], cores: int) -> dict:
     k_overhead = sum(f[1] for f in fits.values()) / len(fits)
     latency = {n: e["small"] for n, e in entries.items()}
     (n1, l1), (n2, l2) = sorted(latency.items())
-    per_rank = max((l2 - l1) / (n2 - n1), 0.0)
+    exponent = max(math.log(l2 / l1) / math.log(n2 / n1), 0.0)  # latency = l1 (N / n1)^exponent
     bus = {}
     for n, e in entries.items():
         ring = 2 * (n - 1) / n  # the ring all-reduce's bus factor
@@ -220,8 +224,8 @@ def fit_profile(entries: dict[int, dict], cores: int) -> dict:
         "op_overhead_us": 1e6 / per_op,
         "contention": {"compute": round(g_compute, 4), "memory": round(g_memory, 4),
                        "gloo": {"gb_per_s": gloo_bw / 1e9, "contention": round(g_gloo, 4),
-                                "latency_us": (l1 - per_rank * n1) * 1e6,
-                                "latency_us_per_rank": per_rank * 1e6, "op_scale": op_scale}},
+                                "latency_us": l1 * 1e6, "latency_ranks": n1,
+                                "latency_exponent": round(exponent, 3), "op_scale": op_scale}},
     }  # fmt: skip
 
 

@@ -10,11 +10,14 @@ EXAMPLE = """examples:
   megatiny plan --config launch/configs/llama-7b.yaml                     # 32 ranks: tp=8 x dp=4
   megatiny plan --config launch/configs/llama-7b.yaml --gpu a100-80g --json
   megatiny plan --config launch/configs/gpt2-124m.yaml --world-size 64 --search
-  megatiny plan --gpu cpu --calibrate --config launch/configs/tiny-cpu.yaml model.vocab_size=4096
+  megatiny plan --config benchmarks/plan_configs/llama3-8b-torchtitan.yaml --world-size 8 --gpu h100-hbm2e-500w
+  megatiny plan --gpu cpu --calibrate                                   # writes runs/cpu-calibrated.yaml
+  megatiny plan --gpu runs/cpu-calibrated.yaml --config launch/configs/tiny-cpu.yaml model.vocab_size=4096
 
 The world size is tp*pp*cp*dp when parallel.dp is set, else --world-size (default: dp=1).
 Data files are not needed (data.path may not exist here); model.vocab_size=auto needs the
-tokenizer, so pass model.vocab_size=N instead."""
+tokenizer, so pass model.vocab_size=N instead. A calibrated profile is used only when named by
+its path (--gpu runs/cpu-calibrated.yaml); the plan prints the profile file it used."""
 
 
 def add_arguments(parser) -> None:
@@ -24,7 +27,8 @@ def add_arguments(parser) -> None:
     parser.epilog = EXAMPLE
     parser.add_argument("--config", help="YAML config (see launch/configs/)")
     parser.add_argument("--gpu", default="h100-sxm",
-                        help="hardware profile: h100-sxm | h200 | a100-80g | cpu | a YAML path")  # fmt: skip
+                        help="hardware profile: h100-sxm | h100-hbm2e-500w | h200 | a100-80g | cpu | a YAML "
+                        "path (e.g. runs/cpu-calibrated.yaml)")  # fmt: skip
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="override the profile's GPUs per node")  # fmt: skip
     parser.add_argument("--world-size", type=int, default=None,
@@ -35,7 +39,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top", type=int, default=10, help="--search: how many to show")
     parser.add_argument("--calibrate", action="store_true",
                         help="with --gpu cpu: measure this machine's GEMM FLOP/s, memory "
-                        "bandwidth and gloo latency/bandwidth into runs/cpu-calibrated.yaml")  # fmt: skip
+                        "bandwidth and gloo latency/bandwidth into runs/cpu-calibrated.yaml "
+                        "(--calibrate-out), at shapes and rank counts of its own")  # fmt: skip
+    parser.add_argument("--calibrate-out", default=None,
+                        help="--calibrate: where to write the profile (default runs/cpu-calibrated.yaml)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override any config key, e.g. parallel.tp=4 train.micro_batch_size=2")  # fmt: skip
 
@@ -55,6 +62,7 @@ def format_plan(r: dict) -> str:
         f"dp={lay['dp']} cp={lay['cp']} sp={lay['sequence_parallel']} zero={lay['zero']} "
         f"recompute={lay['recompute']} micro_batch={lay['micro_batch_size']} "
         f"global_batch={lay['global_batch_size']}  ({r['world_size']} ranks, {r['gpu']})",
+        f"profile      {r['profile_path']}",
         f"model        {r['params']:,} parameters, {r['flops_per_step']:.3e} FLOPs per step",
         "memory       (worst rank, pipeline stage {}) params {} | grads {} | optimizer {} | "
         "activations {} ({} micro-batches in flight) | transient {} | peak {}{}".format(
@@ -63,7 +71,7 @@ def format_plan(r: dict) -> str:
             r["micro_batches_in_flight"],
             _gib(r["memory_transient_bytes"]),
             _gib(r["memory_bytes"]["peak"]),
-            "" if r["fits"] else "  DOES NOT FIT",
+            "" if r["fits"] else f"  DOES NOT FIT ({_gib(r['memory_usable_bytes'])} usable)",
         ),  # fmt: skip
         "comm / step  (worst rank) "
         + " | ".join(f"{k} {_gb(v)}" for k, v in r["comm_bytes_per_step"].items()),  # fmt: skip
@@ -76,6 +84,7 @@ def format_plan(r: dict) -> str:
             r["time_s"]["bubble"],
             ", ".join(f"{g} {v:.3g}" for g, v in r["hidden_comm_s"].items()),
         ),  # fmt: skip
+        "compute      {}".format(" + ".join(f"{k} {v:.4g}" for k, v in r["compute_s"].items())),
         f"throughput   {r['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, MFU "
         f"{100 * r['mfu']:.1f}% ({r['flop_convention']})",
     ]
@@ -92,9 +101,10 @@ def main(args) -> int:
             if args.gpu != "cpu":
                 raise ConfigError("--calibrate measures this machine: use it with --gpu cpu")
             from megatiny.plan.calibrate import calibrate
+            from megatiny.plan.timemodel import CALIBRATED
 
-            path = calibrate()
-            print(f"calibrated this machine: {path}", file=sys.stderr)
+            path = calibrate(args.calibrate_out or CALIBRATED)
+            print(f"calibrated this machine: {path} (plan with it: --gpu {path})", file=sys.stderr)
             if args.config is None:
                 return 0
         if args.config is None:

@@ -124,8 +124,8 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     from megatiny.parallel.schedules import build_schedule
     from megatiny.parallel.tracer import CommTracer
     from megatiny.parallel.zero import finish_param_sync
-    from megatiny.plan.fake_group import init_fake_process_group
     from megatiny.plan.efficiency import ShapeCounter as OpCounter  # + GEMM/attention shapes
+    from megatiny.plan.fake_group import init_fake_process_group
     from megatiny.plan.opcount import MetaAutocast
     from megatiny.training import memory
     from megatiny.training.optim import clip_grad_norm_

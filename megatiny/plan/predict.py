@@ -1,5 +1,5 @@
 """`plan(cfg, world_size, profile)`: the dry run of every pipeline stage, then memory, bytes and
-time for the step, as the JSON object `megatiny plan --json` prints (see ../shared/DESIGN.md)."""
+time for the step, as the JSON object `megatiny plan --json` prints (its schema: docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -58,11 +58,20 @@ def stage_comm(stage: dict, m: int) -> dict:
     return out
 
 
-def plan(cfg: Config, world_size: int, profile: dict, stages_parallel: int = 2) -> dict:
+def plan(
+    cfg: Config,
+    world_size: int,
+    profile: dict,
+    stages_parallel: int = 2,
+    stages: list[dict] | None = None,
+) -> dict:
+    """The plan of `cfg` at `world_size` on `profile`; `stages`: a dry run of the same config and
+    world size to reuse (the dry run does not depend on the profile)."""
     cfg = prepare(cfg, world_size)
     p, t = cfg.parallel, cfg.train
     m = t.accumulation_steps(p.dp)
-    stages = dry_run(cfg, world_size, parallel=stages_parallel)
+    if stages is None:
+        stages = dry_run(cfg, world_size, parallel=stages_parallel)
     memories = [stage_memory(s, cfg, m) for s in stages]
     comms = [stage_comm(s, m) for s in stages]
     worst_mem = max(range(len(stages)), key=lambda i: memories[i]["peak"])
@@ -74,6 +83,7 @@ def plan(cfg: Config, world_size: int, profile: dict, stages_parallel: int = 2) 
     dtype = "bf16" if t.precision == "bf16" else "fp32"
     peak = profile["peak_tflops"][dtype] * 1e12
     mem = memories[worst_mem]
+    usable = usable_memory_bytes(profile)
     return {
         "layout": {
             "tp": p.tp, "pp": p.pp, "dp": p.dp, "cp": p.cp,
@@ -85,6 +95,7 @@ def plan(cfg: Config, world_size: int, profile: dict, stages_parallel: int = 2) 
         },
         "world_size": world_size,
         "gpu": profile["name"],
+        "profile_path": profile.get("path"),
         "params": cfg.model.num_parameters(),
         "flops_per_step": flops,
         "flop_convention": "Megatron model FLOPs: matmuls only, 2 per multiply-add, backward = 2x "
@@ -101,7 +112,9 @@ def plan(cfg: Config, world_size: int, profile: dict, stages_parallel: int = 2) 
         "hidden_comm_s": times["hidden_comm_by_group"],
         "mfu": flops / (world_size * times["step"] * peak),
         "tokens_per_s_per_gpu": tokens / times["step"] / world_size,
-        "fits": mem["peak"] <= profile["memory_gib"] * 2**30,
+        "memory_usable_bytes": usable,
+        "fits": mem["peak"] <= usable,
+        "compute_s": times["compute_by_kind"],
         "stages": [
             {"pp_rank": s["pp_rank"], "rank": s["rank"], "memory_bytes": memories[i],
              "comm_bytes_per_step": comms[i],
@@ -109,6 +122,15 @@ def plan(cfg: Config, world_size: int, profile: dict, stages_parallel: int = 2) 
             for i, s in enumerate(stages)
         ],
     }  # fmt: skip
+
+
+def usable_memory_bytes(profile: dict) -> int:
+    """What a rank may plan to hold: the device memory less `memory_fragmentation` (the caching
+    allocator's cached-but-free blocks) and `memory_reserve_gib` (CUDA context, NCCL buffers,
+    cuBLAS workspaces)."""
+    total = profile["memory_gib"] * 2**30
+    return int(total * (1 - profile.get("memory_fragmentation", 0.0))
+               - profile.get("memory_reserve_gib", 0.0) * 2**30)  # fmt: skip
 
 
 def check(cfg: Config, world_size: int) -> None:
