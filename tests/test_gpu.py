@@ -108,3 +108,105 @@ def test_bf16_training_steps_lower_the_loss():
         losses.append(loss.item())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert losses[-1] < losses[0], losses
+
+
+# --- out-of-range ids on CUDA (a device-side assert poisons the CUDA context: own processes) ----
+
+_OUT_OF_RANGE = r"""
+import sys, torch, torch.distributed as dist
+from megatiny.testing import run_ranks
+
+def tp1(what):
+    from megatiny.config import ModelConfig
+    from megatiny.model import GPT
+    model = GPT(ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)).cuda()
+    ids = torch.randint(0, 64, (2, 8), device="cuda")
+    bad = ids.clone(); bad[0, 3] = 64
+    model(bad if what == "ids" else ids, labels=bad if what == "labels" else ids)
+    torch.cuda.synchronize()
+
+def tp2(what):
+    from megatiny.parallel.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+    group = dist.group.WORLD
+    ids = torch.full((2, 8), 70, device="cuda")  # vocabulary of 64
+    if what == "ids":
+        emb = VocabParallelEmbedding(64, 16, group, padding_divisor=1, device="cuda")
+        emb.forward(ids)
+    else:
+        vocab_parallel_cross_entropy(torch.randn(2, 8, 32, device="cuda"), ids, group, vocab_size=64)
+    torch.cuda.synchronize()
+
+tp, what = int(sys.argv[1]), sys.argv[2]
+try:
+    tp1(what) if tp == 1 else run_ranks(tp2, 2, what, timeout=120)
+except Exception as e:
+    print(type(e).__name__, e)
+    sys.exit(3 if "device-side assert" in str(e) else 4)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("what", ["ids", "labels"])
+def test_out_of_range_ids_fail_loudly_on_cuda(tp, what):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _OUT_OF_RANGE, str(tp), what], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 3, f"expected a device-side assert, got:\n{run.stdout}{run.stderr}"
+
+
+# --- device-true timing ---------------------------------------------------------------------
+
+
+def test_cuda_clock_times_the_device_work_not_its_launch():
+    import time
+
+    from megatiny.parallel.timing import clock_for
+
+    x = torch.randn(8192, 8192, device=DEV)
+    clock = clock_for(x)
+    assert clock.cuda
+    torch.cuda.synchronize()
+    started, host = clock.start(), time.perf_counter()
+    for _ in range(20):
+        x = x @ x / 8192
+    launched = time.perf_counter() - host
+    device = clock.seconds(started)
+    assert device > 2 * launched, (device, launched)  # the launch returns before the GEMMs run
+
+
+def _traced_cuda_all_reduce():
+    from megatiny.parallel import collectives
+    from megatiny.parallel.tracer import CommTracer
+
+    torch.cuda.set_device(0)
+    chosen, real = [], collectives.clock_for
+
+    def spy(t):  # which clock the collectives pick for a CUDA tensor
+        chosen.append(real(t).cuda)
+        return real(t)
+
+    collectives.clock_for = spy
+    x = torch.ones(64 * 2**20, device=DEV)  # 256 MiB
+    with CommTracer(0) as tracer:
+        for _ in range(5):
+            collectives.all_reduce(x)
+    torch.cuda.synchronize()
+    return tracer.rows(), chosen
+
+
+def test_comm_jsonl_reports_cuda_event_time():
+    import subprocess
+    import sys
+
+    code = ("from tests.test_gpu import _traced_cuda_all_reduce\n"
+            "from megatiny.testing import run_ranks\n"
+            "print(run_ranks(_traced_cuda_all_reduce, 1, backend='nccl', timeout=120)[0])")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows, chosen = eval(run.stdout.strip().splitlines()[-1])
+    (row,) = [r for r in rows if r["op"] == "all_reduce"]
+    assert chosen == [True] * 5  # CUDA events, not the host clock
+    assert row["calls"] == 5 and row["seconds"] > 0, row
