@@ -23,16 +23,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for x in tree:
-            yield from _tensors(x)
-    elif isinstance(tree, dict):
-        for x in tree.values():
-            yield from _tensors(x)
+from megatiny.plan.opcount import _tensors  # the tensors of a nested args tree
 
 
 class LiveTensorPeak(TorchDispatchMode):
