@@ -93,6 +93,7 @@ setup(
     description="A small Megatron-style model-parallel LLM training codebase",
     python_requires=">=3.10",
     packages=find_packages(include=["megatiny", "megatiny.*"]),
+    package_data={"megatiny.plan": ["profiles/*.yaml", "profiles/chips/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     ext_modules=EXT_MODULES,

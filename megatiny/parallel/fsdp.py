@@ -44,8 +44,8 @@ gathered the same way). Under pipeline parallelism a stage gathers each block on
 micro-batch forward and once per micro-batch backward (`reshard_after_forward=false`: once per
 micro-batch whose gradients are pending).
 
-A ZeRO-3 rank holds, at any moment, its slices plus at most two gathered blocks (the current and
-the prefetched one) and the root unit, plus one bucket's gradient per reduce-scatter in flight.
+At any moment a ZeRO-3 rank holds its slices, at most two gathered blocks (current, prefetched),
+the root unit, and one bucket's gradient per reduce-scatter in flight (`transient_bytes`).
 """
 
 from __future__ import annotations
@@ -294,9 +294,6 @@ class ShardedDataParallel(DistributedDataParallel):
             bucket.reset()
         for p in self.params:
             p.grad = None
-
-    def set_grad_sync(self, enabled: bool) -> None:
-        """No effect: ZeRO-2/3 reduce-scatter every micro-batch (see the module docstring)."""
 
     # ------------------------------------------------------------------ parameters (ZeRO-3)
     def _gather(self, unit: Unit, async_op: bool) -> None:

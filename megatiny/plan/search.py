@@ -76,9 +76,9 @@ def _state_bound(c: Config, world_size: int) -> float:
 
 def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list[dict]:
     """Plans of the `limit` most promising candidates that fit, fastest first."""
-    from megatiny.plan.predict import plan
+    from megatiny.plan.predict import plan, usable_memory_bytes
 
-    budget = profile["memory_gib"] * 2**30
+    budget = usable_memory_bytes(profile)  # what `fits` compares the peak with
     pool = [c for c in candidates(cfg, world_size, profile) if _state_bound(c, world_size) < budget]
     rank = {"none": 0, "selective": 1, "op": 2, "full": 3}
     pool.sort(key=lambda c: (c.parallel.tp * c.parallel.pp * c.parallel.cp, rank[c.model.recompute],
@@ -100,8 +100,11 @@ def format_search(rows: list[dict], world_size: int, profile: dict, seconds: flo
     batch = (
         f" at a global batch of {rows[0]['layout']['global_batch_size']} sequences" if rows else ""
     )
+    from megatiny.plan.predict import usable_memory_bytes
+
     lines = [f"layouts of {world_size} ranks on {profile['name']} that fit in "
-             f"{profile['memory_gib']} GiB{batch}, fastest first ({seconds:.0f} s):", head]  # fmt: skip
+             f"{usable_memory_bytes(profile) / 2**30:.1f} of {profile['memory_gib']} GiB (the rest "
+             f"reserved){batch}, fastest first ({seconds:.0f} s):", head]  # fmt: skip
     for r in rows:
         a = r["layout"]
         lines.append(
