@@ -88,7 +88,9 @@ def main(out: str) -> int:
     print("\n".join(lines))
     bad_runs = not summary["runs"] or any("error" in r for r in summary["runs"].values())
     bad_kernels = not errors or not all(r["pass"] for r in errors)
-    return int(bool(t.get("failures") or t.get("errors") or "error" in t or bad_runs or bad_kernels))
+    return int(
+        bool(t.get("failures") or t.get("errors") or "error" in t or bad_runs or bad_kernels)
+    )
 
 
 if __name__ == "__main__":

@@ -199,6 +199,45 @@ def test_zero3_built_shard_only_keeps_blocks_out_of_the_root_unit():
         assert name == "root" and blocks_in_root == 0 and units == 1 + 4
 
 
+def _held_peak(overrides):
+    from megatiny.parallel import ParallelContext
+    from megatiny.training.step import build_trainer
+    from tests.test_plan import RandomTask, tiny_config
+
+    cfg = tiny_config([*overrides, "train.global_batch_size=8"])
+    ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    trainer = build_trainer(cfg, ctx, task=RandomTask())
+    for _ in range(2):
+        trainer.train_step()
+    return trainer.ddp.held_peak
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["parallel.zero=2"], ["parallel.zero=3"],
+     ["parallel.zero=3", "parallel.reshard_after_forward=false"],
+     ["parallel.zero=3", "parallel.pp=2", "model.recompute=full"]],
+    ids=["zero2", "zero3", "zero3-keep", "zero3-pp2-recompute"],
+)  # fmt: skip
+def test_the_planned_zero_transient_is_what_a_real_step_holds(overrides):
+    """The bytes the plan adds to the peak for ZeRO-2/3 (gathered units, gradient buckets and
+    received slices in flight), from its dry run on the meta device, equal the most the wrapper
+    really held at once in real steps on gloo ranks."""
+    from megatiny.plan.dryrun import dry_run
+    from megatiny.plan.predict import prepare
+    from tests.test_plan import tiny_config
+
+    world = 4 if "parallel.pp=2" in overrides else 2
+    cfg = prepare(tiny_config([*overrides, "train.global_batch_size=8"]), world)
+    planned = {st["pp_rank"]: st["zero_transient_bytes"] for st in dry_run(cfg, world)}
+    held = run_ranks(_held_peak, world, args=(overrides,))
+    assert planned[0] > 0
+    if world == 2:
+        assert held == [planned[0]] * 2
+    else:
+        assert sorted(held) == sorted([planned[0], planned[0], planned[1], planned[1]])
+
+
 def test_zero_level_config():
     from megatiny.config import Config, ConfigError
 

@@ -45,7 +45,8 @@ micro-batch forward and once per micro-batch backward (`reshard_after_forward=fa
 micro-batch whose gradients are pending).
 
 At any moment a ZeRO-3 rank holds its slices, at most two gathered blocks (current, prefetched),
-the root unit, and one bucket's gradient per reduce-scatter in flight (`transient_bytes`).
+the root unit, and one bucket's gradient per reduce-scatter in flight; `held_peak` counts the most
+of them held at once (the plan's dry run reads it on the meta device).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class ShardedDataParallel(DistributedDataParallel):
         self.reshard_after_forward = reshard_after_forward
         self.max_in_flight = max(1, max_in_flight)
         self._in_flight: list[tuple] = []
+        self.held_now = self.held_peak = 0
         self._lists, self._in_blocks = _unit_modules(module)
         if level == 3:
             bucket_mb = 2.0**40  # one bucket per block (and kind): gathered whole
@@ -234,6 +236,7 @@ class ShardedDataParallel(DistributedDataParallel):
         bucket = self.bucket_of[id(p)]
         if bucket.grad is None:
             bucket.grad = torch.zeros(bucket.numel, dtype=self.dtype, device=self.device)
+            self._held(bucket.grad.nbytes)
         a = self.offsets[id(p)] - bucket.start
         bucket.grad[a : a + p.numel()].view_as(p).add_(p.grad)
         p.grad = None  # (bf16 parameters: accumulated in fp32 right here)
@@ -249,6 +252,7 @@ class ShardedDataParallel(DistributedDataParallel):
         flat = bucket.grad
         if flat is None:  # no gradient this step (finish_grad_sync): every rank still joins
             flat = torch.zeros(bucket.numel, dtype=self.dtype, device=self.device)
+            self._held(flat.nbytes)
         bucket.grad = None
         bucket.reset()  # the next micro-batch fills it again
         if self.dp_size > 1:
@@ -257,8 +261,10 @@ class ShardedDataParallel(DistributedDataParallel):
         mine = self.shard_grad[bucket.shard_start : bucket.shard_start + n]
         if bucket.size == 1:
             mine.add_(flat)
+            self._held(-flat.nbytes)
         else:
             out = torch.empty(n, dtype=self.dtype, device=self.device)
+            self._held(out.nbytes)
             work = collectives.reduce_scatter_into(out, flat, bucket.group, async_op=True)
             self._in_flight.append((work, flat, out, mine))
             while len(self._in_flight) > self.max_in_flight:
@@ -271,9 +277,10 @@ class ShardedDataParallel(DistributedDataParallel):
                 self._reshard(unit)
 
     def _complete_oldest(self) -> None:
-        work, _flat, out, mine = self._in_flight.pop(0)
+        work, flat, out, mine = self._in_flight.pop(0)
         work.wait()
         mine.add_(out)
+        self._held(-flat.nbytes - out.nbytes)
 
     def finish_grad_sync(self) -> None:
         """Reduce-scatter what is left (buckets some parameters of which got no gradient), wait
@@ -299,6 +306,7 @@ class ShardedDataParallel(DistributedDataParallel):
     def _gather(self, unit: Unit, async_op: bool) -> None:
         for b in unit.buckets:
             _alloc(b.full)
+            self._held(b.full.nbytes)
             lo, hi = self.shard_range(b)
             mine = self.param_shard[b.shard_start : b.shard_start + hi - lo]
             if b.size == 1:
@@ -327,6 +335,7 @@ class ShardedDataParallel(DistributedDataParallel):
             self._unshard(unit)  # a prefetch still in flight writes into the buffers
             for b in unit.buckets:
                 _free(b.full)
+                self._held(-b.full.nbytes)
             unit.gathered = False
         unit.state = FREE
 
@@ -380,25 +389,11 @@ class ShardedDataParallel(DistributedDataParallel):
         self._prefetch(self._neighbour(unit, -1))
 
     # ---------------------------------------------------------------------------- report
-    def transient_bytes(self) -> dict[str, int]:
-        """The most bytes this wrapper holds at once beyond its slices, during a step:
-        `gradient_buckets`, the bucket being filled plus `max_in_flight` being reduce-scattered
-        (fp32, the largest bucket each) and their received slices; `gathered_parameters`
-        (level 3), the root unit plus two blocks (current and prefetched; every block when
-        `reshard_after_forward` is false). The plan adds them to the peak."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        largest = max(b.numel for b in self.buckets)
-        grads = (self.max_in_flight + 1) * largest * elem
-        grads += self.max_in_flight * max(b.numel // b.size for b in self.buckets) * elem
-        gathered = 0
-        if self.level == 3:
-            pelem = torch.empty((), dtype=self.param_dtype).element_size()
-            size = [sum(b.numel for b in u.buckets) * pelem for u in self.units]
-            blocks = [n for u, n in zip(self.units, size, strict=True) if u.siblings is not None]
-            gathered = sum(n for u, n in zip(self.units, size, strict=True) if u.siblings is None)
-            keep = len(blocks) if not self.reshard_after_forward else min(2, len(blocks))
-            gathered += sum(sorted(blocks, reverse=True)[:keep])
-        return {"gradient_buckets": grads, "gathered_parameters": gathered}
+    def _held(self, nbytes: int) -> None:
+        """Count bytes this wrapper allocates (+) or frees (-) beyond its slices: gathered
+        units, gradient buckets and received slices; `held_peak` is their most at once."""
+        self.held_now += nbytes
+        self.held_peak = max(self.held_peak, self.held_now)
 
 
 def _unique(buckets) -> list[Bucket]:

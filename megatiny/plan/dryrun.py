@@ -195,7 +195,9 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         "runs": runs,
         "transient_bytes": transient,
         # ZeRO-2/3: bucket buffers in flight and gathered blocks (megatiny/parallel/fsdp.py)
-        "zero_transient_bytes": sum(getattr(ddp, "transient_bytes", dict)().values()),
+        # ZeRO-2/3: the most bytes of gathered blocks and gradient buckets held at once during
+        # the steps above (megatiny/parallel/fsdp.py counts them as it allocates and frees)
+        "zero_transient_bytes": getattr(ddp, "held_peak", 0),
         "chunks": v,
         "layers": sum(len(c.blocks) for c in chunks),
         "group_sizes": {
@@ -209,8 +211,10 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
             "world": world_size,
         },  # fmt: skip
         # every group's ranks: the time model plans a group inside one node on NVLink
-        "ranks": {g: getattr(ctx, f"{g}_ranks") for g in ("tp", "pp", "dp", "cp", "dp_cp", "mp",
-                                                          "embedding")},  # fmt: skip
+        "ranks": {
+            g: getattr(ctx, f"{g}_ranks")
+            for g in ("tp", "pp", "dp", "cp", "dp_cp", "mp", "embedding")
+        },  # fmt: skip
     }
 
 
