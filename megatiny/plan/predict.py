@@ -90,6 +90,7 @@ def plan(
             "virtual_pipeline_size": p.virtual_pipeline_size or 1,
             "sequence_parallel": p.sequence_parallel, "zero1": p.zero1, "zero": p.zero,
             "reshard_after_forward": p.reshard_after_forward,
+            "pipeline_schedule": p.pipeline_schedule,
             "recompute": cfg.model.recompute, "micro_batch_size": t.micro_batch_size,
             "global_batch_size": t.global_batch_size_for(p.dp),
         },

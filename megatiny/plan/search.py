@@ -95,8 +95,8 @@ def search(cfg: Config, world_size: int, profile: dict, limit: int = 24) -> list
 
 
 def format_search(rows: list[dict], world_size: int, profile: dict, seconds: float) -> str:
-    head = (f"{'tp':>3} {'pp':>3} {'v':>2} {'cp':>3} {'dp':>4} {'sp':>3} {'zero':>4} {'recompute':>9} "
-            f"{'mb':>3} {'gbs':>5} {'peak GiB':>9} {'step s':>8} {'tok/s/gpu':>10} {'MFU':>6}")  # fmt: skip
+    head = (f"{'tp':>3} {'pp':>3} {'v':>2} {'cp':>3} {'dp':>4} {'sp':>3} {'zero':>4} "
+            f"{'schedule':>11} {'recompute':>9} {'mb':>3} {'gbs':>5} {'peak GiB':>9} {'step s':>8} {'tok/s/gpu':>10} {'MFU':>6}")  # fmt: skip
     batch = (
         f" at a global batch of {rows[0]['layout']['global_batch_size']} sequences" if rows else ""
     )
@@ -110,6 +110,7 @@ def format_search(rows: list[dict], world_size: int, profile: dict, seconds: flo
         lines.append(
             f"{a['tp']:>3} {a['pp']:>3} {a['virtual_pipeline_size']:>2} {a['cp']:>3} {a['dp']:>4} "
             f"{'y' if a['sequence_parallel'] else 'n':>3} {a.get('zero', int(a['zero1'])):>4} "
+            f"{a.get('pipeline_schedule', 'auto') if a['pp'] > 1 else '-':>11} "
             f"{a['recompute']:>9} {a['micro_batch_size']:>3} {a['global_batch_size']:>5} "
             f"{r['memory_bytes']['peak'] / 2**30:>9.2f} {r['time_s']['step']:>8.3g} "
             f"{r['tokens_per_s_per_gpu']:>10,.0f} {100 * r['mfu']:>5.1f}%"
