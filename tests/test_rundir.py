@@ -248,8 +248,8 @@ def test_stalled_rank_is_named_by_debug_hang(tmp_path, layout, capsys):
     assert main(["debug", "hang", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "rank 1 holds the job up: it is in no communication op, at slow_step" in out
-    if layout == "parallel.pp=2":  # a pipeline send is in flight, with its peer and message
-        assert "rank 0 waits in send_forward(mb 0) to rank 1 of step 3 for rank 1" in out
+    if layout == "parallel.pp=2":  # its send posted (not waited for), rank 0 waits to receive
+        assert "rank 0 waits in recv_backward(mb 0) from rank 1 of step 3 for rank 1" in out
         return
     group = "tp" if layout.endswith("2") else "dp"
     assert f"rank 0 waits in the {group}" in out and "of step 3" in out and "for rank 1" in out

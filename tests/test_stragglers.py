@@ -72,9 +72,12 @@ def _train_and_tell_pid(cfg, pid_dir):
 
 def _stop_in_bursts(path, stop_s, every_s, done):
     """From outside the rank: SIGSTOP it for stop_s out of every every_s until `done`."""
-    while not os.path.exists(path) and not done.is_set():
-        time.sleep(0.01)
-    pid = int(open(path).read()) if os.path.exists(path) else None
+    pid = None
+    while pid is None and not done.is_set():  # the rank may have created the file, not written it
+        try:
+            pid = int(open(path).read())
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.01)
     while pid and not done.is_set():
         try:
             os.kill(pid, signal.SIGSTOP)

@@ -258,6 +258,10 @@ class DistributedDataParallel:
                 "run every micro-batch but the last inside ddp.no_sync()"
             )
         self._absorb(p)
+        self._mark_ready(bucket, p)
+
+    def _mark_ready(self, bucket: Bucket, p: nn.Parameter) -> None:
+        """`p`'s gradient is in `bucket`: launch the bucket's collective when it was the last."""
         bucket.pending.discard(id(p))
         if self.events is not None:
             self.events.append(("ready", self.names[id(p)]))

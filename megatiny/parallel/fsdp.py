@@ -240,11 +240,7 @@ class ShardedDataParallel(DistributedDataParallel):
         a = self.offsets[id(p)] - bucket.start
         bucket.grad[a : a + p.numel()].view_as(p).add_(p.grad)
         p.grad = None  # (bf16 parameters: accumulated in fp32 right here)
-        bucket.pending.discard(id(p))
-        if self.events is not None:
-            self.events.append(("ready", self.names[id(p)]))
-        if not bucket.pending:
-            self._launch(bucket)
+        self._mark_ready(bucket, p)
 
     def _launch(self, bucket: Bucket) -> None:
         if self.events is not None:
