@@ -179,18 +179,14 @@ def simulate(schedule: Schedule, costs=None, latency: float = 0.0) -> SimResult:
         idx[r] = k
         return True
 
-    progress = True
-    while progress:
-        progress = False
-        for r in range(p):
-            while idx[r] < len(acts[r]):
-                a = acts[r][idx[r]]
-                if a.op in COMPUTE:
-                    compute(r, a)
-                    idx[r] += 1
-                elif not batch(r):
-                    break
-                progress = True
+    def step(r, a) -> bool:
+        if a.op not in COMPUTE:
+            return batch(r)
+        compute(r, a)
+        idx[r] += 1
+        return True
+
+    _sweep(acts, idx, step)
     stuck = [r for r in range(p) if idx[r] < len(acts[r])]
     if stuck:
         waits = "; ".join(f"rank {r} waits at action {idx[r]} {acts[r][idx[r]]}" for r in stuck)
@@ -218,22 +214,20 @@ def simulate_forward(schedule: Schedule, costs=None, latency: float = 0.0) -> fl
     clock = [0.0] * p
     sent, idx = {}, [0] * p
     acts = schedule.actions
-    progress = True
-    while progress:
-        progress = False
-        for r in range(p):
-            while idx[r] < len(acts[r]):
-                a = acts[r][idx[r]]
-                if a.op == "RECV":
-                    if a.message() not in sent:
-                        break
-                    clock[r] = max(clock[r], sent[a.message()])
-                elif a.op == "SEND":
-                    sent[a.message()] = clock[r] + latency
-                else:
-                    clock[r] += cost(a.op, a.stage)
-                idx[r] += 1
-                progress = True
+
+    def step(r, a) -> bool:
+        if a.op == "RECV":
+            if a.message() not in sent:
+                return False
+            clock[r] = max(clock[r], sent[a.message()])
+        elif a.op == "SEND":
+            sent[a.message()] = clock[r] + latency
+        else:
+            clock[r] += cost(a.op, a.stage)
+        idx[r] += 1
+        return True
+
+    _sweep(acts, idx, step)
     if any(idx[r] < len(acts[r]) for r in range(p)):
         raise ScheduleError("deadlock in the forward-only schedule")
     return max(clock)
@@ -255,3 +249,14 @@ def bubble_seconds(kind: str, p: int, m: int, v: int, t_microbatch: float) -> fl
     unit = t_microbatch / (3 * v)
     res = simulate(generate(kind, p, m_sim, v), {"F": unit, "B": unit, "W": unit})
     return res.makespan - max(res.busy)
+
+
+def _sweep(acts, idx, step) -> None:
+    """Advance every rank through its actions while `step(rank, action)` can take the next one
+    (it returns False to wait), sweeping the ranks until a sweep moves none."""
+    progress = True
+    while progress:
+        progress = False
+        for r in range(len(acts)):
+            while idx[r] < len(acts[r]) and step(r, acts[r][idx[r]]):
+                progress = True
