@@ -170,12 +170,14 @@ def test_executor_keeps_the_simulated_makespan(kind):
     "extra",
     [["parallel.pipeline_schedule=zb-h1"], ["parallel.pipeline_schedule=zb-v"],
      ["parallel.pipeline_schedule=zb-h1", "parallel.zero=3"],
-     ["parallel.pipeline_schedule=zb-v", "parallel.zero=2", "model.recompute=full"]],
-    ids=["zb-h1", "zb-v", "zb-h1+zero3", "zb-v+zero2+recompute"],
+     ["parallel.pipeline_schedule=zb-v", "parallel.zero=2", "model.recompute=full"],
+     ["parallel.cp=2"], ["parallel.pipeline_schedule=zb-v", "parallel.cp=2"]],
+    ids=["zb-h1", "zb-v", "zb-h1+zero3", "zb-v+zero2+recompute", "1f1b+cp2", "zb-v+cp2"],
 )  # fmt: skip
 def test_zero_bubble_schedules_through_the_training_loop(extra, tmp_path):
-    """`megatiny train`'s own path (build_trainer, the loop, checkpoints) at pp2 x dp2: the one-rank
-    losses; the zb-v run's checkpoint (single-device names) loads into the plain GPT."""
+    """`megatiny train`'s own path (build_trainer, the loop, memory metrics, checkpoints) at pp2 x
+    dp2 (or pp2 x cp2): the one-rank losses; the checkpoint (single-device names) loads into the
+    plain GPT."""
     from megatiny.training.checkpoint import load_model_for_inference
     from tests.test_train import make_corpus, run_training, tiny_config
 

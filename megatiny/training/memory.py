@@ -222,6 +222,7 @@ def memory_metrics(trainer, batch: dict | None = None) -> dict[str, int]:
         batch = trainer.micro_batches()[0]
     chunks = getattr(trainer.model, "chunks", None) or [_as_chunk(trainer.model)]
     seq = cfg.data.seq_length // (ctx.tp_size if cfg.parallel.sequence_parallel else 1)
+    seq //= ctx.cp_size  # a context-parallel rank holds s / cp tokens of each sequence
     shape = (cfg.train.micro_batch_size, seq, cfg.model.d_model)
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32  # pipeline messages
     per_chunk = chunk_activation_bytes(chunks, batch, shape, dtype, autocast=trainer.autocast)
