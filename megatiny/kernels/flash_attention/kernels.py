@@ -26,6 +26,23 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @jit
+def _tile(base, stride, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+          ROW_MASK: tl.constexpr):  # fmt: skip
+    """Rows `rows` of the [n_rows, HEAD_DIM] matrix at `base` (row stride `stride`)."""
+    return _load_rows(base + rows[:, None] * stride + offs_d[None, :], rows, n_rows, offs_d,
+                      HEAD_DIM, BLOCK_D, ROW_MASK)  # fmt: skip
+
+
+@jit
+def _visible(cols, rows, seqlen_k, causal_offset, CAUSAL: tl.constexpr):
+    """[rows, cols] True where query row i may see key j: j < seqlen_k (and j <= i + offset)."""
+    keep = cols[None, :] < seqlen_k
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
+    return keep
+
+
+@jit
 def _store_rows(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr):
     tl.store(
         ptrs,
@@ -54,20 +71,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
                PRECISION: tl.constexpr):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)  # fmt: skip
+        k = _tile(k_base, stride_ks, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            keep = cols[None, :] < seqlen_k
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            keep = _visible(cols, offs_m, seqlen_k, causal_offset, CAUSAL)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seqlen_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)  # fmt: skip
+        v = _tile(v_base, stride_vs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -142,10 +155,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE, DELTA, bh, stride_qs, st
                     PRECISION: tl.constexpr):  # fmt: skip
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base + rows[:, None] * stride_qs + offs_d[None, :], rows, seqlen_q, offs_d,
-                       HEAD_DIM, BLOCK_D, True)  # fmt: skip
-        do = _load_rows(do_base + rows[:, None] * stride_ds + offs_d[None, :], rows, seqlen_q,
-                        offs_d, HEAD_DIM, BLOCK_D, True)  # fmt: skip
+        q = _tile(q_base, stride_qs, rows, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        do = _tile(do_base, stride_ds, rows, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
         lse, delta = _load_row_stats(LSE, DELTA, bh, rows, seqlen_q)
         p_t = tl.math.exp2(
             tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :]
@@ -210,18 +221,13 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, r
                   PRECISION: tl.constexpr):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, seqlen_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)  # fmt: skip
-        v = _load_rows(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, seqlen_k, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)  # fmt: skip
+        v = _tile(v_base, stride_vs, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k = _tile(k_base, stride_ks, cols, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         p = tl.math.exp2(
             tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None]
         )
         if MASKED:  # past the keys' end exp2 may overflow: select, never multiply by 0
-            keep = cols[None, :] < seqlen_k
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + causal_offset)
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_visible(cols, rows, seqlen_k, causal_offset, CAUSAL), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
