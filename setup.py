@@ -32,7 +32,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.6"],
+    "wandb": ["wandb==0.31.0"],  # train.wandb=true (optional)
+    "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.6", "wandb==0.31.0"],
 }
 
 

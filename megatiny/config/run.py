@@ -149,6 +149,9 @@ class TrainConfig(ResilienceConfig):  # + straggler_threshold, check_replay_ever
     flight_recorder: int = 1000  # last N communication ops per rank, dumped on a hang (0: off)
     peak_tflops: float | None = None  # per device, for MFU; default from the GPU model name
     tensorboard: bool = True
+    wandb: bool = False  # also log to Weights & Biases (pip install 'megatiny[wandb]'); offline: WANDB_MODE=offline
+    wandb_project: str = "megatiny"  # the W&B project of train.wandb
+    wandb_name: str | None = None  # the W&B run name (default: the run directory's name)
     progress_bar: bool = True
     backend: str | None = None  # default: nccl with CUDA, else gloo
     trace_comm: bool = False  # run_dir/comm.jsonl: bytes and seconds per step/phase/group/op

@@ -117,6 +117,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
         progress_bar,
     )
     from megatiny.training.spike import SpikeDetector, guard_trainer
+    from megatiny.training.wandb_sink import wandb_settings
 
     tc = cfg.train
     rank0 = ctx.rank == 0
@@ -165,7 +166,8 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
                                trainer.scheduler, ctx, extra, keep=tc.keep_checkpoints)  # fmt: skip
 
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=tc.tensorboard,
-                           purge_step=trainer.step + 1 if replaying else None)  # fmt: skip
+                           purge_step=trainer.step + 1 if replaying else None,
+                           wandb=wandb_settings(cfg, run_id))  # fmt: skip
     tokens_per_step = tc.global_batch_size_for(ctx.dp_size) * cfg.data.seq_length
     meter = Throughput(
         tokens_per_step, cfg.model.flops_per_token(cfg.data.seq_length), ctx.world_size,

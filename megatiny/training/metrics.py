@@ -115,7 +115,8 @@ def _jsonable(value):
 
 
 class MetricsWriter:
-    """Rank-0 sink: `metrics.jsonl` (one object per call, flushed) and `tensorboard/` scalars.
+    """Rank-0 sink: `metrics.jsonl` (one object per call, flushed), `tensorboard/` scalars and,
+    given `wandb` settings, a Weights & Biases run.
 
     Other ranks construct it with `enabled=False` and every method is then a no-op. A resumed
     run passes `purge_step` = its first step: TensorBoard drops the events the crashed run wrote
@@ -123,12 +124,17 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None):  # fmt: skip
+                 purge_step: int | None = None, wandb: dict | None = None):  # fmt: skip
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb is not None:  # {project, name, run_id, config}: megatiny/training/wandb_sink.py
+            from megatiny.training.wandb_sink import WandbSink
+
+            self._wandb = WandbSink(run_dir, **wandb)
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -151,8 +157,13 @@ class MetricsWriter:
                 if isinstance(value, int | float) and value is not None:
                     self._tb.add_scalar(f"{prefix}/{key}", value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, metrics, prefix)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
