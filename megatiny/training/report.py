@@ -19,8 +19,13 @@ def fail(message: str, code: int) -> int:
     """Print `message` on rank 0 (or without torchrun) and record it for torchrun; returns `code`.
 
     Other ranks stay quiet: the failures reported this way are the same on every rank (config
-    checks, run-directory and checkpoint agreement, a non-finite reduced loss)."""
+    checks, run-directory and checkpoint agreement, a non-finite reduced loss). They also linger
+    two seconds before exiting, so that rank 0's failure, which carries the message, is the first
+    torchrun sees (its root cause is the earliest failure, timed in whole seconds; torchrun
+    stops the lingering ranks once rank 0 has failed)."""
     if os.environ.get("RANK", "0") != "0":
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            time.sleep(2.0)
         return code
     print(message, file=sys.stderr, flush=True)
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
