@@ -24,13 +24,11 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import SyntheticTokens  # noqa: E402
+from train_throughput import SyntheticTokens, timed_tokens_per_second  # noqa: E402
 
 from megatiny.config import Config  # noqa: E402
 
@@ -65,18 +63,15 @@ def _measure(cfg: Config, ctx, mode: str, steps: int, warmup: int) -> float:
         for key, value in MODES[mode].items():
             setattr(cfg.train, key, value)
         checks = install_checks(cfg, trainer, warn=lambda line: None)
-    for _ in range(warmup):
-        trainer.train_step()
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
-        if checks is not None and trainer.step % 10 == 0:
-            checks.collect(trainer.step)
-    elapsed = time.perf_counter() - t0
+
+    def collect(t):
+        if checks is not None and t.step % 10 == 0:
+            checks.collect(t.step)
+
+    rate = timed_tokens_per_second(trainer, steps, warmup, after_step=collect)
     if checks is not None:
         checks.close()
-    return steps * cfg.train.global_batch_size_for(ctx.dp_size) * cfg.data.seq_length / elapsed
+    return rate
 
 
 def _rounds(cfg, ctx, steps, warmup, repeats) -> dict:

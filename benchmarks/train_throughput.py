@@ -70,6 +70,25 @@ def _init_single(port: int) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def timed_tokens_per_second(trainer, steps: int, warmup: int, after_step=None) -> float:
+    """Tokens/s of the whole job over `steps` optimizer steps of `trainer`, after `warmup` steps
+    and a barrier (when distributed); `after_step(trainer)` runs after each timed step."""
+    for _ in range(warmup):
+        trainer.train_step()
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+        if after_step is not None:
+            after_step(trainer)
+    elapsed = time.perf_counter() - t0
+    cfg = trainer.cfg
+    return (
+        steps * cfg.train.global_batch_size_for(trainer.ctx.dp_size) * cfg.data.seq_length / elapsed
+    )
+
+
 def megatiny_tokens_per_second(cfg: Config, tp: int, steps: int, warmup: int) -> float:
     """Run on an initialized default group of tp ranks; returns tokens/s of the whole job."""
     from megatiny.parallel import ParallelContext
@@ -84,15 +103,7 @@ def megatiny_tokens_per_second(cfg: Config, tp: int, steps: int, warmup: int) ->
         data = SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_length)
         acc = cfg.train.accumulation_steps(ctx.dp_size)
         trainer = Trainer(cfg, ctx, model, optimizer, scheduler, data, data, accumulation=acc)
-        for _ in range(warmup):
-            trainer.train_step()
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        elapsed = time.perf_counter() - t0
-        tokens = steps * cfg.train.global_batch_size_for(ctx.dp_size) * cfg.data.seq_length
-        return tokens / elapsed
+        return timed_tokens_per_second(trainer, steps, warmup)
     finally:
         ctx.destroy()
 

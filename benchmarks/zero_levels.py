@@ -19,12 +19,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import SyntheticTokens  # noqa: E402
+from train_throughput import SyntheticTokens, timed_tokens_per_second  # noqa: E402
 
 from megatiny.config import Config  # noqa: E402
 from megatiny.testing import run_ranks  # noqa: E402
@@ -55,15 +54,8 @@ def _rank(cfg, steps: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     ctx = ParallelContext.initialize()
     trainer = build_trainer(cfg, ctx, task=SyntheticTask())
-    for _ in range(warmup):
-        trainer.train_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
-    seconds = time.perf_counter() - start
-    tokens = steps * cfg.train.global_batch_size * cfg.data.seq_length
-    return {"tokens_per_s": tokens / seconds,
-            **state_bytes(trainer.model, trainer.optimizer, trainer.ddp)}  # fmt: skip
+    rate = timed_tokens_per_second(trainer, steps, warmup)
+    return {"tokens_per_s": rate, **state_bytes(trainer.model, trainer.optimizer, trainer.ddp)}
 
 
 def measure(args, dp: int) -> dict[int, dict]:
