@@ -7,7 +7,6 @@ reduction."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 from megatiny.testing import run_ranks
 from megatiny.training.faults import FaultInjector, FaultSpecError, parse
 from megatiny.training.sdc import checksums
-from tests.test_train import REPO, VOCAB, make_corpus, tiny_config
+from tests.test_train import REPO, make_corpus, tiny_config, torchrun_tiny_cmd
 
 CHECK = ("train.steps=6", "train.check_replay_every=1", "train.sdc_policy=skip")
 
@@ -146,15 +145,8 @@ def test_stop_exits_1_with_the_intact_checkpoint_before_the_corrupt_step(tmp_pat
 
     prefix = make_corpus(tmp_path)
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "megatiny", "train", "--config", os.path.join(REPO, "launch/configs/tiny-cpu.yaml"),
-        f"model.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2", "model.max_seq_len=32",
-        f"data.path={prefix}", "data.tokenizer=null", "data.seq_length=16", "data.split=90,10,0",
-        f"train.run_dir={run_dir}", "train.steps=6", "train.micro_batch_size=2", "parallel.tp=1",
-        "train.global_batch_size=4", "train.log_interval=1", "train.check_replay_every=1",
-        "train.sdc_policy=stop",
-    ]  # fmt: skip
+    cmd = torchrun_tiny_cmd(prefix, run_dir, "parallel.tp=1", "train.log_interval=1",
+                            "train.check_replay_every=1", "train.sdc_policy=stop")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGATINY_FAULT": "grad_bitflip:rank=1:step=3"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stdout[-2000:]

@@ -317,20 +317,26 @@ def test_bad_input_is_reported_before_any_process_group(tmp_path, capsys, monkey
     assert not dist.is_initialized()
 
 
-@pytest.mark.slow
-def test_torchrun_end_to_end(tmp_path):
-    """`torchrun --nproc-per-node 2 -m megatiny train` at tp=2: exits 0, logs, checkpoints."""
-    prefix = make_corpus(tmp_path)
-    run_dir = tmp_path / "run"
-    cmd = [
+def torchrun_tiny_cmd(prefix, run_dir, *overrides) -> list[str]:
+    """`torchrun --nproc-per-node 2 -m megatiny train` of tiny-cpu.yaml shrunk to a 2-layer d 32
+    model on the corpus at `prefix`: 6 steps of 2 micro-batches of 2 (then `overrides`)."""
+    return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "megatiny", "train", "--config", os.path.join(REPO, "launch/configs/tiny-cpu.yaml"),
         f"model.vocab_size={VOCAB}", "model.d_model=32", "model.n_layers=2", "model.max_seq_len=32",
         f"data.path={prefix}", "data.tokenizer=null", "data.seq_length=16", "data.split=90,10,0",
         f"train.run_dir={run_dir}", "train.steps=6", "train.micro_batch_size=2",
-        "train.global_batch_size=4", "train.log_interval=2", "train.eval_interval=3",
-        "train.save_interval=3",
+        "train.global_batch_size=4", *overrides,
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_torchrun_end_to_end(tmp_path):
+    """`torchrun --nproc-per-node 2 -m megatiny train` at tp=2: exits 0, logs, checkpoints."""
+    prefix = make_corpus(tmp_path)
+    run_dir = tmp_path / "run"
+    cmd = torchrun_tiny_cmd(prefix, run_dir, "train.log_interval=2", "train.eval_interval=3",
+                            "train.save_interval=3")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

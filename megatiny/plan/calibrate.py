@@ -238,8 +238,8 @@ def machine() -> dict:
             for line in f:
                 if line.startswith("MemTotal:"):
                     memory = int(line.split()[1]) * 1024 / 2**30
-    except OSError:
-        pass
+    except OSError:  # no /proc (not Linux): the memory is unknown, written as 0
+        memory = 0.0
     return {"cores": cores, "memory_gib": round(memory, 1)}
 
 
