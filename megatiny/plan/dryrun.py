@@ -182,8 +182,7 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         runs.append({"m": m, "comm": _comm_rows(tracer), "ops": counter.totals(),
                      "in_flight": flight.rows()})  # fmt: skip
         transient = max(transient, counter.max_backward_bytes)
-    seq = cfg.data.seq_length // (ctx.tp_size if p.sequence_parallel else 1) // ctx.cp_size
-    shape = (cfg.train.micro_batch_size, seq, cfg.model.d_model)
+    shape = memory.stage_message_shape(cfg, ctx)
     batch = _micro_batches(cfg, 1)[0]
     per_chunk = memory.chunk_activation_bytes(chunks, batch, shape,
                                               autocast=autocast or _null)  # fmt: skip

@@ -210,6 +210,13 @@ def state_bytes(model: torch.nn.Module, optimizer, ddp=None) -> dict[str, int]:
     return {"params": params, "grads": grads, "optimizer": opt}
 
 
+def stage_message_shape(cfg, ctx) -> tuple[int, int, int]:
+    """[micro-batch, tokens, d_model] of the hidden states between pipeline stages on this rank:
+    s / tp tokens under sequence parallelism, and s / cp of each sequence on a cp rank."""
+    seq = cfg.data.seq_length // (ctx.tp_size if cfg.parallel.sequence_parallel else 1)
+    return (cfg.train.micro_batch_size, seq // ctx.cp_size, cfg.model.d_model)
+
+
 def memory_metrics(trainer, batch: dict | None = None) -> dict[str, int]:
     """The `memory_*` fields of a training run for this rank: `memory_params`, `memory_grads`,
     `memory_optimizer`, `memory_activations` (one micro-batch's forward of each chunk under the
@@ -221,9 +228,7 @@ def memory_metrics(trainer, batch: dict | None = None) -> dict[str, int]:
     if batch is None:
         batch = trainer.micro_batches()[0]
     chunks = getattr(trainer.model, "chunks", None) or [_as_chunk(trainer.model)]
-    seq = cfg.data.seq_length // (ctx.tp_size if cfg.parallel.sequence_parallel else 1)
-    seq //= ctx.cp_size  # a context-parallel rank holds s / cp tokens of each sequence
-    shape = (cfg.train.micro_batch_size, seq, cfg.model.d_model)
+    shape = stage_message_shape(cfg, ctx)
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32  # pipeline messages
     per_chunk = chunk_activation_bytes(chunks, batch, shape, dtype, autocast=trainer.autocast)
     out["activations"] = activation_bytes(
