@@ -9,12 +9,16 @@ from megatiny.config.io import ConfigError
 from megatiny.config.model import ModelConfig, divisors
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")  # parallel.pipeline_schedule
+V_SCHEDULES = ("zb-v",)  # two chunks per rank in a V (rank r: stages r and 2p-1-r)
+SPLIT_SCHEDULES = ("zb-h1", "zb-v")  # the backward split into B and W (split_backward.py)
 
 
 def check_pipeline_schedule(kind: str, v: int | None) -> None:
     """parallel.pipeline_schedule against parallel.virtual_pipeline_size."""
     kinds, v = ("auto",) + SCHEDULES, v or 1
-    need = {"zb-v": (1, 2), "interleaved": tuple(range(2, v + 2))}.get(kind, (1,))
+    need = (
+        (1, 2) if kind in V_SCHEDULES else {"interleaved": tuple(range(2, v + 2))}.get(kind, (1,))
+    )
     if kind not in kinds or (kind != "auto" and v not in need):
         raise ConfigError(
             f"parallel.pipeline_schedule={kind!r} with virtual_pipeline_size={v}: choose one of "

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from megatiny.config.layout import SCHEDULES
+from megatiny.config.layout import SCHEDULES, V_SCHEDULES
 
 COMPUTE = ("F", "B", "W", "BW")
 
@@ -102,12 +102,12 @@ def v_placement(p: int) -> tuple[int, ...]:
 
 
 def placement_for(name: str, p: int, v: int) -> tuple[int, ...]:
-    return v_placement(p) if name == "zb-v" else interleaved_placement(p, v)
+    return v_placement(p) if name in V_SCHEDULES else interleaved_placement(p, v)
 
 
 def stage_placement(name: str) -> str:
-    """build_pipeline's `placement` for a schedule: "v" for zb-v, else "interleaved"."""
-    return "v" if name == "zb-v" else "interleaved"
+    """build_pipeline's `placement` for a schedule: "v" for the V schedules, else "interleaved"."""
+    return "v" if name in V_SCHEDULES else "interleaved"
 
 
 # ------------------------------------------------------------------ compute orders per rank
@@ -281,15 +281,15 @@ def generate(name: str, p: int, m: int, v: int = 1) -> Schedule:
     """The IR of a named schedule (SCHEDULES) for p ranks, m micro-batches, v chunks per rank."""
     if name not in GENERATORS:
         raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {SCHEDULES}")
-    if name == "zb-v" and v not in (None, 1, 2):  # 1: unset
-        raise ValueError(f"zb-v runs two chunks per rank in a V; got virtual_pipeline_size={v}")
-    v = 2 if name == "zb-v" else (v or 1)
+    if name in V_SCHEDULES and v not in (None, 1, 2):  # 1: unset
+        raise ValueError(f"{name} runs two chunks per rank in a V; got virtual_pipeline_size={v}")
+    v = 2 if name in V_SCHEDULES else (v or 1)
     if name == "interleaved" and (v < 2 or m % p):
         raise ValueError(
             f"the interleaved schedule needs v >= 2 chunks per rank (got {v}) and m a multiple "
             f"of p={p} (got {m})"
         )
-    if name not in ("interleaved", "zb-v") and v != 1:
+    if name not in ("interleaved",) + V_SCHEDULES and v != 1:
         raise ValueError(f"{name!r} runs one chunk per rank; use 'interleaved' for v={v}")
     placement = placement_for(name, p, v)
     return with_communication(name, p, m, v, placement, GENERATORS[name](p, m, v))

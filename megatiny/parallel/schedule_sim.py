@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatiny.config.layout import V_SCHEDULES
 from megatiny.parallel.schedule_ir import COMPUTE, Schedule
 
 
@@ -244,7 +245,7 @@ def bubble_seconds(kind: str, p: int, m: int, v: int, t_microbatch: float) -> fl
         return 0.0
     if kind == "auto":
         kind = "interleaved" if v > 1 else "1f1b"
-    v = 2 if kind == "zb-v" else (v if kind == "interleaved" else 1)
+    v = 2 if kind in V_SCHEDULES else (v if kind == "interleaved" else 1)
     m_sim = min(m, 2 * p) if kind != "interleaved" else p * max(1, min(m, 2 * p) // p)
     unit = t_microbatch / (3 * v)
     res = simulate(generate(kind, p, m_sim, v), {"F": unit, "B": unit, "W": unit})

@@ -33,7 +33,7 @@ import functools
 
 import torch
 
-from megatiny.config.layout import SCHEDULES
+from megatiny.config.layout import SCHEDULES, SPLIT_SCHEDULES, V_SCHEDULES
 from megatiny.parallel import collectives, schedule_ir, split_backward
 from megatiny.parallel.data_parallel import no_sync_unless
 from megatiny.parallel.pipeline import P2P, forward_step, validate_pipeline
@@ -175,25 +175,25 @@ class PipelineSchedule:
         n = len(chunks)
         if kind == "interleaved" and n < 2:
             raise ValueError("the interleaved schedule needs virtual_pipeline_size >= 2 chunks")
-        if kind == "zb-v" and ctx.pp_size > 1 and n != 2:
-            raise ValueError(f"zb-v runs 2 chunks per rank in a V, got {n}")
-        if kind not in ("interleaved", "zb-v") and n != 1:
+        if kind in V_SCHEDULES and ctx.pp_size > 1 and n != 2:
+            raise ValueError(f"{kind} runs 2 chunks per rank in a V, got {n}")
+        if kind not in ("interleaved",) + V_SCHEDULES and n != 1:
             raise ValueError(f"{kind!r} runs one chunk per rank; use 'interleaved' for {n}")
         if ctx.pp_size == 1:  # one stage: F then BW (or F, B, W) per micro-batch
-            kind = "zb-h1" if kind in ("zb-h1", "zb-v") else "1f1b"
+            kind = "zb-h1" if kind in SPLIT_SCHEDULES else "1f1b"
         self.ctx, self.chunks, self.kind = ctx, chunks, kind
         self.p2p = P2P(ctx, shape, dtype)
         self.action_hook = None  # called with each compute action before it runs (benchmarks)
         want = schedule_ir.placement_for(kind, ctx.pp_size, n)
         stages = [getattr(c, "virtual_stage", 0) for c in chunks]
         if ctx.pp_size > 1 and stages != [s for s, r in enumerate(want) if r == ctx.pp_rank]:
-            how = "placement='v'" if kind == "zb-v" else "the default placement"
+            how = "placement='v'" if kind in V_SCHEDULES else "the default placement"
             raise ValueError(
                 f"pipeline rank {ctx.pp_rank} holds virtual stages {stages}, but {kind!r} runs "
                 f"{[s for s, r in enumerate(want) if r == ctx.pp_rank]} here; build the chunks "
                 f"with build_pipeline(..., {how})"
             )
-        if kind in ("zb-h1", "zb-v"):
+        if kind in SPLIT_SCHEDULES:
             split_backward.split_linears(chunks)
 
     def __call__(

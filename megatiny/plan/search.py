@@ -20,6 +20,13 @@ import copy
 import itertools
 
 from megatiny.config import Config, ConfigError
+from megatiny.config.layout import SPLIT_SCHEDULES, V_SCHEDULES
+
+
+def search_schedules(v: int) -> tuple[str, ...]:
+    """The zero-bubble schedules `--search` tries beside `auto` for a pp > 1 layout of v chunks
+    per rank (one chunk: the 1F1B-shaped ones; two: the V-shaped ones)."""
+    return tuple(k for k in SPLIT_SCHEDULES if (k in V_SCHEDULES) == (v == 2))
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
@@ -60,7 +67,7 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
             check(c, world_size)
         except (ConfigError, ValueError):
             continue
-        for kind in ("auto",) if pp == 1 else ("auto", "zb-h1" if v == 1 else "zb-v"):
+        for kind in ("auto",) if pp == 1 else ("auto",) + search_schedules(v):
             out.append(copy.deepcopy(c))  # and the zero-bubble schedule of the same layout
             out[-1].parallel.pipeline_schedule = kind
     return out

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatiny.config import Config, ConfigError
+from megatiny.config.layout import V_SCHEDULES
 from megatiny.moe import set_aux_loss_scale
 from megatiny.parallel import collectives
 
@@ -341,7 +342,7 @@ def pipeline_stages(p) -> tuple[int | None, str]:
     runs two chunks per rank in a V (rank r: stages r and 2p-1-r), the others as configured."""
     from megatiny.parallel.schedule_ir import stage_placement
 
-    v = 2 if p.pipeline_schedule == "zb-v" else p.virtual_pipeline_size
+    v = 2 if p.pipeline_schedule in V_SCHEDULES else p.virtual_pipeline_size
     return v, stage_placement(p.pipeline_schedule)
 
 
@@ -354,7 +355,7 @@ def check_supported(cfg: Config, world_size: int | None = None) -> None:
     if world_size is not None:
         micro_batches = cfg.train.accumulation_steps(p.data_parallel_size(world_size))
     v, _ = pipeline_stages(p)
-    if p.pipeline_schedule == "zb-v":  # its list scheduler takes any micro-batch count
+    if p.pipeline_schedule in V_SCHEDULES:  # any micro-batch count
         micro_batches = None
     try:  # layers vs pp * virtual stages; the interleaved schedule's micro-batch count
         validate_pipeline(cfg.model.n_layers, p.pp, v, num_microbatches=micro_batches)
