@@ -11,7 +11,9 @@ Backward recomputes z_c (one extra logits GEMM per chunk) and, with g the incomi
 gradient, forms dz_c = (exp(z_c - lse) - onehot(target)) g, then dh_c = dz_c W and
 dW += dz_c^T h_c. So forward and backward hold one chunk's logits (and its gradient) plus dW,
 never [N, V_r]; saved for backward are h, the targets and lse (4 bytes a token), not the
-softmax. Labels equal to `ignore_index` give 0 loss and no gradient.
+softmax. Labels equal to `ignore_index` give 0 loss and no gradient. Under split backward
+(megatiny/split_backward.py) B computes dh only and W recomputes each chunk's softmax for dW
+(two GEMMs per chunk instead of one: the price of never holding [N, V_r] until W).
 
 Under autocast the GEMMs run in the autocast dtype (as F.linear would), the softmax statistics
 in fp32, and dW is accumulated in the weight's dtype: by the GEMM itself when that is the GEMM's
@@ -27,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatiny import split_backward
 from megatiny.kernels import check_ids
 
 
@@ -41,7 +44,7 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, target, chunk, ignore_index, vocab_start, n_valid, group,
-                all_reduce):  # fmt: skip
+                all_reduce, deferred):  # fmt: skip
         dtype = _compute_dtype(h)
         h_low, w_low = h.to(dtype), weight.to(dtype)
         n_tokens = h.shape[0]
@@ -66,34 +69,44 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(h_low, weight, target, lse)  # target: the labels' own storage
         ctx.chunk, ctx.n_valid, ctx.dtype, ctx.h_dtype = chunk, n_valid, dtype, h.dtype
         ctx.vocab_start, ctx.ignore_index = vocab_start, ignore_index
+        ctx.deferred = deferred  # (weight,) when split backward defers dW to the W action
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         h_low, weight, target, lse = ctx.saved_tensors
-        dtype, chunk = ctx.dtype, ctx.chunk
-        w_low = weight.to(dtype)
-        local, owned = _columns(target, ctx.vocab_start, weight.shape[0], ctx.ignore_index)
         g = dloss.float().masked_fill(target == ctx.ignore_index, 0.0)
         want_dh, want_dw = ctx.needs_input_grad[:2]
-        dh = torch.empty_like(h_low) if want_dh else None
-        dw = torch.zeros_like(weight) if want_dw else None
-        for i in range(0, h_low.shape[0], chunk):
-            j = min(i + chunk, h_low.shape[0])
-            dz = _logits(h_low[i:j], w_low, ctx.n_valid)
-            dz.sub_(lse[i:j, None]).exp_()  # the softmax, from the forward's statistics
-            dz.scatter_add_(-1, local[i:j, None], -owned[i:j, None].to(dz.dtype))
-            dz.mul_(g[i:j, None])
-            dz = dz.to(dtype)
-            if want_dh:
-                dh[i:j] = dz @ w_low
-            if want_dw and dw.dtype == dtype:  # accumulated by the GEMM itself (beta = 1)
-                dw.addmm_(dz.t(), h_low[i:j])
-            elif want_dw:  # fp32 weight under autocast: a low-precision GEMM, summed in fp32
-                dw.add_(dz.t() @ h_low[i:j])
-            del dz
+        dh, dw = _backward_chunks(ctx, h_low, weight, target, lse, g, want_dh, want_dw)
+        if ctx.deferred is not None:  # W recomputes the chunks' softmax for dW (2 more GEMMs)
+            args = (ctx, h_low, weight, target, lse, g, False, True)
+            split_backward.defer(ctx.deferred[0], lambda: _backward_chunks(*args)[1])
         dh = None if dh is None else dh.to(ctx.h_dtype)
-        return dh, dw, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None
+
+
+def _backward_chunks(ctx, h_low, weight, target, lse, g, want_dh, want_dw):
+    """(dh, dW) of the loss, one chunk of logits at a time (recomputed from h and lse)."""
+    dtype, chunk = ctx.dtype, ctx.chunk
+    w_low = weight.to(dtype)
+    local, owned = _columns(target, ctx.vocab_start, weight.shape[0], ctx.ignore_index)
+    dh = torch.empty_like(h_low) if want_dh else None
+    dw = torch.zeros_like(weight) if want_dw else None
+    for i in range(0, h_low.shape[0], chunk):
+        j = min(i + chunk, h_low.shape[0])
+        dz = _logits(h_low[i:j], w_low, ctx.n_valid)
+        dz.sub_(lse[i:j, None]).exp_()  # the softmax, from the forward's statistics
+        dz.scatter_add_(-1, local[i:j, None], -owned[i:j, None].to(dz.dtype))
+        dz.mul_(g[i:j, None])
+        dz = dz.to(dtype)
+        if want_dh:
+            dh[i:j] = dz @ w_low
+        if want_dw and dw.dtype == dtype:  # accumulated by the GEMM itself (beta = 1)
+            dw.addmm_(dz.t(), h_low[i:j])
+        elif want_dw:  # fp32 weight under autocast: a low-precision GEMM, summed in fp32
+            dw.add_(dz.t() @ h_low[i:j])
+        del dz
+    return dh, dw
 
 
 def _columns(target, vocab_start, width, ignore_index):
@@ -143,8 +156,11 @@ def chunked_cross_entropy(h, weight, labels, chunk_tokens: int, *, group=None, a
     check_ids(labels, total, message + "check the tokenizer's vocab_size", ignore_index)
     start = rank * width
     n_valid = max(0, min(width, total - start))
+    deferred = None
+    if split_backward.armed() and weight.requires_grad and h.requires_grad:
+        deferred, weight = (weight,), weight.detach()  # dW by the W action, not autograd
     loss = _ChunkedCrossEntropy.apply(
         h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), chunk_tokens, ignore_index,
-        start, n_valid, group, all_reduce,
+        start, n_valid, group, all_reduce, deferred,
     )  # fmt: skip
     return loss.view(labels.shape)

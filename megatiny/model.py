@@ -35,6 +35,7 @@ from megatiny.config import ModelConfig
 from megatiny.kernels import check_ids, use_kernels
 from megatiny.moe import MoE
 from megatiny.recompute import op_context_fn
+from megatiny.split_backward import linear
 
 # The two calls a dry run on meta tensors swaps (megatiny/plan/dryrun.py; training/memory.py
 # counts checkpoint inputs): attention's SDPA and activation checkpointing.
@@ -271,7 +272,7 @@ class LMOutput(nn.Module):
         self.fused, self.chunk_tokens = config.fused_kernels, config.loss_chunk_tokens
 
     def logits(self, h, weight):
-        return F.linear(h, weight)
+        return linear(h, weight)  # F.linear; under split backward its dW waits for W
 
     def loss(self, h, weight, labels):
         if self.chunk_tokens:

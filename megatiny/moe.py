@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatiny.config import ModelConfig
+from megatiny.split_backward import grouped_linear
 
 # Accumulated statistics per layer (on the layer's device; read and reset by moe_metrics).
 STATS = ("aux_loss", "z_loss", "dropped", "assignments", "calls")
@@ -96,19 +97,13 @@ class Experts(nn.Module):
         return self.fc_weight.shape[0]
 
     def forward(self, x, counts: list[int]):
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            h = F.linear(x[start : start + n], self.fc_weight[e])
-            start += n
-            if self.swiglu:
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            else:
-                h = F.gelu(h, approximate="tanh")
-            outs.append(F.linear(h, self.proj_weight[e]))
-        if not outs:
-            return x.new_zeros(0, self.proj_weight.shape[1])
-        return torch.cat(outs)
+        h = grouped_linear(x, self.fc_weight, counts)  # split backward: dW deferred to W
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return grouped_linear(h, self.proj_weight, counts)
 
 
 def route(logits: torch.Tensor, top_k: int):

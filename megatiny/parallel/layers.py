@@ -27,7 +27,7 @@ from megatiny.parallel.comm import (
 )
 from megatiny.parallel.sharding import Sharding, shard_from_full
 from megatiny.parallel.sp_linear import sequence_parallel_linear
-from megatiny.parallel.split_backward import linear
+from megatiny.split_backward import linear
 
 
 def _check_divisible(what: str, n: int, tp: int) -> None:

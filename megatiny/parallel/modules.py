@@ -14,7 +14,6 @@ The parameters keep their names and full single-device values; only the forward 
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from megatiny.chunked_loss import chunked_cross_entropy
@@ -23,6 +22,7 @@ from megatiny.model import LayerNorm, RMSNorm
 from megatiny.parallel import collectives
 from megatiny.parallel.comm import copy_to_tp, gather_from_sp, gather_from_tp, scatter_to_sp
 from megatiny.parallel.layers import vocab_parallel_cross_entropy
+from megatiny.split_backward import linear
 
 
 class VocabParallelOutput(nn.Module):
@@ -48,7 +48,7 @@ class VocabParallelOutput(nn.Module):
         return copy_to_tp(h, self.group)
 
     def local_logits(self, h, weight):
-        return F.linear(self.full_input(h), weight)
+        return linear(self.full_input(h), weight)  # under split backward: dW in the W action
 
     def logits(self, h, weight):
         """The full logits [b, s, V] on every rank (all-gathered, padding dropped)."""

@@ -13,14 +13,15 @@ micro-batches one after the other on one device:
   backward, then the remaining backwards. Holds at most p - r micro-batches.
 - `interleaved` (Megatron's interleaved schedule): v chunks per rank; needs m % p == 0.
 - `zb-h1`, `zb-v` (zero bubble): the backward split into B (input gradients) and W (weight
-  gradients, deferred by the linears: megatiny/parallel/split_backward.py).
+  gradients, deferred by the linears: megatiny/split_backward.py).
 
 The executor (`Executor.run`) walks this rank's list: a compute action runs the chunk
 (`forward_step`, or autograd from the stage's output); consecutive SEND / RECV actions are posted
 as one batch (`P2P.post`, batched isend/irecv as Megatron does); receives are waited for at once,
 sends only before the next batch is posted (when done) and at the end. Data-parallel gradient
-reduction (`grad_sync(is_last)`) is on for the last B / BW and the last W of each chunk (of the
-rank, when its chunks share a parameter: a tied embedding under the V placement).
+reduction (`grad_sync(is_last)`) is on for the last BW or, when the backward is split, the last W
+of each chunk (of the rank, when its chunks share a parameter: a tied embedding under the V
+placement); parameters whose gradient comes in B only are reduced by `finish_grad_sync`.
 
 For the flight recorder every compute action labels the ops that follow with its micro-batch and
 chunk (`collectives.set_labels`), and every batch names its messages (`recv_forward(mb 7)`).
@@ -33,8 +34,9 @@ import functools
 
 import torch
 
+from megatiny import split_backward
 from megatiny.config.layout import SCHEDULES, SPLIT_SCHEDULES, V_SCHEDULES
-from megatiny.parallel import collectives, schedule_ir, split_backward
+from megatiny.parallel import collectives, schedule_ir
 from megatiny.parallel.data_parallel import no_sync_unless
 from megatiny.parallel.pipeline import P2P, forward_step, validate_pipeline
 from megatiny.parallel.schedule_sim import simulate, simulate_forward
@@ -134,7 +136,10 @@ class Executor:
         defer = (
             split_backward.defer_weight_grads(queue) if a.op == "B" else contextlib.nullcontext()
         )
-        with self.grad_sync(self._last("B", c)), defer:
+        # Split: the gradients of B are not final (a tied weight, B in the embedding, W in the
+        # head), so the data-parallel reduction waits for the last W (and finish_grad_sync).
+        last = self._last("B", c) and a.op == "BW"
+        with self.grad_sync(last), defer:
             torch.autograd.backward(y, grad_tensors=g)
         if a.op == "B":
             self.queues[key] = queue

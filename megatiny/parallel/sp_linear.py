@@ -7,7 +7,7 @@ Autograd through `gather_from_sp` + `F.linear` would save the gathered X ([b, s,
 shard) for dA_i. Like Megatron's `LinearWithGradAccumulationAndAsyncCommunication`, this saves X_i
 and gathers X again in backward, overlapping that gather with the dX GEMM, and the reduce-scatter
 of dX with the dA GEMM. Activation memory of the region's input then falls as 1/p.
-Under split backward (megatiny/parallel/split_backward.py) the dA GEMM waits for the W action,
+Under split backward (megatiny/split_backward.py) the dA GEMM waits for the W action,
 which keeps the gathered X until then.
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatiny.parallel import collectives, split_backward
+from megatiny import split_backward
+from megatiny.parallel import collectives
 
 
 def _gather_seq(x: torch.Tensor, group, async_op: bool):
