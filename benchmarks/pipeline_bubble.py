@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatiny.config.layout import min_micro_batches  # noqa: E402
 from megatiny.fsutil import atomic_path  # noqa: E402
 from megatiny.parallel import ParallelContext  # noqa: E402
 from megatiny.parallel.schedule_ir import placement_for  # noqa: E402
@@ -34,7 +35,8 @@ from megatiny.parallel.schedules import build_schedule, checked_schedule  # noqa
 from megatiny.testing import run_ranks  # noqa: E402
 
 D_MODEL, SEQ, MICRO = 8, 4, 1
-SCHEDULES = [("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zb-v", 2)]
+SCHEDULES = [("1f1b", 1), ("interleaved", 2), ("zb-h1", 1), ("zb-h2", 1), ("zb-v", 2),
+             ("dualpipev", 2)]  # fmt: skip
 
 
 class SleepChunk(nn.Module):
@@ -92,8 +94,8 @@ def _rank_worker(kind, v, pp, m, t, repeats):
 def measure(pp, m, t, repeats):
     rows = []
     for kind, v in SCHEDULES:
-        if kind == "interleaved" and m % pp:
-            continue
+        if (kind == "interleaved" and m % pp) or m < min_micro_batches(kind, pp):
+            continue  # interleaved: m % p == 0; dualpipev: m >= 2p
         measured = run_ranks(_rank_worker, pp, args=(kind, v, pp, m, t, repeats), timeout=600)[0]
         unit = {"F": t / v, "B": t / v, "W": t / v}
         simulated = simulate(checked_schedule(kind, pp, m, v), unit).bubble

@@ -1,6 +1,7 @@
 """Pipeline schedules as data: every generated schedule over a grid is free of deadlock, keeps its
 dependencies, reproduces the closed-form bubbles with unit costs, and the zero-bubble schedules
-hold no more activations than 1F1B. Broken schedules fail naming the rank and action."""
+hold the activations they promise (zb-h1 and zb-v: no more than 1F1B; zb-h2: twice; dualpipev:
+2p+1 chunk micro-batches). Broken schedules fail naming the rank and action."""
 
 import pytest
 
@@ -34,6 +35,79 @@ def test_every_schedule_of_the_grid_runs_and_matches_its_closed_form(p, m):
     assert max(h1.peak_activations) <= max(one_f_one_b.peak_activations)
     assert max(zbv.peak_activations) <= max(one_f_one_b.peak_activations)
     assert h1.peak_in_flight == one_f_one_b.peak_in_flight  # rank by rank for ZB-H1
+    # ZB-H2: 2(p-r)-1 micro-batches between F and B on rank r (at most twice 1F1B's p-r), 2p-1
+    # between F and W; the bubble of ZB-H1 with unit costs, never more.
+    h2_sched = generate("zb-h2", p, m)
+    h2 = simulate(h2_sched, unit(1))
+    assert h2.peak_in_flight == [min(2 * (p - r) - 1, m) for r in range(p)]
+    assert max(h2.peak_in_flight) <= 2 * max(one_f_one_b.peak_in_flight)
+    assert _f_to_w(h2_sched) == [min(2 * p - 1, m)] * p
+    assert h2.bubble <= h1.bubble + 1e-12
+    if m >= p:
+        assert h2.bubble == pytest.approx((p - 1) / (3 * m), rel=1e-12)
+    if m >= 2 * p - 1:  # no gap on any rank: rank r idles r units before, p-1-r after
+        assert h2.end == [3 * m + r for r in range(p)]
+    # DualPipeV (m >= 2p): the bubble of zb-v; 2p+1 chunk micro-batches between F and B on every
+    # rank (the DualPipe README's PP+1 for PP = 2p stages), p + 1/2 1F1B-stage micro-batches.
+    if m >= 2 * p:
+        dpv = simulate(generate("dualpipev", p, m), unit(2))
+        assert dpv.bubble == pytest.approx((p - 1) / (6 * m), rel=1e-12)
+        assert dpv.peak_in_flight == [2 * p + 1] * p
+        assert dpv.peak_stashed == [r + 1 for r in range(p)]
+        assert max(dpv.peak_activations) == max(one_f_one_b.peak_activations) + 0.5
+    else:
+        with pytest.raises(
+            ValueError, match=f"dualpipev needs at least 2p = {2 * p} micro-batches"
+        ):
+            generate("dualpipev", p, m)
+
+
+def _f_to_w(sched):
+    """Peak chunk micro-batches between F and W (or BW) per rank: activations plus W stash."""
+    peaks = []
+    for acts in sched.actions:
+        n = peak = 0
+        for a in acts:
+            n += {"F": 1, "W": -1, "BW": -1}.get(a.op, 0)
+            peak = max(peak, n)
+        peaks.append(peak)
+    return peaks
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+@pytest.mark.parametrize("costs", [{"F": 1, "B": 2, "W": 1}, {"F": 1, "B": 1, "W": 0.5}])
+def test_zb_h2_bubble_is_the_last_ranks_wait_for_its_first_forward(p, costs):
+    # (p-1) F out of m (F+B+W): no one-chunk schedule starts the last rank sooner; ZB-H1 idles
+    # (p-1)(F+B-W), equal only when F = B = W.
+    for m in (2 * p - 1, 2 * p, 3 * p + 1):
+        h2 = simulate(generate("zb-h2", p, m), costs)
+        assert h2.bubble == pytest.approx((p - 1) * costs["F"] / (m * sum(costs.values())))
+        h1 = simulate(generate("zb-h1", p, m), costs)
+        assert h1.makespan - max(h1.busy) == pytest.approx(
+            (p - 1) * (costs["F"] + costs["B"] - costs["W"])
+        )
+
+
+def test_dualpipev_keeps_its_idle_when_b_costs_twice_f():
+    # docs/pipeline_dp.md: with B = 2F = 2W (per chunk) DualPipeV's idle does not grow with m;
+    # zb-v's order, chosen for unit costs, idles more (0.39 of the compute at p = 4, m = 8).
+    costs = {"F": 0.5, "B": 1, "W": 0.5}
+    dpv = [simulate(generate("dualpipev", 4, m), costs) for m in (8, 16)]
+    assert [r.makespan - max(r.busy) for r in dpv] == [4.0, 4.0]
+    assert dpv[0].bubble == pytest.approx(0.125)
+    assert simulate(generate("zb-v", 4, 8), costs).bubble == pytest.approx(0.390625)
+
+
+def test_dualpipev_follows_the_published_phases():
+    # p = 4, rank 1 (stages 1 and 6), m = 8: 2(p-r-1) = 4 F0; r+1 = 2 F0 F1; p-r-1 = 2 B1 W1 F1;
+    # m-2p+r+1 = 2 F0 B1 F1 B0 (each B with its W); 2 B1 F1 B0; 2 B1 B0 (B0's W deferred from
+    # the second pair's B1 on: rank 1 is odd); 2 W B0 (oldest deferred W first); 2 W.
+    sched = generate("dualpipev", 4, 8)
+    assert sched.stages_of(1) == [1, 6]
+    got = " ".join(f"{a.op}{sched.chunk_of(a.stage)}" for a in sched.actions[1] if a.op in "FBW")
+    want = ("F0 " * 4 + "F0 F1 " * 2 + "B1 W1 F1 " * 2 + "F0 B1 W1 F1 B0 W0 " * 2
+            + "B1 W1 F1 B0 W0 " * 2 + "B1 W1 B0 W0 B1 B0 " + "W1 B0 W0 B0 " + "W0 W0")  # fmt: skip
+    assert got == want
 
 
 def test_zb_v_places_stages_in_a_v_and_keeps_the_turn_local():

@@ -8,9 +8,11 @@ from __future__ import annotations
 from megatiny.config.io import ConfigError
 from megatiny.config.model import ModelConfig, divisors
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")  # parallel.pipeline_schedule
-V_SCHEDULES = ("zb-v",)  # two chunks per rank in a V (rank r: stages r and 2p-1-r)
-SPLIT_SCHEDULES = ("zb-h1", "zb-v")  # the backward split into B and W (split_backward.py)
+# parallel.pipeline_schedule
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev")
+V_SCHEDULES = ("zb-v", "dualpipev")  # two chunks per rank in a V (rank r: stages r and 2p-1-r)
+# the backward split into B and W (split_backward.py)
+SPLIT_SCHEDULES = ("zb-h1", "zb-h2", "zb-v", "dualpipev")
 
 
 def check_pipeline_schedule(kind: str, v: int | None) -> None:
@@ -22,9 +24,28 @@ def check_pipeline_schedule(kind: str, v: int | None) -> None:
     if kind not in kinds or (kind != "auto" and v not in need):
         raise ConfigError(
             f"parallel.pipeline_schedule={kind!r} with virtual_pipeline_size={v}: choose one of "
-            f"{kinds}; interleaved needs virtual_pipeline_size >= 2, zb-v 2 or null, gpipe / "
-            "1f1b / zb-h1 null"
+            f"{kinds}; interleaved needs virtual_pipeline_size >= 2, {' / '.join(V_SCHEDULES)} 2 "
+            "or null, the others null"
         )
+
+
+def min_micro_batches(kind: str, pp: int) -> int:
+    """The fewest micro-batches per step a pipeline schedule runs: 2 pp for dualpipev, else 1."""
+    return 2 * pp if kind == "dualpipev" and pp > 1 else 1
+
+
+def pipeline_micro_batches(kind: str, pp: int, m: int | None) -> int | None:
+    """Checks m micro-batches per step (None: unknown) against the schedule's minimum (raises a
+    ConfigError naming the fix) and returns what the interleaved m % pp rule of
+    `validate_pipeline` should check: None for the V schedules, which take any m above it."""
+    least = min_micro_batches(kind, pp)
+    if m is not None and m < least:
+        raise ConfigError(
+            f"parallel.pipeline_schedule={kind} needs at least 2 * pp = {least} micro-batches per "
+            f"step, got {m} (train.global_batch_size / (micro_batch_size * dp)); raise "
+            "train.global_batch_size or lower train.micro_batch_size, or use zb-v"
+        )
+    return None if kind in V_SCHEDULES else m
 
 
 def check_grid_sizes(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,

@@ -47,7 +47,8 @@ class ParallelConfig:
     ep: int = 1  # expert parallelism: experts split over ep of the dp ranks (MoE models)
     sequence_parallel: bool = False
     virtual_pipeline_size: int | None = None
-    # auto (1F1B; interleaved with v > 1) | gpipe | 1f1b | interleaved | zb-h1 | zb-v
+    # auto (1F1B; interleaved with v > 1) | gpipe | 1f1b | interleaved | zb-h1 | zb-h2 | zb-v |
+    # dualpipev (V-shaped, m >= 2 pp); docs/pipeline_dp.md "Schedules"
     pipeline_schedule: str = "auto"
     # ZeRO level over the data-parallel ranks: 0 none | 1 optimizer state | 2 + gradients |
     # 3 + parameters (FSDP-style, gathered per block); megatiny/parallel/zero.py, fsdp.py

@@ -28,8 +28,13 @@ The schedules (p ranks, m micro-batches, v chunks per rank):
 - `zb-h1` (Qi et al., Zero Bubble Pipeline Parallelism, 2024): 1F1B with the backward split; the
   W passes of rank r trail its B passes by p-1-r, filling the drain where 1F1B idles. Bubble
   (p-1)(F+B-W), a third of 1F1B's with F = B = W; activations of at most p-r micro-batches.
+- `zb-h2` (the same paper): 2(p-r)-1 micro-batches between F and B on rank r (2p-1 between F and
+  W), so its warm-up forwards fill the wait for the first B; for m >= 2p-1 each rank runs without
+  a gap from its first action to its last, and the bubble is (p-1)F: the last rank's first wait.
 - `zb-v`: two chunks per rank in a V, ordered by a greedy list scheduler (B first, then F while
   under the 1F1B activation budget of 2p chunk micro-batches, else W).
+- `dualpipev` (DeepSeek's DualPipeV): the same V, in DualPipeV's phases; m >= 2p.
+The zero-bubble orders are in `schedule_zb` (`greedy_split_orders`, `dualpipev`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from megatiny.config.layout import SCHEDULES, V_SCHEDULES
+from megatiny.config.layout import SCHEDULES, V_SCHEDULES, min_micro_batches
+from megatiny.parallel import schedule_zb
 
 COMPUTE = ("F", "B", "W", "BW")
 
@@ -126,15 +132,6 @@ def _one_f_one_b(p, m, v):
     return orders
 
 
-def _zb_h1(p, m, v):
-    # 1F1B's activations (p - r micro-batches between F and B); up to p - 1 more B's may wait
-    # for their W (only the linears' inputs and output gradients are kept for it).
-    limit = [p - r for r in range(p)]
-    return greedy_split_orders(
-        p, m, interleaved_placement(p), limit, [2 * p - 1 - r for r in range(p)]
-    )
-
-
 def _interleaved(p, m, v):
     total = v * m
     orders = []
@@ -155,73 +152,20 @@ def _interleaved(p, m, v):
     return orders
 
 
-def greedy_split_orders(p: int, m: int, placement, limit, stash_limit=None) -> list[list[tuple]]:
-    """Compute orders from a list scheduler with unit costs (F = B = W = 1, free messages): at
-    each tick every idle rank runs a ready B (its highest stage first), else a ready F (highest
-    stage first) if fewer than `limit[r]` chunk micro-batches are between F and B and fewer
-    than `stash_limit[r]` between F and W, else its oldest pending W. Deterministic: every
-    rank derives the same orders."""
-    n = len(placement)
-    done: dict[tuple, int] = {}  # (op, mb, stage) -> finish tick
-    in_flight = [0] * p
-    pending_w = [[] for _ in range(p)]
-    next_f = {s: 0 for s in range(n)}  # each stage forwards micro-batches in order
-    next_b = {s: 0 for s in range(n)}
-    orders = [[] for _ in range(p)]
-    busy_until = [0] * p
-    t, total = 0, 3 * m * n
-    while len(done) < total:
-        for r in range(p):
-            if busy_until[r] > t:
-                continue
-            pick = None
-            for s in sorted((s for s in range(n) if placement[s] == r), reverse=True):
-                i = next_b[s]
-                if i < m and done.get(("F", i, s), t + 1) <= t:
-                    after = ("B", i, s + 1) if s + 1 < n else ("F", i, s)
-                    if done.get(after, t + 1) <= t:
-                        pick = ("B", i, s)
-                        break
-            stash_ok = stash_limit is None or in_flight[r] + len(pending_w[r]) < stash_limit[r]
-            if pick is None and in_flight[r] < limit[r] and stash_ok:
-                for s in sorted((s for s in range(n) if placement[s] == r), reverse=True):
-                    i = next_f[s]
-                    before = ("F", i, s - 1) if s > 0 else None
-                    if i < m and (before is None or done.get(before, t + 1) <= t):
-                        pick = ("F", i, s)
-                        break
-            if pick is None and pending_w[r]:
-                pick = pending_w[r].pop(0)
-            if pick is None:
-                continue
-            op, i, s = pick
-            if op == "F":
-                next_f[s] += 1
-                in_flight[r] += 1
-            elif op == "B":
-                next_b[s] += 1
-                in_flight[r] -= 1
-                pending_w[r].append(("W", i, s))
-            done[pick] = t + 1
-            busy_until[r] = t + 1
-            orders[r].append(pick)
-        t += 1
-        if t > 10 * total + 10:
-            raise RuntimeError(f"greedy scheduler stuck at p={p} m={m} (limits {limit})")
-    return orders
-
-
-def _zb_v(p, m, v):
-    # 2p chunk micro-batches = p stages' worth, 1F1B's first rank; one more chunk's W stash
-    return greedy_split_orders(p, m, v_placement(p), [2 * p] * p, [2 * p + 1] * p)
+def _split(orders, v_shaped: bool = False):
+    """A generator of schedule_zb's orders(p, m, placement) on the interleaved (v = 1) or V
+    placement."""
+    return lambda p, m, v: orders(p, m, v_placement(p) if v_shaped else interleaved_placement(p))
 
 
 GENERATORS = {
     "gpipe": _gpipe,
     "1f1b": _one_f_one_b,
     "interleaved": _interleaved,
-    "zb-h1": _zb_h1,
-    "zb-v": _zb_v,
+    "zb-h1": _split(schedule_zb.zb_h1),
+    "zb-h2": _split(schedule_zb.zb_h2),
+    "zb-v": _split(schedule_zb.zb_v, v_shaped=True),
+    "dualpipev": lambda p, m, v: schedule_zb.dualpipev(p, m),
 }
 
 
@@ -288,6 +232,11 @@ def generate(name: str, p: int, m: int, v: int = 1) -> Schedule:
         raise ValueError(
             f"the interleaved schedule needs v >= 2 chunks per rank (got {v}) and m a multiple "
             f"of p={p} (got {m})"
+        )
+    if m < min_micro_batches(name, p):
+        raise ValueError(
+            f"{name} needs at least 2p = {min_micro_batches(name, p)} micro-batches for p={p} "
+            f"pipeline ranks (got m={m}); raise the global batch or lower the micro-batch size"
         )
     if name not in ("interleaved",) + V_SCHEDULES and v != 1:
         raise ValueError(f"{name!r} runs one chunk per rank; use 'interleaved' for v={v}")

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatiny.config import Config, ConfigError
-from megatiny.config.layout import V_SCHEDULES
+from megatiny.config.layout import V_SCHEDULES, pipeline_micro_batches
 from megatiny.moe import set_aux_loss_scale
 from megatiny.parallel import collectives
 
@@ -355,8 +355,7 @@ def check_supported(cfg: Config, world_size: int | None = None) -> None:
     if world_size is not None:
         micro_batches = cfg.train.accumulation_steps(p.data_parallel_size(world_size))
     v, _ = pipeline_stages(p)
-    if p.pipeline_schedule in V_SCHEDULES:  # any micro-batch count
-        micro_batches = None
+    micro_batches = pipeline_micro_batches(p.pipeline_schedule, p.pp, micro_batches)
     try:  # layers vs pp * virtual stages; the interleaved schedule's micro-batch count
         validate_pipeline(cfg.model.n_layers, p.pp, v, num_microbatches=micro_batches)
     except ValueError as e:
