@@ -70,6 +70,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ctx.chunk, ctx.n_valid, ctx.dtype, ctx.h_dtype = chunk, n_valid, dtype, h.dtype
         ctx.vocab_start, ctx.ignore_index = vocab_start, ignore_index
         ctx.deferred = deferred  # (weight,) when split backward defers dW to the W action
+        if deferred is not None:  # W holds h, the targets, lse and the loss gradient
+            split_backward.recorded((h_low, target, lse), lse.nbytes)
         return loss
 
     @staticmethod
@@ -80,7 +82,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         dh, dw = _backward_chunks(ctx, h_low, weight, target, lse, g, want_dh, want_dw)
         if ctx.deferred is not None:  # W recomputes the chunks' softmax for dW (2 more GEMMs)
             args = (ctx, h_low, weight, target, lse, g, False, True)
-            split_backward.defer(ctx.deferred[0], lambda: _backward_chunks(*args)[1])
+            split_backward.defer(ctx.deferred[0], lambda: _backward_chunks(*args)[1],
+                                 tensors=(h_low, target, lse, g))  # fmt: skip
         dh = None if dh is None else dh.to(ctx.h_dtype)
         return dh, dw, None, None, None, None, None, None, None, None
 

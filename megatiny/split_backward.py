@@ -36,6 +36,7 @@ from torch import nn
 
 _ARMED = [False]  # linears use the deferrable path (set for the F and B of split schedules)
 _QUEUE: list = [None]  # the WeightGradQueue of the B now running, or None
+_RECORD: list = [None]  # a StashRecord while `record_stash()` is on
 
 
 @contextlib.contextmanager
@@ -50,7 +51,8 @@ def split_weight_grads(enabled: bool = True):
 
 class WeightGradQueue:
     """The weight gradients of one micro-batch's B on one chunk, waiting for its W: entries
-    (param, compute, index) -- `compute()` gives dW (of param[index] when index is not None)."""
+    (param, compute, index, tensors) -- `compute()` gives dW (of param[index] when index is not
+    None) from `tensors`, what the entry holds until W."""
 
     def __init__(self):
         self.entries: list[tuple] = []
@@ -60,12 +62,16 @@ class WeightGradQueue:
 
     def params(self) -> list:
         """The parameters this queue's W will give a gradient (each once)."""
-        return list({id(p): p for p, _, _ in self.entries}.values())
+        return list({id(p): p for p, _, _, _ in self.entries}.values())
+
+    def bytes(self) -> int:
+        """Bytes the queue holds until its W (each storage once)."""
+        return unique_bytes(t for *_, held in self.entries for t in held)
 
     def run(self) -> None:
         """W: every stashed dW computed, summed per parameter, into .grad (hooks fire once)."""
         sums: dict[int, list] = {}
-        for p, compute, index in self.entries:
+        for p, compute, index, _ in self.entries:
             g = compute().to(p.dtype)
             if index is not None:  # one slice of a stacked weight (an expert)
                 if id(p) not in sums:
@@ -91,17 +97,63 @@ def defer_weight_grads(queue: WeightGradQueue):
         _QUEUE[0] = previous
 
 
+class StashRecord:
+    """What the deferrable layers of a forward will hold from B to W, recorded as they run
+    forward (`record_stash`): the inputs they keep (each storage once) plus, for each, an
+    output gradient of its output's shape and compute dtype."""
+
+    def __init__(self):
+        self.inputs: list[torch.Tensor] = []
+        self.extra = 0  # bytes made in backward: output gradients, a re-gathered input
+
+    def add(self, keeps=(), made: int = 0) -> None:
+        self.inputs.extend(keeps)
+        self.extra += made
+
+    @property
+    def bytes(self) -> int:
+        return unique_bytes(self.inputs) + self.extra
+
+
+@contextlib.contextmanager
+def record_stash():
+    """Inside: the deferrable layers' forwards add to the yielded StashRecord."""
+    previous, _RECORD[0] = _RECORD[0], StashRecord()
+    try:
+        yield _RECORD[0]
+    finally:
+        _RECORD[0] = previous
+
+
+def recorded(keeps=(), made: int = 0) -> None:
+    """A deferrable layer's forward: `keeps` (tensors W will hold) and `made` bytes (made in B)."""
+    if _RECORD[0] is not None:
+        _RECORD[0].add(keeps, made)
+
+
+def unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = storage._cdata  # one StorageImpl: also on meta tensors (no data pointer)
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
 def armed() -> bool:
     return _ARMED[0] and torch.is_grad_enabled()
 
 
-def defer(param, compute, index=None) -> None:
+def defer(param, compute, index=None, tensors=()) -> None:
     """Called by an armed layer's backward: queue param's gradient `compute()` (of
-    param[index] if given) when a B defers it, else (a whole backward) accumulate it now."""
+    param[index] if given; `tensors`: what it holds) when a B defers it, else (a whole
+    backward) accumulate it now."""
     if param is None or not param.requires_grad:
         return
     queue = _QUEUE[0] if _QUEUE[0] is not None else WeightGradQueue()
-    queue.entries.append((param, compute, index))
+    queue.entries.append((param, compute, index, tuple(tensors)))
     if queue is not _QUEUE[0]:
         queue.run()  # a reentrant backward on the leaf: its hooks fire as in one backward
 
@@ -119,8 +171,8 @@ def stash(weight, bias, x, dy) -> None:
             stash(weight, bias, x, dy)
         queue.run()
         return
-    defer(weight, _dw(x, dy))
-    defer(bias, lambda: dy.reshape(-1, dy.shape[-1]).sum(0))
+    defer(weight, _dw(x, dy), tensors=(x, dy))
+    defer(bias, lambda: dy.reshape(-1, dy.shape[-1]).sum(0), tensors=(dy,))
 
 
 class _DeferrableLinear(torch.autograd.Function):
@@ -138,7 +190,9 @@ class _DeferrableLinear(torch.autograd.Function):
         ctx.save_for_backward(x_low, w_low)
         ctx.params, ctx.x_dtype, ctx.dtype = params, x.dtype, dtype
         b = None if bias is None else bias.detach().to(dtype)
-        return F.linear(x_low, w_low, b)
+        y = F.linear(x_low, w_low, b)
+        recorded((x_low,), y.numel() * y.element_size())  # W holds X and dY
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -194,7 +248,9 @@ class _DeferrableGroupedLinear(torch.autograd.Function):
         for e, n in enumerate(counts):
             outs.append(F.linear(x_low[start : start + n], w_low[e]))
             start += n
-        return torch.cat(outs) if outs else x_low.new_zeros(0, weight.shape[1])
+        y = torch.cat(outs) if outs else x_low.new_zeros(0, weight.shape[1])
+        recorded((x_low,), y.numel() * y.element_size())
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -206,7 +262,7 @@ class _DeferrableGroupedLinear(torch.autograd.Function):
             for e, n in enumerate(ctx.counts):
                 rows = slice(start, start + n)
                 dx[rows] = dy[rows].matmul(w[e])
-                defer(ctx.weight, _dw(x[rows], dy[rows]), e)
+                defer(ctx.weight, _dw(x[rows], dy[rows]), e, (x, dy))
                 start += n
         if queue is not _QUEUE[0]:  # a whole backward: every expert's dW now, one hook call
             queue.run()

@@ -134,11 +134,24 @@ class LivePeak:
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
 
     def measure(self, trainer):
+        from megatiny import split_backward
+
         counter = ActivationCounter()  # only for its checkpoint wrapper: count what it keeps
         counter.add = lambda t, checkpoint_input=False: self.add(t)
-        with counter, torch.autograd.graph.saved_tensors_hooks(lambda t: self.add(t) or t,
-                                                               lambda t: t):  # fmt: skip
-            trainer.train_step()
+        defer = split_backward.defer
+
+        def deferred(param, compute, index=None, tensors=()):  # a W's X and dY, kept from B on
+            for t in tensors:
+                self.add(t)
+            return defer(param, compute, index, tensors)
+
+        split_backward.defer = deferred
+        try:
+            with counter, torch.autograd.graph.saved_tensors_hooks(lambda t: self.add(t) or t,
+                                                                   lambda t: t):  # fmt: skip
+                trainer.train_step()
+        finally:
+            split_backward.defer = defer
         return self.peak
 
 
@@ -149,6 +162,8 @@ def _live_peak(trainer):
 REAL = [["parallel.tp=2", f"parallel.sequence_parallel={sp}", f"model.recompute={rc}"]
         for sp in ("false", "true") for rc in ("none", "selective", "op", "full")]  # fmt: skip
 REAL.append(["parallel.pp=2", "train.global_batch_size=8", "model.recompute=none"])
+REAL += [["parallel.pp=2", "train.global_batch_size=8", f"parallel.pipeline_schedule={kind}"]
+         for kind in ("zb-h1", "zb-v", "gpipe")]  # fmt: skip
 
 
 @pytest.mark.parametrize("overrides", REAL, ids=lambda o: ",".join(x.split(".")[-1] for x in o))
@@ -167,8 +182,10 @@ def _metrics(trainer):
     return memory_metrics(trainer)
 
 
-def test_memory_metrics_of_a_run_equal_the_plan():
-    overrides = ["parallel.pp=2", "train.global_batch_size=8", "parallel.zero1=false"]
+@pytest.mark.parametrize("kind", ["auto", "zb-v"])
+def test_memory_metrics_of_a_run_equal_the_plan(kind):
+    overrides = ["parallel.pp=2", "train.global_batch_size=8", "parallel.zero1=false",
+                 f"parallel.pipeline_schedule={kind}"]  # fmt: skip
     stages = {st["pp_rank"]: st["memory_bytes"] for st in planned(overrides, 2)["stages"]}
     for (_, _, pp_rank), _, m in run_ranks(real_step, 2, args=(overrides,),
                                            kwargs={"measure": _metrics}):  # fmt: skip

@@ -270,3 +270,33 @@ def test_zero_bubble_bf16_and_moe_through_the_training_loop(kind, model, tmp_pat
     assert got["losses"] == pytest.approx(ref["losses"], rel=2e-3 if bf16 else 1e-6)
     if bf16:  # the deferred W really ran: losses move, and not identically to fp32 noise
         assert got["losses"][-1] < got["losses"][0]
+
+
+def _stash_bytes(model_kw, tp=1):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tie_embeddings=False, **model_kw))
+    ctx = ParallelContext.initialize(tp=tp)
+    if tp > 1:
+        parallelize(model, ctx, sequence_parallel=True)
+    split_backward.split_linears([model])
+    batch = micro_batches(1)[0]
+    with split_backward.split_weight_grads(), split_backward.record_stash() as record:
+        loss = model(batch["input_ids"], labels=batch["labels"])  # F
+        queue = split_backward.WeightGradQueue()
+        with split_backward.defer_weight_grads(queue):
+            loss.backward()  # B
+    return record.bytes, queue.bytes(), len(queue.params())
+
+
+@pytest.mark.parametrize(
+    "model_kw,tp",
+    [({}, 1), ({"loss_chunk_tokens": 8}, 1), ({"moe_experts": 4, "moe_every": 2}, 1),
+     ({"activation": "swiglu", "norm": "rmsnorm"}, 1),
+     ({}, 2), ({"loss_chunk_tokens": 8}, 2)],
+    ids=["gpt", "chunked-loss", "moe", "swiglu", "tp2+sp", "tp2+sp-chunked"],
+)  # fmt: skip
+def test_the_w_stash_recorded_in_forward_is_what_w_holds(model_kw, tp):
+    """What the plan and the memory metrics count for a micro-batch between its B and W (the
+    deferrable layers record it as they run forward) equals the bytes the W queue holds after B."""
+    for recorded, held, n in run_ranks(_stash_bytes, tp, args=(model_kw, tp)):
+        assert n > 0 and recorded == held, (recorded, held)

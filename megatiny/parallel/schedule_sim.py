@@ -261,3 +261,19 @@ def _sweep(acts, idx, step) -> None:
         for r in range(len(acts)):
             while idx[r] < len(acts[r]) and step(r, acts[r][idx[r]]):
                 progress = True
+
+
+def peak_bytes(schedule: Schedule, rank: int, activation, stash=None) -> float:
+    """The most bytes `rank` holds for its micro-batches over its compute order (no timing
+    needed): activation[c] for each chunk-c micro-batch between its F and its B (or BW), then
+    stash[c] until its W (the linears' X and dY; 0 if None)."""
+    chunks = schedule.stages_of(rank)
+    held = peak = 0.0
+    for a in schedule.actions[rank]:
+        if a.op not in COMPUTE:
+            continue
+        c = chunks.index(a.stage)
+        s = 0.0 if stash is None else stash[c]
+        held += {"F": activation[c], "B": s - activation[c], "BW": -activation[c], "W": -s}[a.op]
+        peak = max(peak, held)
+    return peak

@@ -12,8 +12,9 @@ micro-batches one after the other on one device:
 - `1f1b` (PipeDream-flush / Megatron 1F1B): p - r - 1 warm-up forwards, then one forward / one
   backward, then the remaining backwards. Holds at most p - r micro-batches.
 - `interleaved` (Megatron's interleaved schedule): v chunks per rank; needs m % p == 0.
-- `zb-h1`, `zb-v` (zero bubble): the backward split into B (input gradients) and W (weight
-  gradients, deferred by the linears: megatiny/split_backward.py).
+- `zb-h1`, `zb-h2`, `zb-v`, `dualpipev` (zero bubble; SPLIT_SCHEDULES): the backward split into
+  B (input gradients) and W (weight gradients, deferred by the linears, the experts and the
+  output layer: megatiny/split_backward.py); zb-v and dualpipev on the V placement.
 
 The executor (`Executor.run`) walks this rank's list: a compute action runs the chunk
 (`forward_step`, or autograd from the stage's output); consecutive SEND / RECV actions are posted

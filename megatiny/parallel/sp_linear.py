@@ -46,7 +46,10 @@ class _SequenceParallelLinear(torch.autograd.Function):
         ctx.split_params = split_params  # (weight, bias): W computes their gradient later
         ctx.bias_dtype = None if bias is None else bias.dtype
         b = None if bias is None else bias.to(dtype)
-        return torch.nn.functional.linear(total, weight.to(dtype), b)
+        y = torch.nn.functional.linear(total, weight.to(dtype), b)
+        if split_params is not None:  # W holds the input all-gathered again in B, and dY
+            split_backward.recorded((), total.numel() * total.element_size() + y.nbytes)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

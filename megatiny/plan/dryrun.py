@@ -113,6 +113,7 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
     """In the child: everything the plan needs from pipeline stage `pp_rank`."""
 
     import megatiny.model as model_module
+    from megatiny.config.layout import SPLIT_SCHEDULES
     from megatiny.parallel import collectives
     from megatiny.parallel.context import ParallelContext
     from megatiny.parallel.grid import build_grid
@@ -184,13 +185,15 @@ def _run_stage(cfg, world_size: int, pp_rank: int) -> dict:
         transient = max(transient, counter.max_backward_bytes)
     shape = memory.stage_message_shape(cfg, ctx)
     batch = _micro_batches(cfg, 1)[0]
-    per_chunk = memory.chunk_activation_bytes(chunks, batch, shape,
-                                              autocast=autocast or _null)  # fmt: skip
+    split = ctx.pp_size > 1 and p.pipeline_schedule in SPLIT_SCHEDULES
+    per_chunk, stash = memory.chunk_memory_bytes(chunks, batch, shape, autocast=autocast or _null,
+                                                 split=split)  # fmt: skip
     return {
         "pp_rank": pp_rank,
         "rank": rank,
         "state": memory.state_bytes(model, optimizer, ddp),
         "activation_bytes_per_chunk": per_chunk,
+        "stash_bytes_per_chunk": stash,  # split backward: what W holds from B on
         "runs": runs,
         "transient_bytes": transient,
         # ZeRO-2/3: bucket buffers in flight and gathered blocks (megatiny/parallel/fsdp.py)

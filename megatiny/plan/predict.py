@@ -43,11 +43,14 @@ def stage_memory(stage: dict, cfg: Config, m: int) -> dict:
     p = cfg.parallel
     v = p.virtual_pipeline_size or 1
     out = dict(stage["state"])
+    kind = p.pipeline_schedule
     out["activations"] = activation_bytes(stage["activation_bytes_per_chunk"], p.pp,
-                                          stage["pp_rank"], m, v)  # fmt: skip
+                                          stage["pp_rank"], m, v, kind,
+                                          stage.get("stash_bytes_per_chunk"))  # fmt: skip
     out["transient"] = stage["transient_bytes"] + stage.get("zero_transient_bytes", 0)
     out["peak"] = sum(out.values())
-    out["micro_batches_in_flight"] = in_flight(p.pp, stage["pp_rank"], m, v)
+    chunks = len(stage["activation_bytes_per_chunk"])
+    out["micro_batches_in_flight"] = in_flight(p.pp, stage["pp_rank"], m, chunks, kind)
     return out
 
 

@@ -2,7 +2,9 @@
 tokens/s per GPU.
 
 Candidates: tp among the model's TP sizes within a node, pp dividing n_layers, interleaving
-v in {1, 2} (pp > 1: also zb-h1, or zb-v at v = 2), context parallelism cp in {1, 2, 4} (the config's cp_mode), sequence parallelism
+v in {1, 2} (pp > 1: also the split-backward schedules, zb-h1 / zb-h2 at v = 1, zb-v /
+dualpipev at v = 2, each where its micro-batch count allows), context parallelism cp in
+{1, 2, 4} (the config's cp_mode), sequence parallelism
 (tp > 1), ZeRO levels 0-3 (dp > 1; 1 and 2 with their parameter gather overlapped), recompute
 none / selective / op /
 full, micro-batch 1, 2, 4, 8 or the config's, every combination that validates for the world
@@ -67,9 +69,16 @@ def candidates(cfg: Config, world_size: int, profile: dict) -> list[Config]:
             check(c, world_size)
         except (ConfigError, ValueError):
             continue
+        from megatiny.plan.predict import check
+
         for kind in ("auto",) if pp == 1 else ("auto",) + search_schedules(v):
-            out.append(copy.deepcopy(c))  # and the zero-bubble schedule of the same layout
-            out[-1].parallel.pipeline_schedule = kind
+            layout = copy.deepcopy(c)  # and the zero-bubble schedules of the same layout
+            layout.parallel.pipeline_schedule = kind
+            try:  # a schedule's own needs (dualpipev: m >= 2 pp micro-batches)
+                check(layout, world_size)
+            except (ConfigError, ValueError):
+                continue
+            out.append(layout)
     return out
 
 

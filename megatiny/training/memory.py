@@ -10,7 +10,9 @@
                 (unique storages, counted with saved-tensor hooks; plus the inputs that
                 torch.utils.checkpoint keeps to recompute from, plus a non-last pipeline
                 stage's output that the schedule holds until its backward), times the
-                micro-batches in flight for the schedule (`in_flight`)
+                micro-batches in flight for the schedule (`in_flight`); under a split backward
+                (zero-bubble schedules) plus what W holds from B on (each linear's X and dY),
+                at the peak along the rank's actions (`activation_bytes`)
 
 Parameters saved by autograd (a linear's weight) are not activations; their autocast copies
 (bf16 weights saved by a bf16 matmul) are, because they live as long as the micro-batch's graph.
@@ -23,6 +25,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from megatiny.config.layout import SPLIT_SCHEDULES
 
 # ---- activations: saved-tensor hooks ---------------------------------------------------------
 
@@ -110,48 +114,71 @@ def _unpack(t):
 
 def chunk_activation_bytes(chunks, batch: dict, input_shape, dtype=torch.float32,
                            autocast=contextlib.nullcontext) -> list[int]:  # fmt: skip
-    """Activation bytes of one micro-batch in each model chunk of this rank: the chunk's forward
-    (`megatiny.parallel.pipeline.forward_step`, the function the schedules run) under an
-    `ActivationCounter`; a non-first chunk gets a stand-in input of the pipeline message shape
-    (as received), a non-last chunk's output is added (the schedule holds it until backward).
-    Runs the tensor-parallel collectives of a forward, so every TP rank must call it together.
-    The graphs are dropped: no backward runs."""
+    """Activation bytes of one micro-batch in each model chunk of this rank (`chunk_memory_bytes`
+    without the split backward)."""
+    return chunk_memory_bytes(chunks, batch, input_shape, dtype, autocast)[0]
+
+
+def chunk_memory_bytes(chunks, batch: dict, input_shape, dtype=torch.float32,
+                       autocast=contextlib.nullcontext, split: bool = False):  # fmt: skip
+    """([activation bytes], [W-stash bytes]) of one micro-batch in each model chunk of this
+    rank: the chunk's forward (`megatiny.parallel.pipeline.forward_step`, the function the
+    schedules run) under an `ActivationCounter`; a non-first chunk gets a stand-in input of the
+    pipeline message shape (as received), a non-last chunk's output is added (the schedule
+    holds it until backward). With `split` (a zero-bubble schedule) the forward runs the
+    deferrable layers (megatiny/split_backward.py), which record what their W will hold from B
+    on: the stash bytes (0 without `split`). Runs the tensor-parallel collectives of a forward,
+    so every TP rank must call it together. The graphs are dropped: no backward runs."""
+    from megatiny import split_backward
     from megatiny.parallel.pipeline import forward_step
 
     device = next(p.device for c in chunks for p in c.parameters())
-    out = []
+    activations, stashes = [], []
     for chunk in chunks:
         x = None
         if not chunk.is_first_chunk:
             x = torch.zeros(input_shape, dtype=dtype, device=device, requires_grad=True)
         params = list(chunk.parameters())
-        with torch.enable_grad(), ActivationCounter(params) as counter:
+        with (
+            torch.enable_grad(),
+            ActivationCounter(params) as counter,
+            split_backward.split_weight_grads(split),
+            split_backward.record_stash() as stash,
+        ):
             with autocast():
                 y = forward_step(chunk, x, batch)
         held = 0
         if not chunk.is_last_chunk:
             held = y.numel() * y.element_size()
-        out.append(counter.bytes + held)
-        del y
-    return out
+        activations.append(counter.bytes + held)
+        stashes.append(stash.bytes)
+        del y, stash
+    return activations, stashes
 
 
 # ---- micro-batches in flight -----------------------------------------------------------------
 
 
-def in_flight(pp: int, pp_rank: int, num_microbatches: int, virtual_pipeline_size: int = 1) -> int:
+FORMULA_SCHEDULES = ("auto", "1f1b", "interleaved")  # in_flight's closed forms
+
+
+def in_flight(pp: int, pp_rank: int, num_microbatches: int, virtual_pipeline_size: int = 1,
+              schedule: str = "auto") -> int:  # fmt: skip
     """Most chunk micro-batches whose forward has run and backward has not, on pipeline rank r:
 
         pp = 1                  1 (each micro-batch's backward follows its forward)
         1F1B                    min(p - r, m)
         interleaved (v chunks)  min(2 (p - r - 1) + (v - 1) p + 1, v m)  (Megatron's warm-up + 1;
                                 all v m when m == p: the schedule then warms up fully)
+        any other schedule      counted along the rank's actions (schedule_sim.peak_bytes)
 
     in units of one chunk (1/v of the stage's layers). Equals `PipelineSchedule.max_in_flight`
     after a run (tests/test_memory.py)."""
     p, r, m, v = pp, pp_rank, num_microbatches, virtual_pipeline_size or 1
     if p == 1:
         return 1
+    if schedule not in FORMULA_SCHEDULES:
+        return int(_schedule_peak(schedule, p, r, m, v, (1,) * v, None))
     if v == 1:
         return min(p - r, m)
     if m == p:
@@ -159,11 +186,25 @@ def in_flight(pp: int, pp_rank: int, num_microbatches: int, virtual_pipeline_siz
     return min(2 * (p - r - 1) + (v - 1) * p + 1, v * m)
 
 
+def _schedule_peak(kind, p, r, m, v, activation, stash) -> float:
+    from megatiny.parallel.schedule_sim import peak_bytes
+    from megatiny.parallel.schedules import checked_schedule
+
+    return peak_bytes(checked_schedule(kind, p, m, v), r, activation, stash)
+
+
 def activation_bytes(per_chunk: list[int], pp: int, pp_rank: int, num_microbatches: int,
-                     virtual_pipeline_size: int = 1) -> int:  # fmt: skip
-    """Activation bytes of the rank: micro-batches in flight x bytes per chunk micro-batch (for
-    interleaved schedules the mean over this rank's chunks: the in-flight set cycles through
-    them)."""
+                     virtual_pipeline_size: int = 1, schedule: str = "auto",
+                     stash_per_chunk: list[int] | None = None) -> int:  # fmt: skip
+    """Activation bytes of the rank. Closed-form schedules (FORMULA_SCHEDULES): micro-batches in
+    flight x bytes per chunk micro-batch (interleaved: the mean over this rank's chunks, the
+    in-flight set cycles through them). Any other (gpipe, the zero-bubble ones): the peak along
+    the rank's actions of each chunk's bytes between F and B plus its W stash
+    (`stash_per_chunk`) between B and W, exact for the schedule's order."""
+    if pp > 1 and schedule not in FORMULA_SCHEDULES:
+        v = len(per_chunk)
+        return int(_schedule_peak(schedule, pp, pp_rank, num_microbatches, v, tuple(per_chunk),
+                                  tuple(stash_per_chunk or [0] * v)))  # fmt: skip
     n = in_flight(pp, pp_rank, num_microbatches, virtual_pipeline_size)
     return int(round(n * sum(per_chunk) / len(per_chunk)))
 
@@ -230,10 +271,12 @@ def memory_metrics(trainer, batch: dict | None = None) -> dict[str, int]:
     chunks = getattr(trainer.model, "chunks", None) or [_as_chunk(trainer.model)]
     shape = stage_message_shape(cfg, ctx)
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32  # pipeline messages
-    per_chunk = chunk_activation_bytes(chunks, batch, shape, dtype, autocast=trainer.autocast)
+    kind = cfg.parallel.pipeline_schedule
+    split = ctx.pp_size > 1 and kind in SPLIT_SCHEDULES
+    per_chunk, stash = chunk_memory_bytes(chunks, batch, shape, dtype, trainer.autocast, split)
     out["activations"] = activation_bytes(
         per_chunk, ctx.pp_size, ctx.pp_rank, trainer.accumulation,
-        cfg.parallel.virtual_pipeline_size or 1,
+        cfg.parallel.virtual_pipeline_size or 1, kind, stash,
     )  # fmt: skip
     out["total"] = sum(out.values())
     return {f"memory_{k}": v for k, v in out.items()}
