@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from megatiny import split_backward
+from megatiny.config.layout import V_SCHEDULES
 from megatiny.model import GPT
 from megatiny.moe import set_aux_loss_scale
 from megatiny.parallel import ParallelContext
@@ -192,7 +193,7 @@ def _sleep_worker(kind, m, unit):
 
     pp = 4
     ctx = ParallelContext.initialize(pp=pp)
-    v = 2 if kind in ("zb-v", "interleaved") else 1
+    v = 2 if kind in V_SCHEDULES + ("interleaved",) else 1
     placement = placement_for(kind, pp, v)
     stages = [s for s, r in enumerate(placement) if r == ctx.pp_rank]
     chunks = [SleepChunk(s, pp * v) for s in stages]
@@ -209,7 +210,7 @@ def _sleep_worker(kind, m, unit):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["1f1b", "interleaved", "zb-h1", "zb-v"])
+@pytest.mark.parametrize("kind", ["1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev"])
 def test_executor_keeps_the_simulated_makespan(kind):
     # Sleeping actions (80 ms per stage pass) dwarf the one-linear chunks' compute and messages.
     ratios = run_ranks(_sleep_worker, 4, args=(kind, 8, 0.08), timeout=240)
