@@ -8,7 +8,7 @@ import torch
 
 from megatiny.config import ConfigError
 from megatiny.testing import run_ranks
-from tests.test_schedule_zb import ATOL, RTOL, _zb_worker
+from tests.test_schedule_zb import ATOL, RTOL, _zb_worker, train_pp2_against_one_rank
 
 
 def check(kind, pp, m, tp=1, dp=1, sp=False, tie=True):
@@ -59,19 +59,5 @@ def test_dualpipev_needs_2pp_micro_batches():
 def test_new_schedules_through_the_training_loop(kind, tmp_path):
     """`megatiny train`'s own path at pp2 x dp2 (4 micro-batches per rank, dualpipev's 2 pp): the
     one-rank losses; the checkpoint (single-device names) loads into the plain GPT."""
-    from megatiny.training.checkpoint import load_model_for_inference
-    from tests.test_train import make_corpus, run_training, tiny_config
-
-    prefix = make_corpus(tmp_path)
     common = ("train.global_batch_size=8", "train.micro_batch_size=1", "train.steps=3")
-    ref = run_training(tiny_config(prefix, tmp_path / "ref", *common, n_layers=4))[0]
-    got = run_training(tiny_config(prefix, tmp_path / "pp", *common, "parallel.pp=2",
-                                   f"parallel.pipeline_schedule={kind}", n_layers=4), 4)[0]  # fmt: skip
-    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-6)
-    # Weights within ~lr x 0.1 (as in tests/test_schedule_zb.py: AdamW turns the fp32 rounding of
-    # gradients that are zero by symmetry into lr-sized steps of either sign).
-    want = load_model_for_inference(str(tmp_path / "ref"))[0].state_dict()
-    have = load_model_for_inference(str(tmp_path / "pp"))[0].state_dict()
-    assert have.keys() == want.keys()
-    for name, value in want.items():
-        torch.testing.assert_close(have[name], value, rtol=0, atol=2e-3, msg=name)
+    train_pp2_against_one_rank(tmp_path, common, [f"parallel.pipeline_schedule={kind}"])
