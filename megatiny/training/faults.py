@@ -10,6 +10,10 @@
         it; 30 is an exponent bit: usually a huge value). `repeat=1`: on every backward pass from
         step S on, a different element each pass, as a failing chip would (so a replay of the
         step computes yet another gradient: megatiny/training/sdc.py calls that persistent).
+    MEGATINY_FAULT=startup_sleep:phase=P:ms=M[:rank=R]
+        rank R (default: every rank) sleeps M ms at the start of each startup phase whose name
+        begins with P (`building`, `loading`, `claiming`, ...: megatiny/training/preempt.py), so
+        that a test can signal a run there; read by `startup_sleep_s`, ignored by `parse`.
 
 Several faults are separated by commas. A step whose gradient is to be flipped runs with its
 gradient reduction deferred until after the backward (megatiny/training/sdc.py), so the flip
@@ -50,6 +54,8 @@ def parse(text: str) -> list[Fault]:
     faults = []
     for spec in filter(None, (s.strip() for s in text.split(","))):
         kind, *items = spec.split(":")
+        if kind == "startup_sleep":  # startup_sleep_s's
+            continue
         if kind not in _KEYS:
             raise FaultSpecError(
                 f"{ENV}={text!r}: unknown fault {kind!r}; use {' or '.join(FORMS)}"
@@ -78,6 +84,27 @@ def parse(text: str) -> list[Fault]:
                                  f"{' or '.join(FORMS)}")  # fmt: skip
         faults.append(fault)
     return faults
+
+
+def startup_sleep_s(phase: str, rank: int, environ=None) -> float:
+    """Seconds `rank` sleeps entering startup phase `phase` (MEGATINY_FAULT startup_sleep)."""
+    text = (environ if environ is not None else os.environ).get(ENV, "")
+    total = 0.0
+    for spec in filter(None, (s.strip() for s in text.split(","))):
+        kind, *items = spec.split(":")
+        if kind != "startup_sleep":
+            continue
+        values = dict(item.partition("=")[::2] for item in items)
+        try:
+            if set(values) - {"phase", "ms", "rank"} or not {"phase", "ms"} <= set(values):
+                raise ValueError
+            if phase.startswith(values["phase"]) and int(values.get("rank", rank)) == rank:
+                total += float(values["ms"]) / 1000
+        except ValueError:
+            raise FaultSpecError(
+                f"{ENV}={text!r}: use startup_sleep:phase=P:ms=M[:rank=R]"
+            ) from None
+    return total
 
 
 class FaultInjector:
