@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/resilience.py                     # dp=2 on 2 gloo ranks
     .venv/bin/python benchmarks/resilience.py --world 1 --steps 300
+    .venv/bin/python benchmarks/resilience.py parallel.zero=2      # the check at each reduce-scatter
 
 Each rank runs `Trainer.train_step` on synthetic tokens (data parallel over the ranks, fp32) in
 these modes, alternating (each round starts with the next mode), --repeats rounds, each on a fresh Trainer (--warmup untimed steps, then
@@ -47,8 +48,9 @@ def _trainer(cfg: Config, ctx):
     from megatiny.training.step import Trainer, build_model
 
     model = build_model(cfg, ctx)
-    ddp = build_data_parallel(model, ctx, bucket_mb=cfg.parallel.ddp_bucket_mb)
-    optimizer = build_optimizer(model, cfg.train)
+    p = cfg.parallel  # parallel.zero=1/2/3: the ZeRO wrapper and optimizer, as build_trainer
+    ddp = build_data_parallel(model, ctx, bucket_mb=p.ddp_bucket_mb, zero=p.zero)
+    optimizer = build_optimizer(model, cfg.train, zero1_ddp=ddp if p.zero else None)
     data = SyntheticTokens(cfg.model.vocab_size, cfg.data.seq_length)
     return Trainer(cfg, ctx, model, optimizer, build_scheduler(optimizer, cfg.train), data, data,
                    accumulation=cfg.train.accumulation_steps(ctx.dp_size), ddp=ddp)  # fmt: skip
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     m = cfg.model
     print(f"model: d_model={m.d_model} n_layers={m.n_layers} params={m.num_parameters() / 1e6:.2f}M"
           f" | seq={cfg.data.seq_length} micro={cfg.train.micro_batch_size} | dp={args.world} "
-          f"gloo ranks, 1 thread each | {args.steps} timed steps x {args.repeats} rounds | torch "
+          f"gloo ranks, 1 thread each | zero={cfg.parallel.zero} | {args.steps} timed steps x {args.repeats} rounds | torch "
           f"{torch.__version__}")  # fmt: skip
     rounds = run_ranks(_rounds_rank, args.world, args=(cfg, args.steps, args.warmup, args.repeats),
                        timeout=3600)[0]  # fmt: skip
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
         f"\nratio checks off / today = {statistics.median(rounds['checks off']) / today:.3f} "
         "(goal >= 0.98)"
     )
-    print(f"one check step costs {step_cost:.2f} x a step (replay + deferred reduction); every "
+    print(f"one check step costs {step_cost:.2f} x a step (replay + deferred reduction; ZeRO-2/3: "
+          f"+ checksums per reduce-scatter); every "
           f"100 steps that is {step_cost / 100:.2%} of the run; measured: replay every 100 / today "
           f"= {statistics.median(rounds['replay every 100']) / today:.3f}")  # fmt: skip
     return 0

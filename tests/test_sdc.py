@@ -2,7 +2,8 @@
 dp2 ranks the step replay (`train.check_replay_every`) naming the rank, the step and the parameter,
 transient vs persistent, `sdc_policy=skip` equal to a clean run with that update skipped, `stop`
 exiting 1 with the previous step's intact checkpoint, and the replicas' comparison after the
-reduction."""
+reduction; under ZeRO-2/3 (parallel.zero=2, 3) the same through the checksums of each bucket's
+reduce-scatter."""
 
 import json
 import os
@@ -158,30 +159,86 @@ def test_stop_exits_1_with_the_intact_checkpoint_before_the_corrupt_step(tmp_pat
     assert [r["step"] for r in rows if "split" not in r] == [1, 2]  # nothing lost, nothing of 3
 
 
-def test_replay_check_refuses_zero_2_and_3_which_free_the_local_gradient(tmp_path):
-    from types import SimpleNamespace
+def test_zero23_bucket_flip_acts_once_per_pass_where_the_parameter_is():
+    """Under ZeRO-2/3 a fault acts on one bucket's local gradient as it is launched: once per
+    pass, in the named (default: first) parameter's bucket; a missing one is named after."""
+    inj = FaultInjector(parse("grad_bitflip:rank=0:step=2,grad_bitflip:rank=0:step=2:param=c"), 0)
+    first, other = [("a", torch.zeros(4)), ("b", torch.zeros(3))], [("c", torch.ones(6))]
+    inj.flip_bucket(2, 0, other, first="a")  # the param=c fault
+    inj.flip_bucket(2, 0, first, first="a")  # the default one: a, the first parameter
+    inj.flip_bucket(2, 0, first, first="a")  # a second micro-batch: nothing more this pass
+    inj.flip_bucket(2, 0, other, first="a")
+    assert [x.split(":")[1].split("[")[0] for x in inj.flipped] == [" c", " a"]
+    assert (first[0][1] != 0).sum() == 1 and (other[0][1] != 1).sum() == 1
+    inj.check_flipped(2, 0, ["a", "b", "c"])  # both done
+    inj.flip_bucket(2, 0, first, first="a")
+    assert len(inj.flipped) == 2
+    fresh = FaultInjector(parse("grad_bitflip:rank=0:step=2:param=z"), 0)
+    with pytest.raises(FaultSpecError, match="not a parameter of this rank"):
+        fresh.check_flipped(2, 0, ["a", "b"])
+    fresh = FaultInjector(parse("grad_bitflip:rank=0:step=2"), 0)
+    with pytest.raises(FaultSpecError, match="never launched"):
+        fresh.check_flipped(2, 0, ["a", "b"])
 
-    from megatiny.config import ConfigError
-    from megatiny.training.checks import install_checks
 
-    cfg = tiny_config(tmp_path / "corpus", tmp_path / "run", "train.check_replay_every=10")
-    cfg.parallel.zero = 2
-    trainer = SimpleNamespace(ctx=SimpleNamespace(rank=0))
-    with pytest.raises(ConfigError, match="parallel.zero=1"):
-        install_checks(cfg, trainer)
-    cfg.train.check_replay_every = 0
-    assert install_checks(cfg, trainer) is None  # every check off: the Trainer is untouched
+ZERO = ("train.global_batch_size=8",)  # dp2 x micro 2: 2 micro-batches, 2 reduce-scatters each
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"], ids=["tp2xdp2", "pp2xdp2"])
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero23_bitflip_is_transient_skip_equals_the_clean_run_without_it(tmp_path, capfd, zero):
+    prefix = make_corpus(tmp_path)
+    fault = {"MEGATINY_FAULT": "grad_bitflip:rank=1:step=3:param=blocks.0.mlp.fc.weight"}
+
+    def run(name, *extra, env=None, skip=None):
+        cfg = tiny_config(prefix, tmp_path / name, "train.steps=6", f"parallel.zero={zero}", *ZERO,
+                          *extra, dropout=0.1)  # fmt: skip
+        return run_ranks(_run, 2, args=(cfg, skip), env=env, timeout=240)[0]
+
+    out = run("a", *CHECK, env=fault)
+    err = capfd.readouterr().err
+    line = next(x for x in err.splitlines() if "silent data corruption" in x)
+    for said in ("rank 1", "step 3", "blocks.0.mlp.fc.weight", "reduce-scatter 1 of the step",
+                 "transient", "skipped"):  # fmt: skip
+        assert said in line, line
+    assert err.count("silent data corruption") == 1 and out["skipped_steps"] == 1
+    assert out["losses"] == run("b", skip=3)["losses"]  # bitwise: the replays leave no trace
+    clean = run("c")
+    assert out["losses"][:3] == clean["losses"][:3] and out["losses"][3] != clean["losses"][3]
+    checked = run("d", *CHECK)  # no fault: no false positive, the same run
+    assert checked["losses"] == clean["losses"] and checked["skipped_steps"] == 0
+    assert "silent data corruption" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("zero", [2, 3])  # ~1 s: the ZeRO-2/3 path in the default run
+def test_zero23_repeated_bitflip_is_persistent(tmp_path, capfd, zero):
+    prefix = make_corpus(tmp_path)
+    fault = {"MEGATINY_FAULT": "grad_bitflip:rank=1:step=3:repeat=1"}
+    cfg = tiny_config(prefix, tmp_path / "a", *CHECK[1:], "train.steps=4", *ZERO,
+                      f"parallel.zero={zero}")  # fmt: skip
+    out = run_ranks(_run, 2, args=(cfg,), env=fault, timeout=240)[0]
+    lines = [x for x in capfd.readouterr().err.splitlines() if "silent data corruption" in x]
+    assert [("step 3" in x, "step 4" in x) for x in lines] == [(True, False), (False, True)]
+    assert all("rank 1" in x and "persistent" in x and "embed.weight" in x for x in lines)
+    assert out["skipped_steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [("parallel.tp=2",), ("parallel.pp=2",), ("parallel.pp=2", "parallel.zero=3", *ZERO),
+     ("parallel.ep=2", "model.moe_experts=4", "parallel.zero=2", *ZERO)],
+    ids=["tp2xdp2", "pp2xdp2", "pp2xdp2-zero3", "ep2xdp2-moe-zero2"],
+)  # fmt: skip
 def test_replays_change_nothing_on_4_ranks(tmp_path, capfd, layout):
     prefix = make_corpus(tmp_path)
     runs = [
         run_ranks(
             _run,
             4,
-            args=(tiny_config(prefix, tmp_path / k, "train.steps=4", layout, *extra, dropout=0.1),),
+            args=(
+                tiny_config(prefix, tmp_path / k, "train.steps=4", *layout, *extra, dropout=0.1),
+            ),
             timeout=240,
         )[0]  # fmt: skip
         for k, extra in (("a", ()), ("b", ("train.check_replay_every=1",)))

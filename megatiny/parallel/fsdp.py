@@ -103,6 +103,10 @@ class ShardedDataParallel(DistributedDataParallel):
         self.max_in_flight = max(1, max_in_flight)
         self._in_flight: list[tuple] = []
         self.held_now = self.held_peak = 0
+        # local_grad_hook(bucket, flat), when set, sees each bucket's local gradient (this
+        # micro-batch's, undivided) before its reduce-scatter, which a True return skips (the
+        # replay check's checksums, faults and replays: megatiny/training/sdc.py).
+        self.local_grad_hook = None
         self._lists, self._in_blocks = _unit_modules(module)
         if level == 3:
             bucket_mb = 2.0**40  # one bucket per block (and kind): gathered whole
@@ -251,11 +255,14 @@ class ShardedDataParallel(DistributedDataParallel):
             self._held(flat.nbytes)
         bucket.grad = None
         bucket.reset()  # the next micro-batch fills it again
-        if self.dp_size > 1:
+        skip = self.local_grad_hook is not None and self.local_grad_hook(bucket, flat)
+        if self.dp_size > 1 and not skip:
             flat.div_(self.dp_size)
         n = bucket.numel // bucket.size
         mine = self.shard_grad[bucket.shard_start : bucket.shard_start + n]
-        if bucket.size == 1:
+        if skip:  # not reduced: shard_grad keeps what it has
+            self._held(-flat.nbytes)
+        elif bucket.size == 1:
             mine.add_(flat)
             self._held(-flat.nbytes)
         else:

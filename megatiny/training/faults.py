@@ -17,7 +17,10 @@
 
 Several faults are separated by commas. A step whose gradient is to be flipped runs with its
 gradient reduction deferred until after the backward (megatiny/training/sdc.py), so the flip
-lands before any reduction.
+lands before any reduction. Under parallel.zero=2/3 no rank holds its whole local gradient (each
+micro-batch's is reduce-scattered bucket by bucket and freed): the bit is flipped in NAME's region
+of its bucket's local gradient as that bucket's reduce-scatter is launched (the first micro-batch
+of the pass that launches it; `flip_bucket`, through ShardedDataParallel.local_grad_hook).
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ class FaultInjector:
         self.flips = [f for f in self.faults if f.kind == "grad_bitflip"]
         self.any_rank_flips = [f for f in faults if f.kind == "grad_bitflip"]
         self.flipped: list[str] = []  # what was flipped, for the test's and the drill's record
+        self._done: tuple[tuple[int, int], set[Fault]] = ((0, -1), set())  # ZeRO-2/3: this pass
 
     @classmethod
     def from_env(cls, rank: int, environ=None) -> FaultInjector | None:
@@ -145,19 +149,44 @@ class FaultInjector:
     def flip(self, step: int, pass_index: int, grads: list[tuple[str, torch.Tensor]]) -> None:
         """Flip the due bits in `grads` ((name, local gradient) pairs, before any reduction)."""
         for fault in self.flips:
-            if not self._due(fault, step, pass_index):
-                continue
-            name, grad = _pick(grads, fault.param)
-            flat = grad.view(-1)
-            index = (step * 7919 + pass_index * 104729) % flat.numel()
-            bits = 8 * flat.element_size()
-            if not 0 <= fault.bit < bits:
-                raise FaultSpecError(f"{ENV}: bit={fault.bit} but {name}'s gradient has {bits}")
-            ints = flat[index : index + 1].view({2: torch.int16, 4: torch.int32, 8: torch.int64}[
-                flat.element_size()])  # fmt: skip
-            mask = 1 << fault.bit
-            ints ^= mask - (1 << bits) if mask >= 1 << (bits - 1) else mask  # two's complement
-            self.flipped.append(f"step {step} pass {pass_index}: {name}[{index}] bit {fault.bit}")
+            if self._due(fault, step, pass_index):
+                self._flip(fault, step, pass_index, *_pick(grads, fault.param))
+
+    def flip_bucket(self, step: int, pass_index: int, grads, first: str) -> None:
+        """ZeRO-2/3: `grads` are the (name, local gradient) of one bucket's parameters as its
+        reduce-scatter is launched; flip the due faults whose parameter (default `first`, the
+        rank's first parameter) is among them, once per pass (at the bucket's first launch)."""
+        if self._done[0] != (step, pass_index):
+            self._done = ((step, pass_index), set())
+        for fault in self.flips:
+            name = fault.param or first
+            if self._due(fault, step, pass_index) and fault not in self._done[1]:
+                for have, grad in grads:
+                    if have == name:
+                        self._done[1].add(fault)
+                        self._flip(fault, step, pass_index, name, grad)
+                        break
+
+    def check_flipped(self, step: int, pass_index: int, names: list[str]) -> None:
+        """ZeRO-2/3, after a pass: a due fault that found no bucket names no parameter here."""
+        done = self._done[1] if self._done[0] == (step, pass_index) else set()
+        for fault in self.flips:
+            if self._due(fault, step, pass_index) and fault not in done:
+                _pick([(n, None) for n in names], fault.param)  # raises, naming the parameters
+                raise FaultSpecError(f"{ENV}: {fault.param or names[0]}'s gradient was never "
+                                     "launched for reduction on this rank")  # fmt: skip
+
+    def _flip(self, fault: Fault, step: int, pass_index: int, name: str, grad) -> None:
+        flat = grad.view(-1)
+        index = (step * 7919 + pass_index * 104729) % flat.numel()
+        bits = 8 * flat.element_size()
+        if not 0 <= fault.bit < bits:
+            raise FaultSpecError(f"{ENV}: bit={fault.bit} but {name}'s gradient has {bits}")
+        ints = flat[index : index + 1].view({2: torch.int16, 4: torch.int32, 8: torch.int64}[
+            flat.element_size()])  # fmt: skip
+        mask = 1 << fault.bit
+        ints ^= mask - (1 << bits) if mask >= 1 << (bits - 1) else mask  # two's complement
+        self.flipped.append(f"step {step} pass {pass_index}: {name}[{index}] bit {fault.bit}")
 
 
 def _pick(grads: list[tuple[str, torch.Tensor]], param: str | None):

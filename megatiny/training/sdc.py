@@ -24,6 +24,20 @@ torchtitan's step replay, done in place):
        all-gather of their checksums over the dp group; a difference (a fault in or after the
        reduction, which no replay reproduces) names the ranks and is handled by the same policy.
 
+Under parallel.zero=2/3 (megatiny/parallel/fsdp.py) no rank ever holds its whole local gradient:
+each micro-batch's is reduce-scattered bucket by bucket during the backward and freed, and no
+reduction can be deferred. It does exist, one bucket at a time, as each reduce-scatter is launched
+(`ShardedDataParallel.local_grad_hook`): there the check takes the checksum pair of every
+parameter's region of the bucket's local gradient (before its division by dp), so a pass yields
+the ordered list of its launches' checksums (bucket index, parameter, micro-batch), which steps
+2-4 compare as above, naming the parameter of the first differing row. The replays' buckets are
+not reduce-scattered (the hook returns True: no communication, and `shard_grad` keeps the first
+pass's reduced slices as a step without a check has them); `skip` zeroes them. Step 5 is not done
+under any ZeRO level (1, 2, 3): each rank holds a different slice of the reduced gradient, so no
+replica to compare with exists; a fault in or after the reduce-scatter goes unseen there. The
+first pass keeps its overlap; a check step adds its replay (computation only) and the checksums
+of every launch (per bucket and micro-batch: a few element-wise passes over its gradient).
+
 The replay runs the step's micro-batches: all of them, since the schedule scales each backward by
 1/accumulation and (pipelines) interleaves them, so a lone micro-batch's gradient is not bitwise
 comparable with its share of the accumulated one. A check step costs one more forward + backward
@@ -89,6 +103,9 @@ class ReplayCheck:
         self.ctx = trainer.ctx
         self.events: list[dict] = []  # every detected corruption, in order
         self.skip = False
+        ddp = trainer.ddp
+        self.sharded = ddp is not None and hasattr(ddp, "local_grad_hook")  # ZeRO-2/3
+        self._launches: list[tuple[int, torch.Tensor]] | None = None  # this pass's (ZeRO-2/3)
         self._schedule, self._optimizer_step = trainer.schedule, trainer.optimizer.step
         trainer.schedule, trainer.optimizer.step = self.schedule, self.optimizer_step
 
@@ -106,32 +123,74 @@ class ReplayCheck:
         ddp = self.trainer.ddp
         kwargs["grad_sync"] = lambda last: ddp.no_sync() if ddp else contextlib.nullcontext()
         rng = self._rng_state()
-        loss = self._pass(model, micro_batches, kwargs, step, 0)
+        loss = self._pass(model, micro_batches, kwargs, step, 0, record=check)
         if not check:
             return loss
-        first = (_loss_bits(loss), checksums(local_grads(model)))
+        first = (_loss_bits(loss), self._sums(model))
+        order = self._launches  # ZeRO-2/3: which rows belong to which parameter
         replay = self._replay(model, micro_batches, kwargs, step, 1, rng)
-        mismatch = _differs(first, replay)
+        mismatch, kind, where = _differs(first, replay), 0, ""
         flags = self._gather(torch.tensor([int(mismatch is not None)], dtype=torch.uint8))
-        if not flags.any():
-            return loss
-        again = self._replay(model, micro_batches, kwargs, step, 2, rng)
-        kind = 0 if mismatch is None else (1 if _differs(replay, again) is None else 2)
-        where = "" if mismatch is None else self._where(model, mismatch)
-        self._verdict(step, kind, where, "the first pass and its replay")
+        if flags.any():
+            again = self._replay(model, micro_batches, kwargs, step, 2, rng)
+            kind = 0 if mismatch is None else (1 if _differs(replay, again) is None else 2)
+            where = "" if mismatch is None else self._where(model, mismatch, order)
+            self._verdict(step, kind, where, "the first pass and its replay")
         return loss
 
-    def _pass(self, model, micro_batches, kwargs, step: int, index: int):
-        loss = self._schedule(model, micro_batches, **kwargs)
-        if self.injector is not None and self.injector.flip_due(step, index):
-            self.injector.flip(step, index, [(n, g) for n, _, g in local_grads(model)])
+    def _pass(self, model, micro_batches, kwargs, step: int, index: int, record: bool = True):
+        flip = self.injector is not None and self.injector.flip_due(step, index)
+        if not self.sharded:
+            loss = self._schedule(model, micro_batches, **kwargs)
+            if flip:
+                self.injector.flip(step, index, [(n, g) for n, _, g in local_grads(model)])
+            return loss
+        ddp = self.trainer.ddp  # ZeRO-2/3: act on each bucket's local gradient at its launch
+        self._launches = [] if record else None
+        if flip or record:  # (a replay, index > 0, is not reduce-scattered: the hook says True)
+            ddp.local_grad_hook = lambda bucket, flat: self._on_launch(bucket, flat, step, index,
+                                                                       flip)  # fmt: skip
+        try:
+            loss = self._schedule(model, micro_batches, **kwargs)
+            ddp.finish_grad_sync()  # every reduce-scatter of this pass is done
+        finally:
+            ddp.local_grad_hook = None
+        if flip:
+            self.injector.check_flipped(step, index, self._names())
         return loss
+
+    def _on_launch(self, bucket, flat, step: int, index: int, flip: bool) -> bool:
+        """ZeRO-2/3: `flat` is `bucket`'s local gradient of one micro-batch, before its
+        reduce-scatter: flip a due fault's bit in it, record its checksums; True (a replay):
+        skip the reduce-scatter."""
+        ddp = self.trainer.ddp
+        grads = []
+        for p in bucket.params:
+            a = ddp.offsets[id(p)] - bucket.start
+            grads.append((ddp.names[id(p)], flat[a : a + p.numel()]))
+        if flip:
+            self.injector.flip_bucket(step, index, grads, self._names()[0])
+        if self._launches is not None:
+            self._launches.append((bucket.index, checksums([(n, None, g) for n, g in grads])))
+        return index > 0
+
+    def _names(self) -> list[str]:  # the trainable parameters' names, the model's order
+        return [n for n, p in self.trainer.ddp.module.named_parameters() if p.requires_grad]
+
+    def _sums(self, model) -> torch.Tensor:
+        """The pass's checksums: [parameters, 2]; ZeRO-2/3: [launched parameters, 3], each row
+        led by its bucket's index (so a different order of launches differs too)."""
+        if not self.sharded:
+            return checksums(local_grads(model))
+        rows = [torch.cat([torch.full_like(c[:, :1], b), c], 1) for b, c in self._launches]
+        return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.int64)
 
     def _replay(self, model, micro_batches, kwargs, step, index, rng):
         self._set_rng_state(rng)
-        self._zero_grad()
+        if not self.sharded:  # (ZeRO-2/3: the buckets are empty; shard_grad is the first pass's)
+            self._zero_grad()
         loss = self._pass(model, micro_batches, kwargs, step, index)
-        return _loss_bits(loss), checksums(local_grads(model))
+        return _loss_bits(loss), self._sums(model)
 
     def _zero_grad(self) -> None:  # as Trainer.train_step starts a step
         ddp = self.trainer.ddp
@@ -139,9 +198,18 @@ class ReplayCheck:
         if ddp is not None:
             ddp.zero_grad()
 
-    def _where(self, model, index: int) -> str:
+    def _where(self, model, index: int, order=None) -> str:
         if index < 0:
             return "the loss"
+        if self.sharded:  # the index-th row of the first pass's launches
+            seen: dict[int, int] = {}
+            for b, rows in order:
+                seen[b] = seen.get(b, 0) + 1
+                if index < len(rows):
+                    name = self.trainer.ddp.names[id(self.trainer.ddp.buckets[b].params[index])]
+                    return f"parameter {name} (bucket {b}'s reduce-scatter {seen[b]} of the step)"
+                index -= len(rows)
+            return "the number of bucket reduce-scatters"
         name, p, _ = local_grads(model)[index]
         ddp = self.trainer.ddp
         bucket = getattr(ddp, "bucket_of", {}).get(id(p)) if ddp is not None else None
@@ -228,6 +296,8 @@ class ReplayCheck:
 def _differs(a: tuple[int, torch.Tensor], b: tuple[int, torch.Tensor]) -> int | None:
     """None when two passes agree; else the index of the first differing gradient (-1: only
     the loss differs)."""
+    if a[1].shape != b[1].shape:  # (ZeRO-2/3: another number of launches)
+        return min(len(a[1]), len(b[1]))
     diff = (a[1] != b[1]).any(dim=1).nonzero().flatten()
     if len(diff):
         return int(diff[0])
