@@ -89,6 +89,15 @@ def _add_actions(parser: argparse.ArgumentParser, actions: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # SIGTERM / SIGINT end it cleanly from here on, before any import
+        from megatiny.training.preempt import StartupGuard
+
+        with StartupGuard("megatiny train"):
+            return _run(argv)
+    return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):

@@ -18,6 +18,9 @@ import torch
 
 from megatiny.config import Config, ConfigError
 from megatiny.parallel.zero import finish_param_sync
+from megatiny.training import rundir
+from megatiny.training.preempt import HELD, Preemption, startup_phase
+from megatiny.training.report import fail
 from megatiny.training.step import NonFiniteLoss, Trainer, build_trainer, check_supported
 
 EXAMPLE = """example:
@@ -44,10 +47,9 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
 
     Rank 0 first claims `run_dir` (lock; a fresh run refuses another run's directory unless
     `train.overwrite`, see megatiny/training/rundir.py); everything is written after that."""
-    from megatiny.training import rundir
-
     tc = cfg.train
     lock, notes, error = None, [], None
+    startup_phase("claiming the run directory", hold=HELD)  # a signal waits for the claim
     if ctx.rank == 0:
         try:
             lock, notes = rundir.claim(tc.run_dir, tc.resume, tc.overwrite, tc.steps)
@@ -57,6 +59,7 @@ def train(cfg: Config, ctx, trainer: Trainer | None = None) -> dict:
         rundir.agree(ctx, error)
         for note in notes:
             _warn(note)
+        startup_phase("building the model and data")
         return _train(cfg, ctx, trainer or build_trainer(cfg, ctx))
     finally:
         if lock is not None:
@@ -104,7 +107,6 @@ def _check_schedule(cfg: Config, meta: dict) -> None:
 def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
     from megatiny.parallel import collectives
     from megatiny.parallel.tracer import CommTracer
-    from megatiny.training import rundir
     from megatiny.training.checkpoint import load_checkpoint, save_checkpoint
     from megatiny.training.checks import SilentDataCorruption, install_checks
     from megatiny.training.flight import FlightRecorder
@@ -123,9 +125,11 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
     rank0 = ctx.rank == 0
     run_dir = tc.run_dir
     ckpt_dir = os.path.join(run_dir, "checkpoints")
+    startup_phase("verifying the checkpoints")
     resume_from = _resume_point(cfg, ctx)
     meta, run_id = {}, rundir.new_run_id()
     if resume_from is not None:
+        startup_phase(f"loading checkpoint {resume_from}")
         meta = load_checkpoint(
             resume_from, trainer.model, trainer.optimizer, trainer.scheduler, ctx
         )
@@ -136,6 +140,7 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
         if rank0:
             print(f"resumed from {meta['path']} at step {trainer.step}", flush=True)
             _check_schedule(cfg, meta)
+    startup_phase("preparing the run", hold=HELD)  # writes; a signal waits for the loop's start
     # Rows after the starting step were logged by a run that crashed before saving them.
     replaying = resume_from is not None or tc.resume == "auto"
     if rank0:  # every check passed: this run's config, and each step logged once
@@ -221,8 +226,6 @@ def _train(cfg: Config, ctx, trainer: Trainer) -> dict:
 
     if trainer.step >= tc.steps and rank0:
         say(f"nothing to train: the checkpoint is at step {trainer.step} >= train.steps={tc.steps}")
-    from megatiny.training.preempt import Preemption
-
     stop = Preemption(ctx, tc.exit_duration_mins).__enter__()  # SIGTERM/SIGINT: save, then exit
     try:
         if tracer is not None:
@@ -368,7 +371,6 @@ def _ensure_env() -> None:
 
 def main(args) -> int:
     from megatiny.training.checkpoint import CheckpointError
-    from megatiny.training.rundir import RunDirError
 
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
@@ -387,8 +389,6 @@ def main(args) -> int:
         check_supported(cfg, world_size)
         cfg.data.check_exists()
     except (ConfigError, ValueError) as e:
-        from megatiny.training.report import fail
-
         return fail(f"megatiny train: config error: {e}", 2)
     if getattr(args, "check", False):
         return 0
@@ -397,6 +397,7 @@ def main(args) -> int:
     from megatiny.training.launch_env import launch_env_warnings
 
     p = cfg.parallel
+    startup_phase("starting the process group")
     ctx = ParallelContext.from_env(tp=p.tp, pp=p.pp, cp=p.cp, dp=p.dp, backend=cfg.train.backend,
                                    timeout_s=cfg.train.timeout_s, ep=p.ep)  # fmt: skip
     for line in launch_env_warnings(ctx.device) if ctx.rank == 0 else ():
@@ -404,9 +405,7 @@ def main(args) -> int:
     t0 = time.time()
     try:
         summary = train(cfg, ctx)
-    except (NonFiniteLoss, CheckpointError, ConfigError, RunDirError) as e:
-        from megatiny.training.report import fail
-
+    except (NonFiniteLoss, CheckpointError, ConfigError, rundir.RunDirError) as e:
         return fail(f"megatiny train: {e}", 1)
     finally:
         ctx.destroy()

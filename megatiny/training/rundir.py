@@ -8,6 +8,7 @@ resumed run's metrics hold each step once.
 - A second run on the same directory stops at the lock with the first one's pid, host and start
   time. A lock is stale (taken over, with a warning) when its pid is gone on this host, or when it
   was left by an earlier attempt of this very job (torchrun restarts: same TORCHELASTIC_RUN_ID).
+  A run stopped by a signal before its loop removes its lock (megatiny/training/preempt.py).
 - A fresh run (`train.resume=none`) refuses a directory holding another run's checkpoints or
   metrics unless `train.overwrite` (`--overwrite`), which moves the old run aside to
   `<run_dir>.old-<time>/`: nothing is ever deleted.
@@ -106,6 +107,9 @@ class RunLock:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(info, f)
             self.held = True
+            from megatiny.training.preempt import at_stop
+
+            at_stop(self.release)  # a signal before the loop: the next run finds no lock
             return warning
         raise RunDirError(f"could not take the lock {self.path}; is another run starting?")
 
