@@ -360,8 +360,8 @@ def _env(**extra):
     return {**env, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **extra}
 
 
-def _signal_at_fault(cmd, env, sig, log, faults=1, settle=0.0):
-    """Run `cmd`; once `faults` ranks print their startup_sleep line (and `settle` s more), send
+def _signal_at_fault(cmd, env, sig, log, faults=1, ready=None):
+    """Run `cmd`; once `faults` ranks print their startup_sleep line (and path `ready` exists), send
     `sig`. Returns the exit code, the output, and the seconds from the signal to the exit."""
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -369,7 +369,8 @@ def _signal_at_fault(cmd, env, sig, log, faults=1, settle=0.0):
     while time.time() < deadline and open(log).read().count("fault: rank") < faults:
         assert proc.poll() is None, open(log).read()
         time.sleep(0.1)
-    time.sleep(settle)
+    while ready is not None and time.time() < deadline and not os.path.exists(ready):
+        time.sleep(0.1)
     proc.send_signal(sig)
     t0 = time.time()
     proc.wait(timeout=60)
@@ -400,9 +401,10 @@ def test_sigterm_to_the_launcher_during_startup_exits_143_and_resume_trains(
     run_dir = tmp_path / "run"
     args = _cli_args(corpus, run_dir, 3)
     env = _env(NPROC="2", MEGATINY_FAULT=fault)
-    settle = 2.0 if faults == 1 else 0.0  # rank 0 reaches the loop meanwhile
+    # one-at-the-loop: rank 0 wrote config.yaml ("preparing the run", held: it goes on to the loop)
+    ready = run_dir / "config.yaml" if faults == 1 else None
     code, out, seconds = _signal_at_fault(
-        _launcher(args), env, signal.SIGTERM, tmp_path / "log", faults, settle
+        _launcher(args), env, signal.SIGTERM, tmp_path / "log", faults, ready
     )
     assert code == 128 + signal.SIGTERM and seconds < 30, out
     assert "Traceback" not in out and "FAILED" not in out, out
