@@ -1,8 +1,9 @@
 """Which layouts of Llama-3.1-8B and -70B fit on 8 and 64 H100 (`megatiny plan --search` of
-benchmarks/plan_configs/llama3-8b-torchtitan.yaml, ZeRO levels 0-3 among the candidates), written
-into docs/scaling.md between its `zero-search` markers.
+benchmarks/plan_configs/llama3-8b-torchtitan.yaml, ZeRO levels 0-3 among the candidates; each
+search plans at most 24 layouts spread over the (tp, pp, cp) shapes and says which shapes it
+planned), written into docs/scaling.md between its `zero-search` markers.
 
-    .venv/bin/python benchmarks/zero_search.py            # ~10-20 min on a 2-core machine
+    .venv/bin/python benchmarks/zero_search.py            # ~4-5 min on a 2-core machine
     .venv/bin/python benchmarks/zero_search.py --print    # the block only, docs untouched
 """
 

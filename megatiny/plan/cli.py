@@ -37,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--search", action="store_true",
                         help="rank the layouts that fit in memory by predicted tokens/s")  # fmt: skip
     parser.add_argument("--top", type=int, default=10, help="--search: how many to show")
+    parser.add_argument("--limit", type=int, default=24,
+                        help="--search: how many layouts to plan (dry runs, seconds each)")  # fmt: skip
     parser.add_argument("--calibrate", action="store_true",
                         help="with --gpu cpu: measure this machine's GEMM FLOP/s, memory "
                         "bandwidth and gloo latency/bandwidth into runs/cpu-calibrated.yaml "
@@ -115,17 +117,19 @@ def main(args) -> int:
             profile["gpus_per_node"] = args.gpus_per_node
         world_size = world_size_of(cfg, args.world_size)
         if args.search:
-            from megatiny.plan.search import format_search, global_batch, search
+            from megatiny.plan.search import explore, format_search, format_summary, global_batch
 
             print(f"megatiny plan --search: every layout at a global batch of "
                   f"{global_batch(cfg, world_size)} sequences (train.global_batch_size, or "
                   f"micro_batch_size x the config's dp at {world_size} ranks)", file=sys.stderr)  # fmt: skip
             t0 = time.time()
-            rows = search(cfg, world_size, profile)
-            if args.json:
-                print(json.dumps(rows[: args.top]))
+            rows, summary = explore(cfg, world_size, profile, args.limit)
+            if args.json:  # each row: a plan, plus the search's summary (also on stderr)
+                print(json.dumps([dict(r, search=summary) for r in rows[: args.top]]))
+                print("\n".join(format_summary(summary)), file=sys.stderr)
             else:
-                print(format_search(rows[: args.top], world_size, profile, time.time() - t0))
+                seconds = time.time() - t0
+                print(format_search(rows[: args.top], world_size, profile, seconds, summary))
             return 0
         check(cfg, world_size)
     except (ConfigError, ValueError) as e:
