@@ -24,3 +24,23 @@ run_relaying_signals() {
   if [ "$got" != 0 ] && [ "$rc" = 0 ]; then exit "$got"; fi
   exit "$rc"
 }
+
+# The launchers' config check (`megatiny train --check`, one process) before torchrun: a SIGTERM /
+# SIGINT to this script while it runs is relayed to it, it prints one line naming the phase
+# ("checking the config"), and the launcher exits 128 + the signal (143, 130) without starting
+# torchrun. Otherwise a check that fails ends the launcher with its exit code.
+run_check_relaying_signals() {
+  local pid got=0 rc
+  "$@" &
+  pid=$!
+  trap 'got=130; kill -INT "$pid" 2>/dev/null || true' INT
+  trap 'got=143; kill -TERM "$pid" 2>/dev/null || true' TERM
+  while :; do
+    rc=0
+    wait "$pid" || rc=$?
+    kill -0 "$pid" 2>/dev/null || break   # wait returned because the check exited
+  done
+  trap - INT TERM
+  if [ "$got" != 0 ]; then exit "$got"; fi
+  if [ "$rc" != 0 ]; then exit "$rc"; fi
+}

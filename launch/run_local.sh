@@ -10,6 +10,7 @@
 # SIGTERM / SIGINT (Ctrl-C) to this script: every rank finishes its step, the ranks agree on it and
 # save a checkpoint, and the script exits 128 + the signal (143, 130); a second signal (2 s or more
 # later) stops the ranks at once, keeping the last complete checkpoint. Continue with --resume auto.
+# A signal during the config check stops it (one line) and the script exits 143 / 130 at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/lib_signals.sh
@@ -26,7 +27,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RESUME=()
 [ "$MAX_RESTARTS" -gt 0 ] && RESUME=(--resume auto)   # an --resume of yours, later, wins
-WORLD_SIZE=$NPROC "$PYTHON" -m megatiny train --check ${RESUME[@]+"${RESUME[@]}"} "$@"
+WORLD_SIZE=$NPROC run_check_relaying_signals "$PYTHON" -m megatiny train --check ${RESUME[@]+"${RESUME[@]}"} "$@"
 run_relaying_signals "$PYTHON" -m torch.distributed.run --standalone --nnodes=1 \
   --nproc-per-node="$NPROC" --max-restarts="$MAX_RESTARTS" \
   -m megatiny train ${RESUME[@]+"${RESUME[@]}"} "$@"

@@ -10,7 +10,8 @@
 # MAX_RESTARTS=0 turns that off (and with it the implied --resume auto).
 # The config is checked first on every node, in one process: a mistake is printed once, last.
 # SIGTERM / SIGINT to this script: the ranks finish their step, agree on it across the nodes,
-# save a checkpoint and stop; the script exits 128 + the signal (launch/lib_signals.sh).
+# save a checkpoint and stop; the script exits 128 + the signal (launch/lib_signals.sh). During the
+# config check: the check stops (one line) and the script exits 128 + the signal before torchrun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/lib_signals.sh
@@ -30,7 +31,7 @@ EXTRA=()
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 RESUME=()
 [ "$MAX_RESTARTS" -gt 0 ] && RESUME=(--resume auto)   # an --resume of yours, later, wins
-WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" -m megatiny train --check ${RESUME[@]+"${RESUME[@]}"} "$@"
+WORLD_SIZE=$((NNODES * NPROC)) run_check_relaying_signals "$PYTHON" -m megatiny train --check ${RESUME[@]+"${RESUME[@]}"} "$@"
 run_relaying_signals "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node-rank="$NODE_RANK" \
   --nproc-per-node="$NPROC" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --rdzv-id="${RDZV_ID:-megatiny}" --max-restarts="$MAX_RESTARTS" "${EXTRA[@]}" \

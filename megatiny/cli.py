@@ -89,10 +89,12 @@ def _add_actions(parser: argparse.ArgumentParser, actions: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # SIGTERM / SIGINT end it cleanly from here on, before any import
-        from megatiny.training.preempt import StartupGuard
+    if argv[:1] in (["train"], ["finetune"]):  # SIGTERM / SIGINT end it cleanly from here on,
+        from megatiny.training.preempt import StartupGuard, startup_phase  # before any import
 
-        with StartupGuard("megatiny train"):
+        with StartupGuard(f"megatiny {argv[0]}"):
+            if argv[0] == "train" and "--check" in argv:  # the launchers' check, before torchrun
+                startup_phase("checking the config")
             return _run(argv)
     return _run(argv)
 

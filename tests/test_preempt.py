@@ -5,7 +5,8 @@ second signal exits at once. Through launch/run_local.sh: the launcher relays th
 config mistake is printed once, last. Before the loop (StartupGuard): a signal in any startup phase
 ends the run at once with one line naming the phase and 143 / 130, a held phase (the run-dir claim)
 first finishes its writes, ranks still in startup meet the ones at the loop, the lock is released
-and `--resume auto` trains on."""
+and `--resume auto` trains on; the same for `megatiny finetune`'s startup and the launcher's config
+check."""
 
 import json
 import multiprocessing
@@ -433,6 +434,42 @@ def test_sigint_while_loading_the_checkpoint_exits_130_and_keeps_it(corpus, tmp_
     assert f"stopped by SIGINT during startup (loading checkpoint {step_2})" in out, out
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_2"
     assert not (run_dir / ".lock").exists()
+
+
+def test_sigterm_during_the_launchers_check_exits_143_before_torchrun(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    env = _env(NPROC="2", MEGATINY_FAULT="startup_sleep:phase=checking:ms=60000")
+    code, out, seconds = _signal_at_fault(
+        _launcher(_cli_args(corpus, run_dir, 2)), env, signal.SIGTERM, tmp_path / "log"
+    )
+    assert code == 128 + signal.SIGTERM and seconds < 20, out
+    assert "Traceback" not in out and "torch.distributed" not in out, out
+    stopped = [line for line in out.splitlines() if "stopped by" in line]
+    assert stopped == [
+        "megatiny train: stopped by SIGTERM during startup (checking the config): nothing was "
+        "trained or saved since the last checkpoint; continue with --resume auto"
+    ], out
+    assert not run_dir.exists()  # torchrun never started
+
+
+def test_sigterm_during_finetune_startup_exits_143_with_one_line(tmp_path):
+    # the signal comes while the pretrained model would load (nothing is read before it)
+    out_dir = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "megatiny", "finetune", "--task", "classification",
+           "--checkpoint", str(tmp_path / "base"), "--tokenizer", str(tmp_path / "tok"),
+           "--train", str(tmp_path / "train.jsonl"), "--output", str(out_dir),
+           "--no-progress-bar"]  # fmt: skip
+    env = _env(MEGATINY_FAULT="startup_sleep:phase=loading:ms=60000")
+    code, out, seconds = _signal_at_fault(cmd, env, signal.SIGTERM, tmp_path / "log")
+    assert code == 128 + signal.SIGTERM and seconds < 20, out
+    assert "Traceback" not in out, out
+    stopped = [line for line in out.splitlines() if "stopped by" in line]
+    assert stopped == [
+        "megatiny finetune: stopped by SIGTERM during startup (loading the pretrained model, "
+        "tokenizer and data): nothing was trained or saved since the last checkpoint; continue "
+        "with --resume auto"
+    ], out
+    assert not out_dir.exists()
 
 
 def test_sigterm_while_claiming_the_run_dir_lets_the_claim_finish(corpus, tmp_path):

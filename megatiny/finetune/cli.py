@@ -9,11 +9,12 @@ A fine-tuning run is a training run: `finetune` builds the task (megatiny/finetu
 pretrained body + head, the encoded rows, the loss, the evaluation), hands it to the pretraining
 Trainer (megatiny/training/step.py) and runs the one training loop (megatiny/training/loop.py).
 So every layout of `megatiny train` (tp, sequence parallelism, pp with 1F1B or interleaving, dp,
-ZeRO-1), recompute, bf16 autocast, metrics and `--resume auto` apply. The output directory is
-the run directory (config.yaml, metrics.jsonl, checkpoints/) and, written by rank 0 from the
-final layout-free checkpoint, a single-device model directory: model.safetensors +
-model_config.json (+ classifier_head.safetensors and labels.json), the tokenizer's files and
-finetune.json.
+ZeRO-1), recompute, bf16 autocast, metrics, `--resume auto` and SIGTERM / SIGINT handling (save at
+a step boundary in the loop; before it, cli.py's StartupGuard ends the run with one line) apply.
+The output directory is the run directory (config.yaml, metrics.jsonl, checkpoints/) and,
+written by rank 0 from the final layout-free checkpoint, a single-device model directory:
+model.safetensors + model_config.json (+ classifier_head.safetensors and labels.json), the
+tokenizer's files and finetune.json.
 """
 
 from __future__ import annotations
@@ -42,11 +43,16 @@ def finetune(cfg: FinetuneConfig, ctx=None) -> dict:
     `cfg` (the torchrun ranks, an initialized default group, or one process). Returns the
     per-step `losses`, every `evals` record, the `output` directory and the last `checkpoint`."""
     from megatiny.training.loop import train
+    from megatiny.training.preempt import startup_phase
     from megatiny.training.step import build_trainer
 
+    # Under `megatiny finetune` (cli.py's StartupGuard) a signal before the loop ends the run at
+    # once, with one line naming the phase; the loop's phases follow in train().
+    startup_phase("loading the pretrained model, tokenizer and data")
     task = FinetuneTask.prepare(cfg)
     own_ctx, own_group = ctx is None, False
     if ctx is None:
+        startup_phase("starting the process group")
         ctx, own_group = _context(cfg)
     try:
         if (ctx.tp_size, ctx.pp_size) != (cfg.tp, cfg.pp):

@@ -19,15 +19,19 @@ without saving: checkpoints are written to a temporary directory and renamed whe
 `--resume auto` finds the last complete one. Signals within `REPEAT_S` of the first count as one
 (a launcher or scheduler that relays the same signal to every process).
 
-Outside the loop, `StartupGuard` (installed by megatiny/cli.py before `megatiny train` imports or
-starts anything) covers the rest of the process's life; `startup_phase(name)` says where it is:
+Outside the loop, `StartupGuard` (installed by megatiny/cli.py before `megatiny train` or
+`megatiny finetune` imports or starts anything) covers the rest of the process's life;
+`startup_phase(name)` says where it is:
 
     phase                          a signal there
     starting (imports, config)     } ends this rank at once: rank 0 prints one line naming the
-    starting the process group     } phase ("stopped by SIGTERM during startup (...): nothing was
-    building the model and data    } trained or saved since the last checkpoint"), the run-dir
-    verifying the checkpoints      } lock is released, and the rank exits 128 + signal, or 0
-    loading checkpoint PATH        } under torchrun (whose launcher then exits 128 + signal)
+    checking the config (--check)  } phase ("stopped by SIGTERM during startup (...): nothing was
+    loading the pretrained model,  } trained or saved since the last checkpoint"), the run-dir
+      tokenizer and data (finetune)} lock is released, and the rank exits 128 + signal, or 0
+    starting the process group     } under torchrun (whose launcher then exits 128 + signal)
+    building the model and data    }
+    verifying the checkpoints      }
+    loading checkpoint PATH        }
     claiming the run directory     } held: the lock and any moving aside finish first, then the
     preparing the run              } rank ends the same way (config.yaml, metrics rows)
     waiting for the other ranks    the ranks meet in one all-reduce before the first step: a
@@ -94,7 +98,8 @@ class Preemption:
             return
         name = signal.Signals(signum).name
         if self.ctx.rank == 0:
-            print(f"megatiny train: second {name}: exiting now without saving (the last "
+            command = _guard.command if _guard is not None else "megatiny train"
+            print(f"{command}: second {name}: exiting now without saving (the last "
                   "complete checkpoint stays; continue with --resume auto)",
                   file=sys.stderr, flush=True)  # fmt: skip
         os._exit(128 + signum)
