@@ -49,6 +49,7 @@ phase slow, for tests.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -194,12 +195,10 @@ def _forget_in_child() -> None:
     global _guard
     guard, _guard = _guard, None
     if guard is not None and guard._pipe is not None:
-        try:
+        with contextlib.suppress(ValueError):  # forked from a thread other than the main one
             signal.set_wakeup_fd(guard._old_fd)
             for sig, handler in guard._previous.items():
                 signal.signal(sig, handler)
-        except ValueError:  # forked from a thread other than the main one
-            pass
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -300,14 +299,7 @@ class StartupGuard:
             print(f"{self.command}: stopped by {name} during startup ({self.phase}): nothing "
                   "was trained or saved since the last checkpoint; continue with --resume auto",
                   file=sys.stderr, flush=True)  # fmt: skip
-        for cleanup in self.cleanups:
-            try:
-                cleanup()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001
-                pass
+        for step in (*self.cleanups, sys.stdout.flush, sys.stderr.flush):
+            with contextlib.suppress(Exception):  # exiting anyway: the next one still runs
+                step()
         os._exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + signum)
