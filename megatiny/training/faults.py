@@ -52,11 +52,17 @@ class Fault:
     bit: int = 22
 
 
+def _specs(text: str):
+    """(kind, [key=value items]) of each comma-separated fault of a MEGATINY_FAULT value."""
+    for spec in filter(None, (s.strip() for s in text.split(","))):
+        kind, *items = spec.split(":")
+        yield kind, items
+
+
 def parse(text: str) -> list[Fault]:
     """The faults of a MEGATINY_FAULT value ('' -> none)."""
     faults = []
-    for spec in filter(None, (s.strip() for s in text.split(","))):
-        kind, *items = spec.split(":")
+    for kind, items in _specs(text):
         if kind == "startup_sleep":  # startup_sleep_s's
             continue
         if kind not in _KEYS:
@@ -93,8 +99,7 @@ def startup_sleep_s(phase: str, rank: int, environ=None) -> float:
     """Seconds `rank` sleeps entering startup phase `phase` (MEGATINY_FAULT startup_sleep)."""
     text = (environ if environ is not None else os.environ).get(ENV, "")
     total = 0.0
-    for spec in filter(None, (s.strip() for s in text.split(","))):
-        kind, *items = spec.split(":")
+    for kind, items in _specs(text):
         if kind != "startup_sleep":
             continue
         values = dict(item.partition("=")[::2] for item in items)
