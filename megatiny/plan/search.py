@@ -41,7 +41,6 @@ each `--json` row as "search".
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 
 from megatiny.config import Config, ConfigError
@@ -142,21 +141,17 @@ def _state_bound(c: Config, world_size: int) -> float:
     return c.model.num_parameters() * per_param / (p.tp * p.pp)
 
 
-@functools.cache
-def _first_stage_in_flight(pp: int, m: int, v: int, kind: str) -> int:
-    from megatiny.training.memory import in_flight
-
-    return in_flight(pp, 0, m, v, kind)
-
-
 def _act_floor(c: Config, world_size: int) -> float:
     """What every recompute mode keeps on the first pipeline stage: each layer's input
     (micro-batch x seq / cp tokens x d_model, / tp under SP) for its micro-batches in flight."""
+    from megatiny.training.memory import in_flight
+
     p, m = c.parallel, c.model
     dp = world_size // (p.tp * p.pp * p.cp)
-    v = p.virtual_pipeline_size or 1
+    kind = p.pipeline_schedule or "auto"
+    v = 2 if kind in V_SCHEDULES else p.virtual_pipeline_size or 1  # chunks per rank
     micro = c.train.global_batch_size // (dp * c.train.micro_batch_size)
-    chunks = _first_stage_in_flight(p.pp, micro, v, p.pipeline_schedule or "auto")
+    chunks = in_flight(p.pp, 0, micro, v, kind)
     tokens = c.train.micro_batch_size * c.data.seq_length // p.cp
     layer = tokens * m.d_model * (2 if m.dtype == "bf16" else 4) / (p.tp if _sp(c) else 1)
     return chunks * m.n_layers / (p.pp * v) * layer
